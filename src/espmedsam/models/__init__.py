@@ -1,0 +1,1 @@
+"""Models for ESP-MedSAM: one file per paper component."""

@@ -1,0 +1,84 @@
+"""Named model configurations and ``build_model``, the one place where config numbers become modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from espmedsam.config import (
+    IMAGENET_MEAN,
+    ControllerConfig,
+    DecoderConfig,
+    EncoderConfig,
+    ModelConfig,
+    SPPGConfig,
+)
+from espmedsam.errors import ConfigError
+from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.models.qdmd import QueryDecoupledDecoder
+from espmedsam.models.sppg import SelfPatchPromptGenerator
+from espmedsam.models.tinyvit import TinyViT
+
+
+def default_config() -> ModelConfig:
+    """Six modalities, six controllers, per-modality queries and hypernetworks."""
+    return ModelConfig()
+
+
+def official_config() -> ModelConfig:
+    """The official checkpoints' layout (paper-notes §8, official_forward.md).
+
+    One controller for every modality, 7 queries all joining the transformer, one shared hypernetwork,
+    fixed windows with padding, and the official normalisation x / mean - 1.
+    """
+    return ModelConfig(
+        name="official",
+        pixel_std=IMAGENET_MEAN,
+        encoder=EncoderConfig(balanced_windows=False),
+        controller=ControllerConfig(shared=True),
+        decoder=DecoderConfig(extra_queries=1, shared_hypernetwork=True, decode_all_queries=True),
+    )
+
+
+def tiny_config() -> ModelConfig:
+    """A few-thousand-parameter model with the same structure, for tests."""
+    return ModelConfig(
+        name="tiny",
+        image_size=64,
+        encoder=EncoderConfig(embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2), out_chans=32),
+        controller=ControllerConfig(adapter_ratio=1.0),
+        sppg=SPPGConfig(hidden_dim=8),
+        decoder=DecoderConfig(depth=2, num_heads=2, mlp_dim=32, upscale_dims=(8, 4)),
+    )
+
+
+CONFIGS: dict[str, Callable[[], ModelConfig]] = {
+    "default": default_config,
+    "official": official_config,
+    "tiny": tiny_config,
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    """The named configuration.
+
+    Raises:
+        ConfigError: an unknown name.
+    """
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown model {name!r}; expected one of {', '.join(CONFIGS)}")
+    return CONFIGS[name]()
+
+
+def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
+    """A freshly initialised model in eval mode.
+
+    Raises:
+        ConfigError: an unknown name or an inconsistent configuration.
+    """
+    if isinstance(config, str):
+        config = get_config(config)
+    num_controllers = 1 if config.controller.shared else len(config.modalities)
+    encoder = TinyViT(config.encoder, num_controllers=num_controllers, controller=config.controller)
+    sppg = SelfPatchPromptGenerator(config.encoder.out_chans, config.sppg.hidden_dim, threshold=config.sppg.threshold)
+    decoder = QueryDecoupledDecoder(len(config.modalities), config.encoder.out_chans, config.decoder)
+    return ESPMedSAM(config, encoder, sppg, decoder).eval()

@@ -38,6 +38,25 @@ class EncoderConfig:
     out_chans: int = 256
     balanced_windows: bool = True  # split each axis into equal windows <= w; official: fixed w + padding
 
+    def __post_init__(self) -> None:
+        stages = len(self.embed_dims)
+        lengths = {
+            "depths": len(self.depths),
+            "num_heads": len(self.num_heads),
+            "window_sizes": len(self.window_sizes),
+        }
+        lengths["merge_strides"] = len(self.merge_strides) + 1
+        wrong = [f"{k} ({v if k != 'merge_strides' else v - 1})" for k, v in lengths.items() if v != stages]
+        if wrong or stages < 2:
+            raise ConfigError(
+                f"encoder: embed_dims gives {stages} stages (at least 2); "
+                "depths, num_heads and window_sizes need one "
+                f"entry per stage and merge_strides one fewer; mismatched: {', '.join(wrong) or 'none'}"
+            )
+        for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
+            if dim % heads:
+                raise ConfigError(f"encoder: num_heads {heads} does not divide embed_dim {dim}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ControllerConfig:

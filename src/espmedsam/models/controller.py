@@ -63,7 +63,9 @@ class ControllerBank(nn.ModuleList):
         adapter_ratio: float = 4.0,
     ) -> None:
         super().__init__(
-            ModalityController(dim, num_heads, num_prompt_tokens=num_prompt_tokens, adapter_ratio=adapter_ratio)
+            ModalityController(
+                dim, num_heads, num_prompt_tokens=num_prompt_tokens, adapter_ratio=adapter_ratio
+            )
             for _ in range(num_controllers)
         )
 

@@ -102,7 +102,9 @@ class ESPMedSAM(nn.Module):
         """Controller of each image: its modality's, or the single shared one of the official layout."""
         return ControllerRoute.from_index(torch.zeros_like(ids) if self.config.controller.shared else ids)
 
-    def preprocess(self, image: np.ndarray | torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, PreprocessMeta]:
+    def preprocess(
+        self, image: np.ndarray | torch.Tensor, size: int | None = None
+    ) -> tuple[torch.Tensor, PreprocessMeta]:
         """Raw image -> (1, 3, S, S) model input and the mapping back.
 
         Args:
@@ -155,5 +157,7 @@ def _to_rgb_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise InputError(f"raw image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
-    rgb = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3]
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
+    rgb = (
+        np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.array(array[..., :3])
+    )  # own, writable copy
+    return torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()

@@ -42,7 +42,9 @@ class QueryDecoupledDecoder(nn.Module):
             nn.GELU(),
         )
         num_mlps = 1 if config.shared_hypernetwork else num_modalities
-        self.output_hypernetworks_mlps = nn.ModuleList(HyperMLP(embed_dim, embed_dim, out) for _ in range(num_mlps))
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            HyperMLP(embed_dim, embed_dim, out) for _ in range(num_mlps)
+        )
 
     def forward(self, embeddings: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         """Mask logits of each image's own modality.

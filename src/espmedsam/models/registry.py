@@ -44,7 +44,9 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(
         name="tiny",
         image_size=64,
-        encoder=EncoderConfig(embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2), out_chans=32),
+        encoder=EncoderConfig(
+            embed_dims=(8, 16, 16, 32), depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 2), out_chans=32
+        ),
         controller=ControllerConfig(adapter_ratio=1.0),
         sppg=SPPGConfig(hidden_dim=8),
         decoder=DecoderConfig(depth=2, num_heads=2, mlp_dim=32, upscale_dims=(8, 4)),
@@ -79,6 +81,8 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
         config = get_config(config)
     num_controllers = 1 if config.controller.shared else len(config.modalities)
     encoder = TinyViT(config.encoder, num_controllers=num_controllers, controller=config.controller)
-    sppg = SelfPatchPromptGenerator(config.encoder.out_chans, config.sppg.hidden_dim, threshold=config.sppg.threshold)
+    sppg = SelfPatchPromptGenerator(
+        config.encoder.out_chans, config.sppg.hidden_dim, threshold=config.sppg.threshold
+    )
     decoder = QueryDecoupledDecoder(len(config.modalities), config.encoder.out_chans, config.decoder)
     return ESPMedSAM(config, encoder, sppg, decoder).eval()

@@ -26,7 +26,9 @@ class SelfPatchPromptGenerator(nn.Module):
             nn.GELU(),
             nn.Conv2d(hidden_dim, 1, kernel_size=1),
         )
-        self.dense_prompter = nn.Sequential(nn.Conv2d(1, embed_dim, kernel_size=1), LayerNorm2d(embed_dim), nn.GELU())
+        self.dense_prompter = nn.Sequential(
+            nn.Conv2d(1, embed_dim, kernel_size=1), LayerNorm2d(embed_dim), nn.GELU()
+        )
 
     def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch logits and dense prompt.

@@ -24,7 +24,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.seq = nn.Sequential(
-            Conv2dBN(in_chans, embed_dim // 2, 3, 2, 1), nn.GELU(), Conv2dBN(embed_dim // 2, embed_dim, 3, 2, 1)
+            Conv2dBN(in_chans, embed_dim // 2, 3, 2, 1),
+            nn.GELU(),
+            Conv2dBN(embed_dim // 2, embed_dim, 3, 2, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +281,8 @@ class TinyViT(nn.Module):
         Returns:
             (B, out_chans, S/16, S/16) embedding.
         """
-        x = self.patch_embed(images)
+        # channels-last convolutions are several times faster on CPU (oneDNN), and match (B, H, W, C) tokens
+        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x, route)
         return self.neck(x.permute(0, 3, 1, 2))  # B H W C -> B C H W

@@ -1,0 +1,3 @@
+from espmedsam.cli import app
+
+app(prog_name="espmedsam")

@@ -1,0 +1,161 @@
+"""Native checkpoints: one safetensors file holding the weights and, in its metadata, the model config.
+
+The metadata is ``{"format": "espmedsam", "format_version": "1", "config": ModelConfig.to_json()}``, so a
+checkpoint rebuilds its own model; loading is strict and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from espmedsam.config import ModelConfig, from_dict
+from espmedsam.errors import CheckpointError, ConfigError, InputError
+from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.models.registry import build_model
+
+from .torch_io import load_strict
+
+T = TypeVar("T")
+
+FORMAT = "espmedsam"
+FORMAT_VERSION = "1"
+DEFAULT_WEIGHTS = "espmedsam_default.safetensors"  # shipped in the package's weights/ folder, if at all
+# torch.save writes a zip archive (or, in the legacy format, a pickle stream starting with PROTO)
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def save_model(model: ESPMedSAM, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model``'s weights and config to one safetensors file, atomically.
+
+    Args:
+        model: the model to save; its ``config`` goes into the file's metadata.
+        path: the file to write (its folder is created); an existing file is replaced.
+        dtype: store floating tensors in this dtype (e.g. ``torch.float16`` to ship); None keeps them.
+    Returns:
+        The written path.
+    Raises:
+        InputError: ``dtype`` is not a floating dtype.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise InputError(f"checkpoint dtype must be a floating dtype, got {dtype}")
+    path = Path(path)
+    tensors = {name: _stored(tensor, dtype) for name, tensor in model.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    return write_safetensors(path, tensors, metadata)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write one safetensors file atomically: a unique temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written by us so the umask applies (safetensors' save_file creates 0600 files)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with temp.open("wb") as file:
+            file.write(safetensors_bytes(tensors, metadata=metadata))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> ESPMedSAM:
+    """Rebuild the model stored by ``save_model`` from its config, load its weights strictly, in eval mode.
+
+    Floating tensors stored in another dtype (e.g. float16) are cast back to float32.
+
+    Raises:
+        CheckpointError: the file is missing, not a safetensors file or truncated, not an espmedsam
+            checkpoint, holds an invalid config, or its keys or shapes do not fit the model.
+    """
+    path = Path(path)
+    config, tensors = read_safetensors(path, FORMAT, ModelConfig)
+    try:
+        model = build_model(config)
+    except (ConfigError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{path} has a model config that does not build a model: {error}") from None
+    load_strict(model, tensors, str(path))
+    return model.to(device).eval()
+
+
+def read_safetensors(path: Path, fmt: str, config_cls: type[T]) -> tuple[T, dict[str, torch.Tensor]]:
+    """The config (of ``config_cls``, from the metadata) and float32 tensors of a file of format ``fmt``.
+
+    Raises:
+        CheckpointError: a missing or unreadable file, another format, or an invalid config.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            config = _config(path, file.metadata() or {}, fmt, config_cls)
+            tensors = {name: _loaded(file.get_tensor(name)) for name in file.keys()}
+    except SafetensorError as error:
+        raise CheckpointError(_unreadable(path, error)) from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    return config, tensors
+
+
+def default_checkpoint() -> Path | None:
+    """The bundled default checkpoint ``espmedsam/weights/espmedsam_default.safetensors``, or None."""
+    path = Path(__file__).resolve().parents[1] / "weights" / DEFAULT_WEIGHTS
+    return path if path.is_file() else None
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.to("cpu", copy=True).contiguous()
+
+
+def _loaded(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _config(path: Path, metadata: dict[str, str], fmt: str, config_cls: type[T]) -> T:
+    """The config in ``metadata``, or a CheckpointError saying why there is none."""
+    if metadata.get("format") != fmt:
+        found = metadata.get("format")
+        kind = "an espmedsam checkpoint" if fmt == FORMAT else f"a {fmt!r} file"
+        raise CheckpointError(
+            f"{path} is a safetensors file but not {kind} (format {found!r})"
+            if found
+            else f"{path} is a safetensors file but not {kind} (no espmedsam metadata)"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        version = metadata.get("format_version")
+        raise CheckpointError(
+            f"{path} has espmedsam format version {version!r}; this version reads {FORMAT_VERSION!r}"
+        )
+    try:
+        return from_dict(config_cls, json.loads(metadata["config"]))
+    except KeyError:
+        raise CheckpointError(f"{path} has no model config in its metadata") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} has an unreadable model config: {error}") from None
+    except ConfigError as error:
+        raise CheckpointError(f"{path} has an invalid model config: {error}") from None
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head.startswith(_TORCH_MAGICS):
+        return (
+            f"{path} is a torch file, not an espmedsam checkpoint; "
+            "use `espmedsam import ...` for official/MobileSAM/SAM files"
+        )
+    return f"{path} is not a safetensors file or is truncated ({error})"

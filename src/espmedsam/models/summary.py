@@ -1,0 +1,43 @@
+"""Parameter counts by paper component, for ``espmedsam info`` and the size benchmark."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from espmedsam.models.espmedsam import ESPMedSAM
+
+SAM_VIT_B_PARAMETERS = 93_735_472  # SAM ViT-B, whole model (image encoder, prompt encoder, mask decoder)
+
+
+@dataclass(frozen=True)
+class ComponentCount:
+    component: str
+    parameters: int
+
+
+def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
+    """Shared TinyViT, each controller, SPPG, QDMD and the total, in that order."""
+    controller_names = model.modalities if not model.config.controller.shared else ("all modalities",)
+    shared = 0
+    per_controller = [0] * len(controller_names)
+    for name, p in model.image_encoder.named_parameters():
+        if ".controllers." in name:
+            per_controller[int(name.split(".controllers.")[1].split(".")[0])] += p.numel()
+        else:
+            shared += p.numel()
+    rows = [ComponentCount("shared TinyViT encoder", shared)]
+    pairs = zip(controller_names, per_controller, strict=True)
+    rows += [ComponentCount(f"controller: {n}", c) for n, c in pairs]
+    rows.append(ComponentCount("SPPG (self-patch prompt generator)", _count(model.sppg)))
+    rows.append(ComponentCount("QDMD (query-decoupled modality decoder)", _count(model.decoder)))
+    rows.append(ComponentCount("total", _count(model)))
+    return rows
+
+
+def sam_ratio(model: ESPMedSAM) -> float:
+    """Parameters of ``model`` as a fraction of SAM ViT-B's."""
+    return _count(model) / SAM_VIT_B_PARAMETERS
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from espmedsam import build_model
+from espmedsam.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return build_model("tiny").save(tmp_path / "tiny.safetensors")
+
+
+def _espmedsam(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "espmedsam", *args], capture_output=True, text=True)
+
+
+def test_info_shows_parameter_table():
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    assert "shared TinyViT encoder" in result.output
+    assert "controller: colonoscopy" in result.output
+    assert "28,881,521" in result.output
+    assert "% of SAM ViT-B" in result.output
+
+
+def test_info_of_checkpoint(tiny_checkpoint):
+    result = runner.invoke(app, ["info", "--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "model tiny" in result.output
+
+
+def test_predict_writes_masks_and_overlays(tmp_path, tiny_checkpoint):
+    image = np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "case.png")
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(tmp_path / "case.png"),
+            "--modality",
+            "fundus",
+            "-c",
+            str(tiny_checkpoint),
+            "--size",
+            "64",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    mask = np.asarray(Image.open(out / "case_mask.png"))
+    assert mask.shape == (40, 70) and set(np.unique(mask)) <= {0, 255}
+    assert np.asarray(Image.open(out / "case_overlay.png")).shape == (40, 70, 3)
+
+
+def test_predict_bundled_examples_infers_modality(tmp_path, tiny_checkpoint):
+    examples = Path(__file__).parents[1] / "src" / "espmedsam" / "assets" / "examples"
+    result = runner.invoke(
+        app, ["predict", str(examples), "-c", str(tiny_checkpoint), "--size", "64", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("*_mask.png"))) == len(list(examples.glob("*.jpg"))) >= 4
+    assert "(ultrasound)" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["predict", "does/not/exist.png"], 2, "no such file"),
+        (["info", "--checkpoint", "missing.safetensors"], 4, "missing.safetensors"),
+        (["info", "--model", "huge"], 2, "unknown model"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(args, code, message):
+    result = _espmedsam(*args)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.startswith("error:") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_modality_exit_code(tmp_path, tiny_checkpoint):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    result = _espmedsam(
+        "predict",
+        str(tmp_path / "a.png"),
+        "-m",
+        "mri",
+        "-c",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2 and "unknown modality 'mri'" in result.stderr
+
+
+def test_import_sam_writes_teacher(tmp_path):
+    import torch
+
+    from espmedsam.checkpoints.sam import load_sam_encoder
+    from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
+
+    encoder = SamViTEncoder(SamViTConfig.tiny())
+    torch.save({f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}, tmp_path / "sam.pth")
+    result = runner.invoke(
+        app, ["import", "sam", str(tmp_path / "sam.pth"), "--out", str(tmp_path / "t.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_sam_encoder(tmp_path / "t.safetensors").config == SamViTConfig.tiny()
+
+
+def test_import_official_into_modality_slot(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent / "reference"))
+    manifest = pytest.importorskip("manifest")
+    try:
+        state = manifest.random_official_state_dict()
+    except FileNotFoundError:
+        pytest.skip("official manifest not available")
+    torch.save(state, tmp_path / "official.pth")
+    out = tmp_path / "slot.safetensors"
+    result = runner.invoke(
+        app, ["import", "official", str(tmp_path / "official.pth"), "-m", "fundus", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    from espmedsam import load_model
+
+    model = load_model(out)
+    assert model.config.name == "default"
+    key = "image_encoder.layers.3.blocks.1.controllers.3.adapter.fc1.weight"
+    assert torch.equal(model.state_dict()[key], state["SemiTViT.layers.3.blocks.1.med_dah.fc1.weight"])

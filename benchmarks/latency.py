@@ -22,6 +22,14 @@ from espmedsam import build_model
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
 
 
+def cpu_description() -> str:
+    """CPU model and whether it has AMX or AVX-512 bf16 units (they decide bf16 speed)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "")
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in info]
+    return f"{model or platform.machine()} ({', '.join(flags) or 'no bf16 matrix units'})"
+
+
 def median_seconds(fn, runs: int) -> float:
     for _ in range(2):
         fn()
@@ -72,6 +80,22 @@ def sam_rows(runs: int) -> list[tuple]:
     ]
 
 
+def forward_gflop(size: int = 1024) -> float:
+    """Matmul and convolution GFLOP of one forward (attention score products not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model("default").requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size), "xray")
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_peak_gflops(dtype: torch.dtype, runs: int) -> float:
+    """Throughput of one large matmul: the most this CPU does in ``dtype`` with these threads."""
+    a, b = torch.randn(4096, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    return 2 * 4096 * 2048 * 2048 / median_seconds(lambda: a @ b, runs) / 1e9
+
+
 def peak_rss_mib(bf16: bool) -> float:
     """Peak resident memory of a fresh process doing one 1024² forward."""
     code = (
@@ -97,7 +121,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = espmedsam_rows(args.runs) + ([] if args.skip_sam else sam_rows(args.runs))
     lines = [
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"torch {torch.__version__}, {cpu_description()}, {args.threads} threads, "
         f"median of {args.runs} runs after 2 warm-up runs",
         "",
         "| model | input | batch | fp32 eager (s) | bf16 autocast (s) | bf16 speed-up "
@@ -113,6 +137,14 @@ def main() -> None:
         "",
         f"Peak RSS of one 1024² forward in a fresh process: fp32 {peak_rss_mib(False):.0f} MiB, "
         f"bf16 {peak_rss_mib(True):.0f} MiB (includes the Python interpreter and torch).",
+    ]
+    gflop = forward_gflop()
+    bf16_peak = gemm_peak_gflops(torch.bfloat16, args.runs)
+    fp32_peak = gemm_peak_gflops(torch.float32, args.runs)
+    lines += [
+        f"One 1024² forward: {gflop:.1f} GFLOP in matmuls and convolutions. A large matmul runs at "
+        f"{bf16_peak:.0f} GFLOP/s in bf16 and {fp32_peak:.0f} GFLOP/s in fp32 "
+        f"here, so the compute floor of a bf16 1024² forward is about {gflop / bf16_peak:.2f} s.",
     ]
     text = "\n".join(lines)
     print(text)

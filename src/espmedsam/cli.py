@@ -41,6 +41,8 @@ app = _App(
 )
 import_app = typer.Typer(help="Convert checkpoints from the field (official ESP-MedSAM, MobileSAM, SAM).")
 app.add_typer(import_app, name="import")
+data_app = typer.Typer(help="Dataset folders: validate them; convert public layouts into them.")
+app.add_typer(data_app, name="data")
 
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Native .safetensors checkpoint (default: bundled).")
@@ -89,6 +91,84 @@ def info(
         )
     out.print(table)
     out.print(f"total = {100 * sam_ratio(net):.1f} % of SAM ViT-B ({SAM_VIT_B_PARAMETERS:,} parameters)")
+
+
+@app.command()
+def train(
+    config: Annotated[
+        str | None, typer.Option("--config", help="YAML file, or a shipped recipe name (six_datasets_256).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value config override, e.g. lr=1e-4 (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from out_dir/state.pt.")] = False,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this native checkpoint.")] = None,
+) -> None:
+    """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
+    import dataclasses
+    import datetime
+
+    from espmedsam.config import load_train_config
+    from espmedsam.train import train as run_training
+
+    cfg = load_train_config(config, overrides or [])
+    cfg = dataclasses.replace(cfg, init=str(init)) if init else cfg
+    stats = TextColumn("{task.fields[stats]}")
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), stats)
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("training", total=cfg.total_steps, stats="")
+
+        def show(p) -> None:
+            val = "-" if p.val_dice is None else f"{p.val_dice:.3f}"
+            eta = datetime.timedelta(seconds=round(p.eta_s))
+            text = f"loss {p.loss:.3f}  Dice {p.train_dice:.3f} (val {val})  {p.images_per_s:.1f} img/s"
+            bar.update(task, completed=p.step, stats=f"{text}  ETA {eta}")
+
+        result = run_training(cfg, resume=resume, progress=show)
+    scores = ", ".join(f"{name} {dice:.3f}" for name, dice in result.val_dice.items()) or "none"
+    best = "-" if result.best_dice is None else f"{result.best_dice:.4f} (step {result.best_step})"
+    stop = " (time budget spent)" if result.stopped_early else ""
+    console.print(f"{result.steps} steps{stop}; val Dice {scores}; best {best}; wrote {result.out_dir}")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Dataset folder DIR[:MODALITY]; repeat for several.")
+    ],
+    checkpoint: CheckpointOpt = None,
+    split: Annotated[str, typer.Option(help="train, val, test, or all (every image).")] = "test",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("evaluation"),
+    protocol: Annotated[
+        str, typer.Option(help="native (original size, HD95) or paper (1024², Hausdorff 100th percentile).")
+    ] = "native",
+    overlays: Annotated[int, typer.Option(help="Overlays for the first N images of each dataset.")] = 8,
+    size: Annotated[int | None, typer.Option(help="Model input side (multiple of 32).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
+) -> None:
+    """Score a model on dataset folders: per-image CSV, summary (JSON and Markdown) and overlays."""
+    from espmedsam.checkpoints.native import default_checkpoint
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.evaluate import evaluate as evaluate_folders
+    from espmedsam.predict import Predictor
+
+    sources = [parse_dataset_arg(item) for item in data]
+    predictor = Predictor(_load(checkpoint, "default"), device=device, size=size, bfloat16=not fp32)
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=None)
+        report = evaluate_folders(
+            predictor,
+            sources,
+            split=None if split == "all" else split,
+            out_dir=out,
+            protocol=protocol,  # type: ignore[arg-type]  # checked by evaluate
+            overlays=overlays,
+            checkpoint=checkpoint or default_checkpoint() or "untrained",
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    Console().print(_summary_table(report.summary))
+    console.print(f"wrote {report.per_image_csv}, {report.summary_json.name}, {report.summary_md.name}")
 
 
 @app.command()
@@ -173,6 +253,43 @@ def import_sam_cmd(
     console.print(f"wrote {save_sam_encoder(encoder, out)}")
 
 
+@data_app.command("check")
+def data_check(
+    folders: Annotated[list[Path], typer.Argument(help="Dataset folders to validate.")],
+    limit: Annotated[int, typer.Option(help="Problems listed per dataset.")] = 50,
+) -> None:
+    """Validate dataset folders (pairs, sizes, binary masks, split); exit code 3 if any has an error."""
+    from espmedsam.data.check import check_dataset
+    from espmedsam.errors import DataError
+
+    reports = [check_dataset(folder) for folder in folders]
+    for report in reports:
+        _print_dataset_report(report, limit)
+    if any(report.errors for report in reports):
+        raise typer.Exit(DataError.exit_code)
+
+
+@data_app.command("import")
+def data_import(
+    src: Annotated[Path, typer.Argument(help="The public dataset as unpacked.")],
+    dst: Annotated[Path, typer.Argument(help="Output folder (new or empty).")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="Source layout: nnunet, isic, kvasir, drive, dsb2018, busi.")
+    ],
+    max_side: Annotated[int | None, typer.Option(help="Shrink pairs whose longer side exceeds N px.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 0,
+    skip_normal: Annotated[bool, typer.Option("--skip-normal", help="BUSI: leave out 'normal'.")] = False,
+) -> None:
+    """Convert a public dataset layout into a dataset folder (images/, masks/, split.json, SOURCE.md)."""
+    from espmedsam.data.convert import convert_dataset
+
+    report = convert_dataset(fmt, src, dst, max_side=max_side, seed=seed, skip_normal=skip_normal)
+    counts = " / ".join(f"{name} {count}" for name, count in report.splits.items())
+    console.print(f"wrote {report.root} ({counts})")
+    if report.skipped:
+        console.print(f"[yellow]warning:[/yellow] skipped {len(report.skipped)} items (listed in SOURCE.md)")
+
+
 def _load(checkpoint: Path | None, name: str):
     from espmedsam.checkpoints.native import default_checkpoint, load_model
     from espmedsam.models.registry import build_model
@@ -183,6 +300,46 @@ def _load(checkpoint: Path | None, name: str):
     if name == "default":
         console.print("[yellow]warning:[/yellow] no trained weights bundled; using an untrained model")
     return build_model(name)
+
+
+def _summary_table(summary: dict) -> Table:
+    from espmedsam.evaluate import format_mean_std
+
+    hd = "HD100" if summary["hausdorff_percentile"] == 100.0 else "HD95"
+    table = Table(
+        title=f"{summary['protocol']} protocol, split {summary['split']} (mean ± std)",
+        caption="datasets, modalities (bold; images pooled), overall = mean of dataset means",
+    )
+    for column in ("", "n", "Dice", "IoU", f"{hd} px", f"NSD@{summary['nsd_tolerance_px']:g}px"):
+        table.add_column(column, justify="left" if not column else "right")
+    groups = [(f"{name} ({entry['modality']})", entry) for name, entry in summary["datasets"].items()]
+    groups += [(f"[bold]{name}[/bold]", entry) for name, entry in summary["modalities"].items()]
+    overall = summary["overall"]
+    groups += [("[bold]overall[/bold]", {**overall, "n": overall["n_datasets"]})]
+    for label, entry in groups:
+        metrics = [format_mean_std(entry[metric]) for metric in ("dice", "iou", "hd95", "nsd")]
+        table.add_row(label, str(entry["n"]), *metrics)
+    return table
+
+
+def _print_dataset_report(report, limit: int) -> None:
+    from rich.markup import escape
+
+    out = Console()
+    out.print(f"[bold]{escape(str(report.root))}[/bold]: {report.pairs} pairs", soft_wrap=True)
+    table = Table()
+    table.add_column("split")
+    table.add_column("stems", justify="right")
+    for name, count in report.splits.items():
+        table.add_row(name, str(count))
+    out.print(table)
+    for problem in report.problems[:limit]:
+        colour = "red" if problem.severity == "error" else "yellow"
+        item, message = escape(problem.item), escape(problem.message)
+        out.print(f"[{colour}]{problem.severity}[/{colour}] {item}: {message}", soft_wrap=True)
+    if len(report.problems) > limit:
+        out.print(f"... and {len(report.problems) - limit} more")
+    out.print(f"{len(report.errors)} errors, {len(report.warnings)} warnings", highlight=False)
 
 
 def _progress() -> Progress:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +24,7 @@ T = TypeVar("T")
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a string to PyYAML
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,158 @@ class ModelConfig:
         return from_dict(cls, _read_yaml(path))
 
 
+ARCHS: tuple[str, ...] = ("espmedsam", "unet")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Segmentation loss weights (paper-notes §6): mask = Dice + focal, plus λ · SPPG patch BCE."""
+
+    dice_weight: float = 0.8
+    focal_weight: float = 0.2
+    focal_gamma: float = 2.0
+    patch_weight: float = 0.5  # λ; unused by the U-Net baseline (no patch logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One segmentation training run (``espmedsam train``, paper-notes §6).
+
+    The network is ``model``, a registry name (``build_model(model)``), built at ``image_size``; with
+    ``init`` the run starts from that native checkpoint instead (its stored config wins, ``model`` is
+    ignored). ``arch: unet`` trains the MONAI BasicUNet baseline (``unet_features``) in the same loop.
+    ``data`` lists ``DIR[:MODALITY]`` folders; relative paths are resolved against the current directory
+    (not the YAML file's folder). Balanced sampling has no natural epoch: an epoch is ``steps_per_epoch``
+    steps; validation runs every ``val_every`` epochs and training stops early, cleanly, once
+    ``time_budget_minutes`` of wall time are spent. Outputs go to ``out_dir`` (default ``runs/<name>``).
+    """
+
+    name: str = "espmedsam"
+    arch: str = "espmedsam"
+    model: str = "default"
+    init: str | None = None
+    unet_features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
+    data: tuple[str, ...] = ()
+    train_split: str = "train"
+    val_split: str | None = "val"  # None: no validation (and no best checkpoint)
+    image_size: int = 256
+    batch_size: int = 8
+    epochs: int = 20
+    steps_per_epoch: int = 200
+    time_budget_minutes: float | None = None
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    bf16: bool = True  # bfloat16 autocast of the forward pass (losses stay float32)
+    loss: LossConfig = LossConfig()
+    augment: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    val_every: int = 1  # epochs
+    checkpoint_every: int = 500  # steps
+    log_every: int = 10  # steps
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, ARCHS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        if self.image_size % 32 or self.image_size < 32:
+            raise ConfigError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        for key in ("batch_size", "epochs", "steps_per_epoch", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise ConfigError(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
+
+    @property
+    def run_dir(self) -> Path:
+        """``out_dir``, or ``runs/<name>``."""
+        return Path(self.out_dir) if self.out_dir else Path("runs") / self.name
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return from_dict(cls, _read_yaml(path))
+
+
+def load_train_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The training config of a YAML file or a shipped recipe name, with ``key=value`` overrides applied.
+
+    Args:
+        config: a YAML path or a recipe name in ``espmedsam/configs`` (``six_datasets_256``); None: defaults.
+        overrides: ``dotted.key=value`` strings, values parsed as YAML (see :func:`apply_overrides`).
+    Raises:
+        ConfigError: a missing file or unknown recipe, an unknown key, or a value of the wrong type.
+    """
+    if config is None:
+        return apply_overrides(TrainConfig(), overrides)
+    path = Path(config)
+    if not path.is_file():
+        recipe = RECIPES_DIR / f"{config}.yaml"
+        if path.suffix or path.parent != Path(".") or not recipe.is_file():
+            names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
+            raise ConfigError(f"config {config} is neither a file nor a shipped recipe ({names})")
+        path = recipe
+    return apply_overrides(TrainConfig.from_yaml(path), overrides)
+
+
+def apply_overrides(config: T, overrides: Sequence[str]) -> T:
+    """A copy of dataclass ``config`` with ``dotted.key=value`` overrides (values parsed with YAML).
+
+    Example: ``apply_overrides(cfg, ["lr=1e-4", "loss.patch_weight=0.3", "data=[a:fundus, b]"])``.
+
+    Raises:
+        ConfigError: an override without ``=``, an unknown dotted key (named), or a value of the wrong type.
+    """
+    data = to_dict(config)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {key}: cannot parse value {text!r}") from None
+        node, parts = data, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(
+                    f"unknown config key {'.'.join(parts[: depth + 1])!r} (in override {key!r})"
+                )
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return from_dict(type(config), data)
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}, got {value!r}")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A dataclass as plain dicts, lists and scalars (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
@@ -172,6 +327,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
 def _scalar(hint: Any, value: Any, path: str) -> Any:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 3e-4, without a dot, as a string
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (bool, str) and isinstance(value, hint):

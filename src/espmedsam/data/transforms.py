@@ -1,0 +1,93 @@
+"""Joint image/mask augmentation (albumentations) and the resize/normalise/pad to the model input.
+
+``to_model_input`` follows ``ESPMedSAM.preprocess`` exactly (torch bilinear resize of the longer side to S,
+antialiased when shrinking; ``(x - mean) / std`` on 0..255 RGB; zero padding at the bottom and right after
+normalisation), so a model trained on its output sees what ``preprocess`` gives it at inference.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from espmedsam.errors import InputError
+
+
+def train_augmentation(size: int, seed: int | None = None):
+    """An albumentations ``Compose`` moving image and mask together, ending with the longer side at ``size``.
+
+    Flips (horizontal, vertical), affine (scale 0.75-1.25, rotation +-20 degrees, translation +-10 %; image
+    bilinear, mask nearest, zero border) and brightness/contrast (+-0.2, image only). The longer side is
+    resized to ``size`` first, so the geometric transforms run on the small image. Call it as
+    ``aug(image=image, mask=mask)`` with (H, W, 3) uint8 and (H, W) uint8 arrays.
+
+    Args:
+        seed: seeds the one generator all transforms share (see :func:`reseed`); None = unseeded.
+    """
+    import albumentations as A
+    import cv2
+
+    if size < 1:
+        raise InputError(f"augmentation size must be positive, got {size}")
+    compose = A.Compose(
+        [
+            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(scale=(0.75, 1.25), rotate=(-20, 20), translate_percent=(-0.1, 0.1), p=0.8),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.8),
+        ]
+    )
+    if seed is not None:
+        reseed(compose, seed)
+    return compose
+
+
+def reseed(compose, seed: int) -> None:
+    """Give every transform of ``compose`` one shared generator seeded with ``seed``.
+
+    (``Compose.set_random_seed`` seeds each transform with the same value, which makes the two flips agree.)
+    """
+    compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def to_model_input(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Resize the longer side to ``size``, normalise, and zero-pad to a square, like ``ESPMedSAM.preprocess``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        mask: (H, W) bool or integer (foreground > 0).
+        size: S, the padded square side.
+        mean, std: per-channel statistics on the 0..255 scale.
+    Returns:
+        image (3, S, S) float32, mask (1, S, S) float32 in {0, 1} (nearest resize, zero padding), and the
+        valid region (h, w) at the top left.
+    Raises:
+        InputError: an image that is not (H, W, 3) uint8, or a mask of another size.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if mask.shape != image.shape[:2]:
+        raise InputError(f"mask shape {mask.shape} differs from the image's {image.shape[:2]}")
+    h, w = mask.shape
+    scale = size / max(h, w)
+    resized = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).unsqueeze(0)
+    if resized != (h, w):
+        x = F.interpolate(x, size=resized, mode="bilinear", align_corners=False, antialias=scale < 1)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.from_numpy(np.ascontiguousarray(mask > 0)).float()[None, None]
+    if resized != (h, w):
+        m = F.interpolate(m, size=resized, mode="nearest-exact")
+    pad = (0, size - resized[1], 0, size - resized[0])
+    return F.pad(x, pad)[0], F.pad(m, pad)[0], resized

@@ -1,0 +1,349 @@
+"""Evaluation: a model over dataset folders -> per-image table, summaries and overlays (paper-notes §7).
+
+Two protocols:
+
+- ``"native"`` (ours): the prediction (logit > 0) is scored against the mask at the image's original
+  resolution: Dice, IoU, HD95 and NSD at a 2-pixel tolerance.
+- ``"paper"`` (the official code's): logits are resized (bilinear) and the mask (nearest) to 1024 x 1024 and
+  scored there, with the Hausdorff distance at its 100th percentile (the ``hd95`` column then holds HD100).
+
+The empty-mask rule is the one of ``espmedsam.metrics``: see ``EMPTY_RULE``. Outputs in ``out_dir``:
+``per_image.csv``, ``summary.json``, ``summary.md`` and ``overlays/<dataset>/<stem>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from espmedsam.data.dataset import DatasetSource, Sample, SegmentationFolder
+from espmedsam.data.io import write_png
+from espmedsam.errors import InputError
+from espmedsam.metrics import METRIC_NAMES, segmentation_metrics, summarise
+from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.predict import Predictor
+from espmedsam.visualize import overlay
+
+logger = logging.getLogger(__name__)
+
+Protocol = Literal["native", "paper"]
+PROTOCOLS: tuple[str, ...] = ("native", "paper")
+PAPER_SIZE = 1024  # the official evaluation resizes prediction and mask to 1024 x 1024
+NSD_TOLERANCE = 2.0  # pixels
+EMPTY_RULE = (
+    "both masks empty: Dice = IoU = 1; either mask empty: HD95 and NSD undefined, skipped and counted "
+    "in n_skipped"
+)
+ProgressCallback = Callable[[int, int], None]  # (images done, images in total)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One row of ``per_image.csv``; height and width are the image's original size."""
+
+    dataset: str
+    modality: str
+    stem: str
+    dice: float
+    iou: float
+    hd95: float
+    nsd: float
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What ``evaluate`` computed and where it wrote it; ``summary`` is the content of summary.json."""
+
+    rows: tuple[ImageResult, ...]
+    summary: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def per_image_csv(self) -> Path:
+        return self.out_dir / "per_image.csv"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.out_dir / "summary.json"
+
+    @property
+    def summary_md(self) -> Path:
+        return self.out_dir / "summary.md"
+
+
+def evaluate(
+    model_or_predictor: ESPMedSAM | Predictor,
+    sources: Sequence[DatasetSource],
+    *,
+    split: str | None = "test",
+    out_dir: str | Path,
+    protocol: Protocol = "native",
+    overlays: int = 8,
+    size: int | None = None,
+    checkpoint: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> EvaluationReport:
+    """Score the model on ``split`` of each dataset folder and write the report to ``out_dir``.
+
+    Args:
+        model_or_predictor: a model (run on CPU with bfloat16 autocast) or a configured ``Predictor``.
+        sources: dataset folders; their names (``DatasetSource.name``) must be distinct.
+        split: "train", "val", "test", or None for every image of the folder.
+        out_dir: report folder (created); existing report files are replaced.
+        protocol: "native" (original resolution, HD95) or "paper" (1024 x 1024, HD100).
+        overlays: overlay pictures written for the first ``overlays`` images of each dataset.
+        size: model input side (multiple of 32); None keeps the predictor's.
+        checkpoint: recorded in summary.json as the weights' origin.
+        progress: called as ``progress(done, total)`` after each image.
+    Returns:
+        The per-image rows, the summary and the output folder.
+    Raises:
+        InputError: an unknown protocol, no or duplicate dataset names, or a dataset whose modality the
+            model does not have. DataError: from reading the datasets.
+    """
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    _check_names(sources)
+    predictor = _predictor(model_or_predictor, size)
+    out_dir = Path(out_dir)
+    folders = [SegmentationFolder(source, split=split) for source in sources]
+    total, done = sum(len(folder) for folder in folders), 0
+    rows: list[ImageResult] = []
+    for source, folder in zip(sources, folders, strict=True):
+        for index in range(len(folder)):
+            sample = folder[index]
+            _check_modality(predictor, source, sample)
+            rows.append(_score(predictor, sample, source.name, protocol, out_dir, index < overlays))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    _log_skipped(rows)
+    summary = summarise_rows(rows, protocol=protocol, split=split, checkpoint=checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(out_dir / "per_image.csv", rows_to_csv(rows))
+    _write_text(out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    _write_text(out_dir / "summary.md", summary_markdown(summary))
+    return EvaluationReport(tuple(rows), summary, out_dir)
+
+
+def score_sample(
+    predictor: Predictor, sample: Sample, protocol: Protocol = "native"
+) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of one sample under ``protocol`` and the (H, W) bool prediction at the original size."""
+    logits = predictor.predict_logits(sample.image, sample.modality)
+    prediction = logits > 0
+    truth = np.asarray(sample.mask, dtype=bool)
+    if protocol == "paper":
+        paper_prediction = _resize(logits, PAPER_SIZE, "bilinear") > 0
+        paper_truth = _resize(truth, PAPER_SIZE, "nearest") > 0.5
+        metrics = segmentation_metrics(
+            paper_prediction, paper_truth, tolerance=NSD_TOLERANCE, percentile=100.0
+        )
+    else:
+        metrics = segmentation_metrics(prediction, truth, tolerance=NSD_TOLERANCE, percentile=95.0)
+    return metrics, prediction
+
+
+def summarise_rows(
+    rows: Sequence[ImageResult],
+    *,
+    protocol: Protocol = "native",
+    split: str | None = "test",
+    checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
+    """The summary.json content: per dataset and per modality (images pooled), and overall.
+
+    "overall" is the mean (and std) over datasets of the dataset means; "overall"["pooled"] pools images.
+    Undefined values (NaN) stay NaN here; the writer turns them into JSON null.
+    """
+    datasets: dict[str, list[ImageResult]] = {}
+    modalities: dict[str, list[ImageResult]] = {}
+    for row in rows:
+        datasets.setdefault(row.dataset, []).append(row)
+        modalities.setdefault(row.modality, []).append(row)
+    per_dataset = {
+        name: {"modality": group[0].modality, "n": len(group), **_metric_block(group)}
+        for name, group in datasets.items()
+    }
+    per_modality = {
+        name: {
+            "n": len(group),
+            "datasets": sorted({row.dataset for row in group}),
+            "aggregation": "images pooled",
+            **_metric_block(group),
+        }
+        for name, group in modalities.items()
+    }
+    overall: dict[str, Any] = {"n": len(rows), "n_datasets": len(datasets)}
+    overall["aggregation"] = "mean of dataset means"
+    for metric in METRIC_NAMES:
+        overall[metric] = asdict(summarise([entry[metric]["mean"] for entry in per_dataset.values()]))
+    overall["pooled"] = {"aggregation": "images pooled", **_metric_block(rows)}
+    return {
+        "protocol": protocol,
+        "split": split,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "resolution": f"{PAPER_SIZE}x{PAPER_SIZE}" if protocol == "paper" else "original",
+        "hausdorff_percentile": 100.0 if protocol == "paper" else 95.0,
+        "nsd_tolerance_px": NSD_TOLERANCE,
+        "empty_rule": EMPTY_RULE,
+        "datasets": per_dataset,
+        "modalities": per_modality,
+        "overall": overall,
+    }
+
+
+def rows_to_csv(rows: Sequence[ImageResult]) -> str:
+    """per_image.csv text: one row per image, undefined metrics written as ``nan``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([field.name for field in fields(ImageResult)])
+    for row in rows:
+        writer.writerow([_csv_value(value) for value in asdict(row).values()])
+    return buffer.getvalue()
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """summary.md text: one mean ± std table per dataset and per modality, then the overall rows."""
+    hd = "HD100" if summary["hausdorff_percentile"] == 100.0 else "HD95"
+    header = f"| {{}} | n | Dice | IoU | {hd} (px) | NSD@{summary['nsd_tolerance_px']:g}px |"
+    lines = [
+        f"# Evaluation ({summary['protocol']} protocol, split {summary['split']})",
+        "",
+        f"Checkpoint: {summary['checkpoint'] or 'not recorded'}; resolution: {summary['resolution']}.",
+        f"Empty masks: {summary['empty_rule']}. Values are mean ± std; (k skipped) counts undefined values.",
+        "",
+        "## Per dataset",
+        "",
+        header.format("dataset (modality)"),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [_md_row(f"{name} ({entry['modality']})", entry) for name, entry in summary["datasets"].items()]
+    lines += [
+        "",
+        "## Per modality (images pooled)",
+        "",
+        header.format("modality"),
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [_md_row(name, entry) for name, entry in summary["modalities"].items()]
+    overall = summary["overall"]
+    lines += ["", "## Overall", "", header.format("aggregation"), "|---|---:|---:|---:|---:|---:|"]
+    lines.append(_md_row(f"mean of {overall['n_datasets']} dataset means", overall, n=overall["n_datasets"]))
+    lines.append(_md_row("images pooled", overall["pooled"], n=overall["n"]))
+    return "\n".join(lines) + "\n"
+
+
+def format_mean_std(block: dict[str, Any]) -> str:
+    """``0.912 ± 0.054`` (and ``(k skipped)``) for a metric block; ``n/a`` when undefined."""
+    mean, std = block.get("mean"), block.get("std")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        text = "n/a"
+    else:
+        text = f"{mean:.3f} ± {std:.3f}" if abs(mean) < 10 else f"{mean:.1f} ± {std:.1f}"
+    skipped = block.get("n_skipped", 0)
+    return f"{text} ({skipped} skipped)" if skipped else text
+
+
+def _score(
+    predictor: Predictor, sample: Sample, dataset: str, protocol: Protocol, out_dir: Path, draw: bool
+) -> ImageResult:
+    metrics, prediction = score_sample(predictor, sample, protocol)
+    if draw:
+        picture = overlay(sample.image, prediction, np.asarray(sample.mask, dtype=bool))
+        write_png(out_dir / "overlays" / dataset / f"{sample.stem}.png", picture)
+    height, width = prediction.shape
+    return ImageResult(dataset, sample.modality, sample.stem, **metrics, height=height, width=width)
+
+
+def _predictor(model_or_predictor: ESPMedSAM | Predictor, size: int | None) -> Predictor:
+    if isinstance(model_or_predictor, Predictor):
+        if size is None or size == model_or_predictor.size:
+            return model_or_predictor
+        p = model_or_predictor
+        return Predictor(p.model, device=str(p.device), size=size, bfloat16=p.bfloat16)
+    return Predictor(model_or_predictor, size=size)
+
+
+def _check_names(sources: Sequence[DatasetSource]) -> None:
+    if not sources:
+        raise InputError("no dataset to evaluate; pass at least one --data DIR[:MODALITY]")
+    names = [source.name for source in sources]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(f"dataset names must be distinct; repeated: {', '.join(duplicates)}")
+
+
+def _check_modality(predictor: Predictor, source: DatasetSource, sample: Sample) -> None:
+    names = predictor.model.modalities
+    if sample.modality not in names:
+        raise InputError(
+            f"{source.name}: modality {sample.modality!r} is not one of the model's ({', '.join(names)})"
+        )
+
+
+def _resize(array: np.ndarray, side: int, mode: str) -> np.ndarray:
+    """(H, W) array -> (side, side) float32 by ``torch.nn.functional.interpolate``."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(tensor, size=(side, side), mode=mode, **kwargs)[0, 0].numpy()
+
+
+def _metric_block(rows: Sequence[ImageResult]) -> dict[str, dict[str, float | int]]:
+    return {metric: asdict(summarise([getattr(row, metric) for row in rows])) for metric in METRIC_NAMES}
+
+
+def _log_skipped(rows: Sequence[ImageResult]) -> None:
+    skipped = sum(math.isnan(row.hd95) for row in rows)
+    if skipped:
+        logger.warning(
+            "%d of %d images have an empty prediction or mask: HD and NSD skipped for them",
+            skipped,
+            len(rows),
+        )
+
+
+def _md_row(label: str, entry: dict[str, Any], n: int | None = None) -> str:
+    cells = [format_mean_std(entry[metric]) for metric in METRIC_NAMES]
+    return f"| {label} | {entry['n'] if n is None else n} | " + " | ".join(cells) + " |"
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6f}"
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN -> None (JSON null), recursively; JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name next to ``path``, then rename it into place."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        temp.replace(path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

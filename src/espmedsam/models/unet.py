@@ -1,0 +1,96 @@
+"""U-Net baseline: one MONAI ``BasicUNet`` for all modalities, trained by the same loop as ESP-MedSAM.
+
+``UNetBaseline.forward(images, modality)`` has ESP-MedSAM's signature and returns ``UNetOutput`` with mask
+logits only (no SPPG patch logits, so the loop drops the patch loss); ``modality`` is accepted and ignored.
+Checkpoints are safetensors with format ``espmedsam-unet`` and the ``UNetConfig`` in the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, to_dict
+from espmedsam.errors import CheckpointError, InputError
+from espmedsam.modalities import MODALITIES
+
+UNET_FORMAT = "espmedsam-unet"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The baseline's features and input convention (same normalisation as ESP-MedSAM)."""
+
+    name: str = "unet"
+    features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
+    modalities: tuple[str, ...] = MODALITIES
+    image_size: int = 256
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class UNetOutput:
+    """Mask logits (B, 1, S, S); ``patch_logits`` is always None (no self-prompting)."""
+
+    masks: torch.Tensor
+    patch_logits: None = None
+
+
+class UNetBaseline(nn.Module):
+    """2D MONAI BasicUNet, 3 input channels, 1 output logit channel."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()) -> None:
+        super().__init__()
+        if len(config.features) != 6:
+            raise InputError(f"BasicUNet needs 6 features, got {list(config.features)}")
+        self.config = config
+        self.unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=config.features)
+
+    def forward(self, images: torch.Tensor, modality: object = None) -> UNetOutput:
+        """(B, 3, S, S) normalised images (S a multiple of 16) -> UNetOutput((B, 1, S, S) logits).
+
+        Raises:
+            InputError: not (B, 3, S, S) or S not a multiple of 16.
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] % 16 or images.shape[-2] % 16:
+            raise InputError(
+                f"images must be (B, 3, S, S) with S a multiple of 16, got {tuple(images.shape)}"
+            )
+        return UNetOutput(masks=self.unet(images))
+
+
+def save_unet(model: UNetBaseline, path: str | Path) -> Path:
+    """Write the baseline's weights and config to one safetensors file, atomically."""
+    from espmedsam.checkpoints.native import FORMAT_VERSION, write_safetensors
+
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
+    metadata = {"format": UNET_FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    return write_safetensors(path, tensors, metadata)
+
+
+def load_unet(path: str | Path) -> UNetBaseline:
+    """The baseline stored by :func:`save_unet`, loaded strictly, in eval mode.
+
+    Raises:
+        CheckpointError: a missing or unreadable file, another format, or keys that do not fit.
+    """
+    from espmedsam.checkpoints.native import read_safetensors
+    from espmedsam.checkpoints.torch_io import load_strict
+
+    path = Path(path)
+    config, tensors = read_safetensors(path, UNET_FORMAT, UNetConfig)
+    try:
+        model = UNetBaseline(config)
+    except InputError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    load_strict(model, tensors, str(path))
+    return model.eval()

@@ -1,0 +1,387 @@
+"""Segmentation training loop (paper-notes §6): mixed-modality batches, Dice + focal + patch loss, AdamW.
+
+Each step draws a batch from all datasets with equal probability (``BalancedSampler``); a modality's
+controller, query and hypernetwork get gradients only when it is in the batch (the others keep ``None``
+gradients and AdamW leaves them untouched). Outputs in ``config.run_dir``:
+
+- ``config.yaml`` the run's config; ``log.jsonl`` and ``curves.png`` (see ``history``);
+- ``best.safetensors`` (highest mean validation Dice over datasets) and ``last.safetensors``, native
+  checkpoints (``load_model``; ``load_unet`` for the U-Net baseline);
+- ``state.pt`` every ``checkpoint_every`` steps and at the end: model, optimiser, schedule, sampler,
+  counters and every RNG state, so ``resume=True`` continues bit for bit (with ``num_workers`` = 0 or
+  more: augmentation is a function of (seed, epoch, index), batches of (seed, epoch)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from espmedsam.checkpoints.native import load_model, save_model
+from espmedsam.config import TrainConfig, from_dict
+from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
+from espmedsam.data.sampler import BalancedSampler
+from espmedsam.data.training_set import MixedModalityDataset
+from espmedsam.errors import ConfigError
+from espmedsam.losses import MaskLoss, SegmentationLoss
+from espmedsam.models.registry import build_model, get_config
+from espmedsam.models.unet import UNetBaseline, UNetConfig, load_unet, save_unet
+from espmedsam.train.history import History
+from espmedsam.train.optim import build_optimizer, build_scheduler
+from espmedsam.train.state import load_state, restore_rng, rng_state, save_state, write_text
+from espmedsam.train.validate import ValidationSet, validate
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE, BEST_FILE, LAST_FILE = "state.pt", "best.safetensors", "last.safetensors"
+LOG_FILE, CURVES_FILE, CONFIG_FILE = "log.jsonl", "curves.png", "config.yaml"
+# config keys a resumed run may change without changing its trajectory
+RESUMABLE_CHANGES: tuple[str, ...] = ("time_budget_minutes", "num_workers", "checkpoint_every", "log_every")
+_LOGGED: tuple[str, ...] = ("loss", "dice_loss", "focal_loss", "patch_loss", "train_dice", "lr")
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """What the progress callback receives after every step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    train_dice: float  # hard Dice of the last batch
+    val_dice: float | None  # mean over datasets of the last validation
+    images_per_s: float
+    lr: float
+    elapsed_s: float
+    eta_s: float  # at the current speed, capped by the time budget left
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run ended and what it wrote."""
+
+    out_dir: Path
+    steps: int
+    stopped_early: bool  # the time budget ran out before ``total_steps``
+    elapsed_s: float
+    val_dice: dict[str, float]  # last validation, per dataset
+    best_dice: float | None  # best mean validation Dice, and its step
+    best_step: int | None
+    best_path: Path | None
+    last_path: Path
+    state_path: Path
+
+
+@dataclass
+class _Counters:
+    step: int = 0
+    elapsed_s: float = 0.0
+    best_dice: float | None = None
+    best_step: int | None = None
+    val_step: int | None = None
+    val_dice: dict[str, float] = field(default_factory=dict)
+    val_seconds: float = 0.0
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, progress: Callable[[TrainProgress], None] | None = None
+) -> TrainResult:
+    """Train a model as ``config`` says; see the module docstring for what is written.
+
+    Args:
+        config: the run; ``config.data`` must name at least one dataset folder.
+        resume: continue from ``run_dir/state.pt`` (the config may differ only in ``RESUMABLE_CHANGES``).
+        progress: called with a :class:`TrainProgress` after every step.
+    Raises:
+        ConfigError: no data, or a resumed run whose config differs.
+        DataError: unreadable dataset folders. CheckpointError: a bad ``init`` or state file.
+    """
+    return _Trainer(config, resume=resume, progress=progress).run()
+
+
+def build_network(config: TrainConfig) -> nn.Module:
+    """The model to train, in train mode: fresh (initialised from ``config.seed``) or loaded from ``init``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.arch == "unet":
+            model: Any = (
+                load_unet(config.init)
+                if config.init
+                else UNetBaseline(UNetConfig(features=config.unet_features))
+            )
+        else:
+            model = load_model(config.init) if config.init else build_model(get_config(config.model))
+    model.config = dataclasses.replace(model.config, image_size=config.image_size)
+    return model.train()
+
+
+def save_weights(model: nn.Module, path: Path) -> Path:
+    """A native checkpoint of an ESP-MedSAM or U-Net baseline model."""
+    return save_unet(model, path) if isinstance(model, UNetBaseline) else save_model(model, path)
+
+
+def build_datasets(
+    config: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[MixedModalityDataset, ValidationSet | None, tuple[str, ...]]:
+    """Training set, validation set (None without ``val_split``) and the dataset names.
+
+    Raises:
+        ConfigError: no dataset folder in ``config.data``.
+    """
+    if not config.data:
+        raise ConfigError("data: no dataset folders; set data: [DIR[:MODALITY], ...]")
+    sources = [parse_dataset_arg(item) for item in config.data]
+    counts = [s.name for s in sources]
+    names = tuple(s.name if counts.count(s.name) == 1 else f"{s.name}#{i}" for i, s in enumerate(sources))
+    folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
+    train_set = MixedModalityDataset(
+        folders, config.image_size, mean, std, augment=config.augment, seed=config.seed
+    )
+    if not config.val_split:
+        return train_set, None, names
+    val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
+    return train_set, ValidationSet(val_folders, config.image_size, mean, std), names
+
+
+class _Trainer:
+    """One run: the objects of training and the counters that ``state.pt`` saves."""
+
+    def __init__(
+        self, config: TrainConfig, *, resume: bool, progress: Callable[[TrainProgress], None] | None
+    ) -> None:
+        self.config, self.progress, self.dir = config, progress, config.run_dir
+        state = load_state(self.dir / STATE_FILE) if resume else None
+        if state is not None:
+            _check_resumable(config, from_dict(TrainConfig, state["config"]))
+        self.model = build_network(config)
+        mean, std = self.model.config.pixel_mean, self.model.config.pixel_std
+        self.train_set, self.val_set, self.names = build_datasets(config, mean, std)
+        self.sampler = BalancedSampler(
+            self.train_set.dataset_sizes, config.steps_per_epoch * config.batch_size, config.seed
+        )
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        loss = config.loss
+        self.loss = SegmentationLoss(
+            MaskLoss(loss.dice_weight, loss.focal_weight, gamma=loss.focal_gamma),
+            patch_weight=loss.patch_weight,
+        )
+        self.counters = _Counters()
+        write_text(self.dir / CONFIG_FILE, config.to_yaml())
+        self.history = History(self.dir / LOG_FILE, resume_step=state["step"] if state else None)
+        self._window: dict[str, float] = {}
+        self._saved_step: int | None = None
+        self._validation_pause, self._speed = 0.0, 0.0
+        if state is not None:
+            self._restore(state)
+        self._clock = time.monotonic()
+
+    def run(self) -> TrainResult:
+        cfg, stopped = self.config, False
+        while self.counters.step < cfg.total_steps and not stopped:
+            epoch, offset = divmod(self.counters.step, cfg.steps_per_epoch)
+            for batch in self._batches(epoch, offset):
+                self._train_step(batch, epoch)
+                step = self.counters.step
+                if step % cfg.steps_per_epoch == 0 and (epoch + 1) % cfg.val_every == 0:
+                    self._validate()
+                self._tick()
+                stopped = self._over_budget()
+                self._log(epoch, flush=stopped)
+                if step % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+                self._notify(epoch)
+                if stopped:
+                    logger.info("time budget of %s min spent at step %d", cfg.time_budget_minutes, step)
+                    break
+        return self._finish(stopped)
+
+    def _batches(self, epoch: int, skip: int) -> DataLoader:
+        """The epoch's batches (a function of seed and epoch), less the first ``skip`` already trained on."""
+        cfg = self.config
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        self.train_set.set_epoch(epoch)
+        batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        return DataLoader(
+            self.train_set, batch_sampler=batches[skip:], num_workers=cfg.num_workers, generator=generator
+        )
+
+    def _train_step(self, batch: dict[str, torch.Tensor], epoch: int) -> None:
+        cfg = self.config
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            output = self.model(batch["image"], batch["modality"])
+        parts = self.loss(output.masks, batch["mask"], output.patch_logits)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        if cfg.grad_clip > 0:
+            trained = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.counters.step += 1
+        values = {
+            "loss": parts.total.item(),
+            "dice_loss": parts.dice.item(),
+            "focal_loss": parts.focal.item(),
+            "patch_loss": parts.patch.item(),
+            "train_dice": _batch_dice(output.masks.detach(), batch["mask"]),
+            "lr": lr,
+            "images": float(batch["image"].shape[0]),
+        }
+        for key, value in values.items():
+            self._window[key] = self._window.get(key, 0.0) + value
+        self._window["steps"] = self._window.get("steps", 0.0) + 1
+        self._last = values
+
+    def _tick(self) -> None:
+        """Add the wall time since the last call to the elapsed time and, less validation, to the window."""
+        now = time.monotonic()
+        self.counters.elapsed_s += now - self._clock
+        # images/s counts training only: the time spent validating is left out
+        self._window["seconds"] = (
+            self._window.get("seconds", 0.0) + now - self._clock - self._validation_pause
+        )
+        self._clock, self._validation_pause = now, 0.0
+
+    def _log(self, epoch: int, *, flush: bool = False) -> None:
+        """Append the means over the last ``log_every`` steps to the history."""
+        counters, window = self.counters, self._window
+        self._speed = window["images"] / max(window["seconds"], 1e-9)
+        if counters.step % self.config.log_every and counters.step < self.config.total_steps and not flush:
+            return
+        means = {k: window[k] / window["steps"] for k in _LOGGED}
+        record = {"kind": "train", "step": counters.step, "epoch": epoch, **means}
+        self.history.append({**record, "images_per_s": self._speed, "elapsed_s": counters.elapsed_s})
+        self._window = {}
+
+    def _notify(self, epoch: int) -> None:
+        if self.progress is None:
+            return
+        cfg, counters, last = self.config, self.counters, self._last
+        eta = (cfg.total_steps - counters.step) * cfg.batch_size / max(self._speed, 1e-9)
+        if cfg.time_budget_minutes is not None:
+            eta = min(eta, max(0.0, 60 * cfg.time_budget_minutes - counters.elapsed_s))
+        self.progress(
+            TrainProgress(
+                step=counters.step,
+                total_steps=cfg.total_steps,
+                epoch=epoch,
+                loss=last["loss"],
+                train_dice=last["train_dice"],
+                val_dice=_mean(counters.val_dice) if counters.val_dice else None,
+                images_per_s=self._speed,
+                lr=last["lr"],
+                elapsed_s=counters.elapsed_s,
+                eta_s=eta,
+            )
+        )
+
+    def _validate(self) -> None:
+        counters = self.counters
+        if self.val_set is None or counters.val_step == counters.step:
+            return
+        start = time.monotonic()
+        scores = validate(
+            self.model, self.val_set, self.names, batch_size=self.config.batch_size, bf16=self.config.bf16
+        )
+        mean = _mean(scores)
+        counters.val_step, counters.val_dice = counters.step, scores
+        self._saved_step = None  # the counters changed: the next checkpoint must be written
+        if counters.best_dice is None or mean > counters.best_dice:
+            counters.best_dice, counters.best_step = mean, counters.step
+            save_weights(self.model, self.dir / BEST_FILE)
+        epoch = (counters.step - 1) // self.config.steps_per_epoch
+        record = {"kind": "val", "step": counters.step, "epoch": epoch, "val_dice": scores}
+        self.history.append({**record, "val_mean_dice": mean, "best_dice": counters.best_dice})
+        self.history.plot(self.dir / CURVES_FILE)
+        counters.val_seconds = time.monotonic() - start
+        self._validation_pause += counters.val_seconds
+        logger.info("step %d: validation Dice %.4f (best %.4f)", counters.step, mean, counters.best_dice)
+
+    def _checkpoint(self) -> None:
+        if self._saved_step == self.counters.step:
+            return
+        save_weights(self.model, self.dir / LAST_FILE)
+        state = {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "counters": dataclasses.asdict(self.counters),
+            "step": self.counters.step,
+            "log_window": dict(self._window),  # the sums of the next log record, so far
+            "rng": rng_state(),
+        }
+        save_state(self.dir / STATE_FILE, state)
+        self._saved_step = self.counters.step
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.counters = _Counters(**state["counters"])
+        self._window, self._saved_step = dict(state["log_window"]), self.counters.step
+        restore_rng(state["rng"])
+        logger.info("resumed %s at step %d", self.dir, self.counters.step)
+
+    def _over_budget(self) -> bool:
+        budget = self.config.time_budget_minutes
+        # keep room for the final validation, as long as the last one took
+        return budget is not None and self.counters.elapsed_s + self.counters.val_seconds >= 60 * budget
+
+    def _finish(self, stopped: bool) -> TrainResult:
+        self._validate()
+        self._tick()
+        self._checkpoint()
+        self.history.plot(self.dir / CURVES_FILE)
+        counters = self.counters
+        best = self.dir / BEST_FILE
+        return TrainResult(
+            out_dir=self.dir,
+            steps=counters.step,
+            stopped_early=stopped,
+            elapsed_s=counters.elapsed_s,
+            val_dice=dict(counters.val_dice),
+            best_dice=counters.best_dice,
+            best_step=counters.best_step,
+            best_path=best if best.is_file() else None,
+            last_path=self.dir / LAST_FILE,
+            state_path=self.dir / STATE_FILE,
+        )
+
+
+def _check_resumable(config: TrainConfig, saved: TrainConfig) -> None:
+    new, old = config.to_dict(), saved.to_dict()
+    changed = [k for k in new if new[k] != old[k] and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"cannot resume with a different config: {', '.join(changed)} changed "
+            f"(only {', '.join(RESUMABLE_CHANGES)} may)"
+        )
+
+
+def _batch_dice(logits: torch.Tensor, masks: torch.Tensor) -> float:
+    """Mean hard Dice over the batch of (B, 1, S, S) logits vs 0/1 masks (1 when both are empty)."""
+    predicted, truth = logits.float() > 0, masks > 0.5
+    intersection = (predicted & truth).flatten(1).sum(1).float()
+    total = (predicted.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
+    dice = torch.where(total > 0, 2 * intersection / total.clamp_min(1), torch.ones_like(total))
+    return float(dice.mean())
+
+
+def _mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from espmedsam import build_model, load_model
+from espmedsam.cli import app
+from espmedsam.data.dataset import parse_dataset_arg
+from espmedsam.errors import InputError
+from espmedsam.evaluate import evaluate
+from espmedsam.predict import Predictor
+
+H, W = 40, 50
+METRIC_KEYS = {"mean", "std", "n", "n_skipped"}
+
+
+def _square(top: int, left: int, side: int = 10) -> np.ndarray:
+    mask = np.zeros((H, W), dtype=bool)
+    mask[top : top + side, left : left + side] = True
+    return mask
+
+
+def _write_dataset(root: Path, masks: dict[str, np.ndarray]) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for stem, mask in masks.items():
+        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{stem}.png")
+    (root / "split.json").write_text(json.dumps({"train": [], "val": [], "test": sorted(masks)}))
+    return root
+
+
+class SquarePredictor(Predictor):
+    """Predicts the same 10 x 10 square at (10, 10) for every image, so the metrics are known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__(build_model("tiny"))
+
+    def predict_logits(self, image, modality):
+        return np.where(_square(10, 10), 10.0, -10.0).astype(np.float32)
+
+
+@pytest.fixture
+def fake_dataset(tmp_path) -> Path:
+    # a: exact hit; b: shifted 2 columns; c: empty ground truth
+    masks = {"a": _square(10, 10), "b": _square(10, 12), "c": np.zeros((H, W), dtype=bool)}
+    return _write_dataset(tmp_path / "fakeds", masks)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return build_model("tiny").save(tmp_path / "tiny.safetensors")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_native_protocol_values_and_files(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    report = evaluate(SquarePredictor(), [source], out_dir=tmp_path / "report", overlays=2)
+
+    rows = {row["stem"]: row for row in _read_csv(tmp_path / "report" / "per_image.csv")}
+    assert list(next(iter(rows.values()))) == [
+        "dataset", "modality", "stem", "dice", "iou", "hd95", "nsd", "height", "width"
+    ]  # fmt: skip
+    assert sorted(rows) == ["a", "b", "c"]
+    assert {(row["dataset"], row["modality"], row["height"], row["width"]) for row in rows.values()} == {
+        ("fakeds", "fundus", "40", "50")
+    }
+    assert float(rows["a"]["dice"]) == 1.0 and float(rows["a"]["hd95"]) == 0.0
+    assert float(rows["b"]["dice"]) == pytest.approx(0.8) and float(rows["b"]["iou"]) == pytest.approx(
+        80 / 120
+    )
+    assert float(rows["b"]["hd95"]) == pytest.approx(2.0) and float(rows["b"]["nsd"]) == 1.0
+    assert float(rows["c"]["dice"]) == 0.0 and math.isnan(float(rows["c"]["hd95"]))
+
+    entry = report.summary["datasets"]["fakeds"]
+    assert entry["dice"]["mean"] == pytest.approx((1 + 0.8 + 0) / 3)
+    assert (entry["hd95"]["n"], entry["hd95"]["n_skipped"]) == (2, 1)
+    assert (entry["nsd"]["n"], entry["nsd"]["n_skipped"]) == (2, 1)
+    assert (entry["dice"]["n"], entry["dice"]["n_skipped"]) == (3, 0)
+    assert len(list((tmp_path / "report" / "overlays" / "fakeds").glob("*.png"))) == 2
+    assert "fakeds (fundus)" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_summary_json_structure(tmp_path, fake_dataset):
+    other = _write_dataset(tmp_path / "otherds", {"x": _square(10, 10)})
+    sources = [parse_dataset_arg(f"{fake_dataset}:fundus"), parse_dataset_arg(f"{other}:xray")]
+    evaluate(SquarePredictor(), sources, out_dir=tmp_path / "report", checkpoint="ckpt.safetensors")
+
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert set(summary) == {
+        "protocol", "split", "checkpoint", "resolution", "hausdorff_percentile", "nsd_tolerance_px",
+        "empty_rule", "datasets", "modalities", "overall",
+    }  # fmt: skip
+    assert (summary["protocol"], summary["split"], summary["checkpoint"]) == (
+        "native",
+        "test",
+        "ckpt.safetensors",
+    )
+    assert set(summary["datasets"]) == {"fakeds", "otherds"}
+    for entry in summary["datasets"].values():
+        assert set(entry) == {"modality", "n", "dice", "iou", "hd95", "nsd"}
+        assert all(set(entry[metric]) == METRIC_KEYS for metric in ("dice", "iou", "hd95", "nsd"))
+    assert summary["datasets"]["otherds"]["modality"] == "xray"
+    assert summary["datasets"]["fakeds"]["n"] == 3
+    assert set(summary["modalities"]) == {"fundus", "xray"}
+    assert summary["modalities"]["fundus"]["datasets"] == ["fakeds"]
+
+    overall = summary["overall"]
+    assert overall["aggregation"] == "mean of dataset means"
+    assert overall["dice"]["mean"] == pytest.approx((1.8 / 3 + 1.0) / 2)
+    assert overall["pooled"]["dice"]["mean"] == pytest.approx(2.8 / 4)
+    assert (overall["n"], overall["n_datasets"]) == (4, 2)
+
+
+def test_paper_protocol_scores_at_1024(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    report = evaluate(SquarePredictor(), [source], out_dir=tmp_path / "report", protocol="paper", overlays=0)
+    rows = {row.stem: row for row in report.rows}
+    # a 2-column shift at width 50 is 2 * 1024 / 50 = 41 pixels at 1024 x 1024; bilinear resizing rounds
+    # the predicted square's corners, so the 100th percentile lies a little above
+    assert 2 * 1024 / W <= rows["b"].hd95 <= 1.1 * 2 * 1024 / W
+    assert rows["b"].dice == pytest.approx(0.8, abs=0.01)
+    assert (rows["b"].height, rows["b"].width) == (H, W)
+    assert report.summary["hausdorff_percentile"] == 100.0
+    assert report.summary["resolution"] == "1024x1024"
+    assert "HD100" in report.summary_md.read_text()
+    assert not (tmp_path / "report" / "overlays").exists()
+
+
+def test_real_model_end_to_end(tmp_path, fake_dataset, tiny_checkpoint):
+    source = parse_dataset_arg(f"{fake_dataset}:dermoscopy")
+    seen = []
+    report = evaluate(
+        load_model(tiny_checkpoint),
+        [source],
+        out_dir=tmp_path / "report",
+        size=64,
+        overlays=1,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert len(report.rows) == 3
+    assert all(0.0 <= row.dice <= 1.0 for row in report.rows)
+    assert report.per_image_csv.is_file() and report.summary_json.is_file()
+    assert not list((tmp_path / "report").glob(".*.tmp"))
+
+
+def test_errors(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    with pytest.raises(InputError, match="protocol"):
+        evaluate(SquarePredictor(), [source], out_dir=tmp_path, protocol="official")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="fakeds"):
+        evaluate(SquarePredictor(), [source, source], out_dir=tmp_path)
+    with pytest.raises(InputError, match="no dataset"):
+        evaluate(SquarePredictor(), [], out_dir=tmp_path)
+
+
+def test_cli_evaluate(tmp_path, fake_dataset, tiny_checkpoint):
+    out = tmp_path / "report"
+    args = ["evaluate", "--data", f"{fake_dataset}:fundus", "-c", str(tiny_checkpoint), "--size", "64"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--overlays", "1"])
+    assert result.exit_code == 0, result.output
+    assert "fakeds" in result.output and "overall" in result.output
+    assert {p.name for p in out.iterdir()} == {"per_image.csv", "summary.json", "summary.md", "overlays"}
+    assert json.loads((out / "summary.json").read_text())["checkpoint"] == str(tiny_checkpoint)
+
+
+def test_cli_evaluate_bad_protocol_exits_2(tmp_path, fake_dataset, tiny_checkpoint):
+    args = ["evaluate", "--data", f"{fake_dataset}:fundus", "-c", str(tiny_checkpoint), "--protocol", "x"]
+    result = subprocess.run(
+        [sys.executable, "-m", "espmedsam", *args, "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "error: unknown protocol 'x'" in result.stderr
+    assert not (tmp_path / "report").exists()

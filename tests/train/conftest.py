@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from espmedsam.config import TrainConfig
+
+
+def make_dataset(root: Path, *, seed: int, shape: tuple[int, int] = (48, 48), n: int = 6) -> Path:
+    """A folder dataset (images/, masks/, split.json) of ``n`` noisy images with a bright square."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    stems = [f"case_{i}" for i in range(n)]
+    for stem in stems:
+        h, w = shape
+        mask = np.zeros(shape, np.uint8)
+        top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        mask[top : top + h // 3, left : left + w // 3] = 255
+        image = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+        image[mask > 0] += 150
+        Image.fromarray(image).save(root / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+    split = {"train": stems[:4], "val": stems[4:], "test": []}
+    (root / "split.json").write_text(json.dumps(split))
+    return root
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory) -> tuple[str, ...]:
+    """Two tiny datasets of two modalities, as ``DIR:MODALITY`` strings (the second not square)."""
+    base = tmp_path_factory.mktemp("data")
+    return (
+        f"{make_dataset(base / 'derm', seed=1)}:dermoscopy",
+        f"{make_dataset(base / 'fundus', seed=2, shape=(40, 56))}:fundus",
+    )
+
+
+@pytest.fixture
+def tiny_config(tmp_path, datasets) -> TrainConfig:
+    """Tiny model at S = 64, 2 epochs of 2 steps of 4 images."""
+    return TrainConfig(
+        name="test",
+        model="tiny",
+        data=datasets,
+        image_size=64,
+        batch_size=4,
+        epochs=2,
+        steps_per_epoch=2,
+        warmup_steps=1,
+        checkpoint_every=2,
+        log_every=1,
+        out_dir=str(tmp_path / "run"),
+    )

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import pytest
+
+from espmedsam.config import LossConfig, TrainConfig, apply_overrides, load_train_config
+from espmedsam.errors import ConfigError
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    config = TrainConfig(data=("a:fundus", "b"), time_budget_minutes=90.0, init="x.safetensors")
+    (tmp_path / "c.yaml").write_text(config.to_yaml())
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml") == config
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+    assert TrainConfig(name="x").run_dir.as_posix() == "runs/x"
+
+
+def test_overrides_parse_values_as_yaml():
+    config = apply_overrides(
+        TrainConfig(),
+        ["lr=1e-4", "loss.patch_weight=0.3", "bf16=false", "data=[a:fundus, b]", "time_budget_minutes=null"],
+    )
+    assert config.lr == 1e-4 and config.loss == LossConfig(patch_weight=0.3) and config.bf16 is False
+    assert config.data == ("a:fundus", "b") and config.time_budget_minutes is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.nope=1", "unknown config key 'loss.nope'"),
+        ("learning_rate=1", "unknown config key 'learning_rate'"),
+        ("model.image_size=256", "unknown config key 'model.image_size'"),
+        ("lr", "must look like key=value"),
+        ("batch_size=eight", "batch_size must be int"),
+        ("loss.dice_weight=[1]", "loss.dice_weight must be float"),
+        ("arch=vnet", "arch must be one of espmedsam, unet"),
+        ("image_size=100", "multiple of 32"),
+        ("steps_per_epoch=0", "steps_per_epoch must be at least 1"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_recipes_load_by_name_and_path():
+    recipe = load_train_config("six_datasets_256", ["epochs=1"])
+    assert recipe.arch == "espmedsam" and len(recipe.data) == 6 and recipe.epochs == 1
+    assert recipe.data[0] == "../shared/data/isic2017:dermoscopy" and recipe.image_size == 256
+    unet = load_train_config("unet_six_datasets_256")
+    assert unet.arch == "unet" and unet.data == recipe.data and unet.total_steps == 20 * recipe.total_steps
+    assert load_train_config(None) == TrainConfig()
+
+
+def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match="six_datasets_256"):
+        load_train_config("nope")
+    with pytest.raises(ConfigError, match="neither a file"):
+        load_train_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("epochs: 1\nlosses: {}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'losses'"):
+        load_train_config(tmp_path / "bad.yaml")

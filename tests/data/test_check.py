@@ -10,7 +10,7 @@ from PIL import Image
 from espmedsam.data.check import DatasetReport, check_dataset
 from espmedsam.errors import DataError
 
-BUSI = Path("/work/shared/data/busi")
+BUSI = Path(__file__).resolve().parents[3] / "shared" / "data" / "busi"
 
 
 def _messages(report: DatasetReport) -> set[tuple[str, str, str]]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from espmedsam.data.dataset import DatasetSource, Sample, SegmentationFolder
 from espmedsam.data.io import write_png
 from espmedsam.errors import InputError
+from espmedsam.files import write_text
 from espmedsam.metrics import METRIC_NAMES, segmentation_metrics, summarise
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.predict import Predictor
@@ -133,9 +134,9 @@ def evaluate(
     _log_skipped(rows)
     summary = summarise_rows(rows, protocol=protocol, split=split, checkpoint=checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "per_image.csv", rows_to_csv(rows))
-    _write_text(out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
-    _write_text(out_dir / "summary.md", summary_markdown(summary))
+    write_text(out_dir / "per_image.csv", rows_to_csv(rows))
+    write_text(out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_text(out_dir / "summary.md", summary_markdown(summary))
     return EvaluationReport(tuple(rows), summary, out_dir)
 
 
@@ -336,14 +337,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(item) for item in value]
     return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name next to ``path``, then rename it into place."""
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        temp.write_text(text, encoding="utf-8")
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -7,8 +7,6 @@ checkpoint rebuilds its own model; loading is strict and never unpickles anythin
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from espmedsam.config import ModelConfig, from_dict
 from espmedsam.errors import CheckpointError, ConfigError, InputError
+from espmedsam.files import atomic_write
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
 
@@ -54,20 +53,7 @@ def save_model(model: ESPMedSAM, path: str | Path, *, dtype: torch.dtype | None 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write one safetensors file atomically: a unique temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # written by us so the umask applies (safetensors' save_file creates 0600 files)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with temp.open("wb") as file:
-            file.write(safetensors_bytes(tensors, metadata=metadata))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda file: file.write(safetensors_bytes(tensors, metadata=metadata)))
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> ESPMedSAM:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from espmedsam.errors import DataError
+from espmedsam.files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (*IMAGE_SUFFIXES, ".gif")
@@ -57,12 +58,7 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically (temporary name, then rename)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda file: Image.fromarray(array).save(file, format="PNG"))
 
 
 def _read(path: Path, suffixes: tuple[str, ...], to_array) -> np.ndarray:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from espmedsam.train.state import atomic_write, write_text
+from espmedsam.files import atomic_write, write_text
 
 logger = logging.getLogger(__name__)
 

@@ -32,12 +32,13 @@ from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.data.sampler import BalancedSampler
 from espmedsam.data.training_set import MixedModalityDataset
 from espmedsam.errors import ConfigError
+from espmedsam.files import write_text
 from espmedsam.losses import MaskLoss, SegmentationLoss
 from espmedsam.models.registry import build_model, get_config
 from espmedsam.models.unet import UNetBaseline, UNetConfig, load_unet, save_unet
 from espmedsam.train.history import History
 from espmedsam.train.optim import build_optimizer, build_scheduler
-from espmedsam.train.state import load_state, restore_rng, rng_state, save_state, write_text
+from espmedsam.train.state import load_state, restore_rng, rng_state, save_state
 from espmedsam.train.validate import ValidationSet, validate
 
 logger = logging.getLogger(__name__)

@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +14,9 @@ import numpy as np
 import torch
 
 from espmedsam.errors import CheckpointError
+from espmedsam.files import atomic_write
 
 STATE_VERSION = 1
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], *, mode: str = "wb") -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with temp.open(mode) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    return atomic_write(path, lambda file: file.write(text), mode="w")
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> Path:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 
 from espmedsam import build_model
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
@@ -147,10 +148,7 @@ def main() -> None:
         f"here, so the compute floor of a bf16 1024² forward is about {gflop / bf16_peak:.2f} s.",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from _report import report
+
 from espmedsam import build_model
 from espmedsam.models.summary import SAM_VIT_B_PARAMETERS, parameter_counts, sam_ratio
 
@@ -40,10 +42,7 @@ def main() -> None:
         f"{'match' if official + OFFICIAL_UNUSED == OFFICIAL_CHECKPOINT_PARAMETERS else 'MISMATCH'})."
     )
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from _report import report
 
 from espmedsam import build_model
 from espmedsam.losses import SegmentationLoss
@@ -54,10 +55,7 @@ def main() -> None:
         f"Training step at {args.size}², batch {args.batch} (mixed modalities), {args.threads} threads, "
         f"median of {args.steps} steps: bf16 autocast {bf16:.1f} images/s, fp32 {fp32:.1f} images/s."
     )
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report(text, args.out)
 
 
 if __name__ == "__main__":

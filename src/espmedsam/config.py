@@ -27,6 +27,27 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-4: a string to PyYAML
 
 
+class SerialisableConfig:
+    """Dict, JSON and YAML round trips for the top-level config dataclasses (exact, tested)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        return from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls: type[T], path: str | Path) -> T:
+        return from_dict(cls, _read_yaml(path))
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Shared TinyViT-5M of MobileSAM (paper-notes §2)."""
@@ -93,7 +114,7 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(SerialisableConfig):
     """The whole ESP-MedSAM network and its input convention."""
 
     name: str = "default"
@@ -112,23 +133,6 @@ class ModelConfig:
         if not self.modalities:
             raise ConfigError("modalities must name at least one modality")
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return from_dict(cls, data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> ModelConfig:
-        return from_dict(cls, _read_yaml(path))
-
 
 ARCHS: tuple[str, ...] = ("espmedsam", "unet")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
@@ -146,7 +150,7 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(SerialisableConfig):
     """One segmentation training run (``espmedsam train``, paper-notes §6).
 
     The network is ``model``, a registry name (``build_model(model)``), built at ``image_size``; with
@@ -209,20 +213,6 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return from_dict(cls, data)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        return from_dict(cls, _read_yaml(path))
 
 
 def load_train_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmedsam.data.io import IMAGE_SUFFIXES, read_image, read_mask, write_png
+from espmedsam.data.io import IMAGE_SUFFIXES, read_image, read_json_object, read_mask, write_png
 from espmedsam.errors import DataError, InputError
 
 logger = logging.getLogger(__name__)
@@ -276,10 +276,7 @@ def _nnunet(src: Path, skipped: list[str]) -> list[Case]:
 def _nnunet_ending(src: Path) -> str:
     info = src / "dataset.json"
     if info.is_file():
-        try:
-            ending = json.loads(info.read_text()).get("file_ending")
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{info}: not a JSON object") from None
+        ending = read_json_object(info).get("file_ending")
         if ending:
             return str(ending)
     for path in sorted((src / "imagesTr").glob("*_0000.*")):

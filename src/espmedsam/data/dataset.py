@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from espmedsam.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_mask
+from espmedsam.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_json_object, read_mask
 from espmedsam.errors import DataError, InputError
 from espmedsam.modalities import MODALITIES, modality_ids
 
@@ -88,10 +88,7 @@ def _infer_modality(root: Path) -> str:
         return KNOWN_DATASETS[name]
     info = root / "dataset.json"
     if info.is_file():
-        try:
-            modality = json.loads(info.read_text()).get("modality")
-        except (json.JSONDecodeError, AttributeError):
-            raise DataError(f"{info}: not a JSON object") from None
+        modality = read_json_object(info).get("modality")
         if modality:
             try:
                 return _modality_name(str(modality))

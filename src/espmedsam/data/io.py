@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,21 @@ def read_mask_values(path: str | Path) -> np.ndarray:
         DataError: a missing file, an unknown suffix, or a file that cannot be decoded.
     """
     return _read(Path(path), MASK_SUFFIXES, _pil_to_raw_array)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (such as ``dataset.json``), as a dict.
+
+    Raises:
+        DataError: the file is not valid JSON or holds something other than an object.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return data
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:

@@ -49,7 +49,8 @@ def main() -> None:
         subprocess.run(command, check=True, capture_output=True)
         whole = time.perf_counter() - start
     print(
-        f"{args.image.name} ({args.image.stat().st_size // 1024} KiB), model input {predictor.size}², "
+        f"{args.image.name} ({args.image.stat().st_size // 1024} KiB), "
+        f"model input {predictor.input_size(args.modality)}², "
         f"{args.threads} threads: {statistics.median(times[1:]):.3f} s per image in process "
         f"(median of {args.runs}); whole `espmedsam predict` command {whole:.2f} s"
     )

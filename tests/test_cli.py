@@ -140,3 +140,29 @@ def test_import_official_into_modality_slot(tmp_path):
     assert model.config.name == "default"
     key = "image_encoder.layers.3.blocks.1.controllers.3.adapter.fc1.weight"
     assert torch.equal(model.state_dict()[key], state["SemiTViT.layers.3.blocks.1.med_dah.fc1.weight"])
+
+
+def test_predict_and_info_accept_a_unet_baseline_checkpoint(tmp_path):
+    from espmedsam.models.unet import UNetBaseline, UNetConfig, save_unet
+
+    unet = save_unet(UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors")
+    Image.fromarray(np.zeros((30, 45), dtype=np.uint8)).save(tmp_path / "xray_case.png")
+    image = str(tmp_path / "xray_case.png")
+    args = ["predict", image, "-c", str(unet), "--size", "64", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert np.asarray(Image.open(tmp_path / "xray_case_mask.png")).shape == (30, 45)
+    info = runner.invoke(app, ["info", "-c", str(unet)])
+    assert info.exit_code == 0 and "U-Net baseline" in info.output
+
+
+def test_export_writes_float16_with_input_sizes(tmp_path, tiny_checkpoint):
+    out = tmp_path / "ship.safetensors"
+    args = ["export", str(tiny_checkpoint), "--out", str(out), "--fp16", "--input-size", "fundus=128"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    from espmedsam import load_model
+
+    assert load_model(out).config.inference_sizes == (64, 64, 64, 128, 64, 64)
+    bad = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(out), "--input-size", "fundus"])
+    assert "MODALITY=SIZE" in str(bad.exception)  # the app prints it as one line, exit code 2

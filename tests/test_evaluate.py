@@ -189,3 +189,34 @@ def test_cli_evaluate_bad_protocol_exits_2(tmp_path, fake_dataset, tiny_checkpoi
     assert result.returncode == 2, result.stderr
     assert "error: unknown protocol 'x'" in result.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_cli_evaluates_a_unet_baseline_checkpoint(tmp_path, fake_dataset):
+    from espmedsam.models.unet import UNetBaseline, UNetConfig, save_unet
+
+    unet = save_unet(UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors")
+    out = tmp_path / "report"
+    data = f"{fake_dataset}:fundus"
+    args = ["evaluate", "--data", data, "-c", str(unet), "--size", "64", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["datasets"]["fakeds"]["n"] == 3
+
+
+def test_choose_input_sizes_scores_each_candidate(fake_dataset):
+    from espmedsam.evaluate import choose_input_sizes
+
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    scores = choose_input_sizes(build_model("tiny"), [source], [32, 64], split="test")
+    assert set(scores) == {"fundus"} and set(scores["fundus"]) == {32, 64}
+    assert all(0.0 <= v <= 1.0 for v in scores["fundus"].values())
+
+
+def test_cli_export_chooses_sizes_on_validation_data(tmp_path, fake_dataset, tiny_checkpoint):
+    split = json.loads((fake_dataset / "split.json").read_text())
+    (fake_dataset / "split.json").write_text(json.dumps({**split, "val": split["test"]}))
+    out = tmp_path / "ship.safetensors"
+    args = ["export", str(tiny_checkpoint), "-o", str(out), "--choose-sizes-on", f"{fake_dataset}:fundus"]
+    result = CliRunner().invoke(app, [*args, "--candidates", "32,64"])
+    assert result.exit_code == 0, result.output
+    assert load_model(out).config.inference_sizes[3] in (32, 64)

@@ -50,3 +50,18 @@ def test_predict_paths_requires_a_modality(tmp_path):
         list(predict_paths(predictor, [path], tmp_path / "out"))
     results = list(predict_paths(predictor, [path], tmp_path / "out", modality="xray"))
     assert results[0].mask_path.exists() and results[0].overlay_path.exists()
+
+
+def test_predictor_uses_each_modality_input_size_unless_given_one():
+    import dataclasses
+
+    model = build_model("tiny")
+    model.config = dataclasses.replace(model.config, inference_sizes=(64, 64, 64, 128, 64, 64))
+    seen = []
+    preprocess = model.preprocess
+    model.preprocess = lambda image, size: seen.append(size) or preprocess(image, size)
+    image = np.zeros((30, 40, 3), dtype=np.uint8)
+    Predictor(model).predict(image, "fundus")
+    Predictor(model).predict(image, 0)
+    Predictor(model, size=96).predict(image, "fundus")
+    assert seen == [128, 64, 96]

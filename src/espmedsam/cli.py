@@ -43,7 +43,21 @@ import_app = typer.Typer(help="Convert checkpoints from the field (official ESP-
 app.add_typer(import_app, name="import")
 data_app = typer.Typer(help="Dataset folders: validate them; convert public layouts into them.")
 app.add_typer(data_app, name="data")
+distill_app = typer.Typer(
+    help="MMDKD: distil a SAM ViT teacher into the shared encoder (common) or into controllers (modality)."
+)
+app.add_typer(distill_app, name="distill")
 
+TeacherOpt = Annotated[
+    Path, typer.Option("--teacher", "-t", help="SAM ViT-B/L/H / MedSAM .pth or imported teacher.")
+]
+RecipeOpt = Annotated[
+    str | None, typer.Option("--config", help="YAML recipe or shipped name (mmdkd_cpu_256).")
+]
+OverridesOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="key=value config override, e.g. epochs=5 (repeatable).")
+]
+DistillOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out_dir).")]
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Native .safetensors checkpoint (default: bundled).")
 ]
@@ -71,6 +85,12 @@ def info(
     net = _load(checkpoint, model)
     cfg = net.config
     out = Console()
+    if cfg.name == "unet":
+        params = sum(p.numel() for p in net.parameters())
+        out.print(f"[bold]U-Net baseline[/bold] (MONAI BasicUNet) features {list(cfg.features)}")
+        share = f"{100 * sam_ratio(net):.1f} % of SAM ViT-B"
+        out.print(f"input {cfg.image_size}²   {params:,} parameters = {share}")
+        return
     out.print(
         f"[bold]model[/bold] {cfg.name}   input {cfg.image_size}²   modalities {', '.join(cfg.modalities)}"
     )
@@ -208,6 +228,79 @@ def predict(
     console.print(f"wrote {len(paths)} masks and overlays to {out}")
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="ESP-MedSAM or U-Net baseline .safetensors checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="Store floating tensors as float16 (half the size).")
+    ] = False,
+    input_size: Annotated[
+        list[str] | None,
+        typer.Option("--input-size", help="MODALITY=SIZE: that modality's model input side (repeatable)."),
+    ] = None,
+    choose_on: Annotated[
+        list[str] | None,
+        typer.Option("--choose-sizes-on", help="DIR[:MODALITY]: pick each modality's size on its val split."),
+    ] = None,
+    candidates: Annotated[str, typer.Option(help="Input sizes tried by --choose-sizes-on.")] = "256,384,512",
+) -> None:
+    """Rewrite a checkpoint to ship it: float16, and per-modality input sizes chosen on validation data."""
+    import torch
+
+    from espmedsam.checkpoints.native import export_checkpoint
+
+    sizes = _parse_input_sizes(input_size or [])
+    if choose_on:
+        sizes = {**_choose_sizes(checkpoint, choose_on, candidates), **sizes}
+    path = export_checkpoint(checkpoint, out, dtype=torch.float16 if fp16 else None, inference_sizes=sizes)
+    console.print(f"wrote {path}")
+
+
+def _parse_input_sizes(items: list[str]) -> dict[str, int]:
+    from espmedsam.errors import InputError
+
+    sizes = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise InputError(f"--input-size {item!r} must look like MODALITY=SIZE, e.g. fundus=512")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def _choose_sizes(checkpoint: Path, data: list[str], candidates: str) -> dict[str, int]:
+    """Each modality's best candidate size by mean validation Dice, shown as a table."""
+    from espmedsam.checkpoints.native import load_checkpoint
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.errors import InputError
+    from espmedsam.evaluate import choose_input_sizes
+
+    try:
+        sizes = [int(c) for c in candidates.split(",")]
+    except ValueError:
+        raise InputError(f"--candidates {candidates!r} must be sizes separated by commas") from None
+    sources = [parse_dataset_arg(item) for item in data]
+    with _progress() as progress:
+        task = progress.add_task("choosing input sizes", total=None)
+        scores = choose_input_sizes(
+            load_checkpoint(checkpoint),
+            sources,
+            sizes,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    table = Table(title="validation Dice by input size")
+    table.add_column("modality")
+    for size in sizes:
+        table.add_column(f"{size}²", justify="right")
+    best = {m: max(by_size, key=by_size.get) for m, by_size in scores.items()}
+    for modality, by_size in scores.items():
+        cells = [f"[bold]{v:.3f}[/bold]" if s == best[modality] else f"{v:.3f}" for s, v in by_size.items()]
+        table.add_row(modality, *cells)
+    Console().print(table)
+    return best
+
+
 @import_app.command("official")
 def import_official_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="Official ESP-MedSAM checkpoint (.pth).")],
@@ -290,13 +383,96 @@ def data_import(
         console.print(f"[yellow]warning:[/yellow] skipped {len(report.skipped)} items (listed in SOURCE.md)")
 
 
-def _load(checkpoint: Path | None, name: str):
+@distill_app.command("common")
+def distill_common(
+    teacher: TeacherOpt,
+    images: Annotated[list[Path], typer.Option("--images", "-i", help="Image folder (repeatable).")],
+    student: Annotated[Path | None, typer.Option(help="Native checkpoint to start from.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="MobileSAM's mobile_sam.pt to start from.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Named configuration of a fresh student.")] = "default",
+    config: RecipeOpt = None,
+    overrides: OverridesOpt = None,
+    out: DistillOutOpt = None,
+) -> None:
+    """Common knowledge: the shared TinyViT (no controller) learns the teacher's embeddings (MSE)."""
+    from espmedsam.checkpoints.importers import import_mobilesam
+    from espmedsam.checkpoints.native import load_model
+    from espmedsam.distill.images import list_images
+    from espmedsam.models.registry import build_model
+
+    if student and init_from:
+        raise typer.BadParameter("give --student or --init-from, not both")
+    net = load_model(student) if student else import_mobilesam(init_from) if init_from else build_model(model)
+    found = [image for folder in images for image in list_images(folder)]
+    _distill(net, teacher, found, "common", config, overrides, out)
+
+
+@distill_app.command("modality")
+def distill_modality(
+    teacher: TeacherOpt,
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Dataset folder DIR[:MODALITY] (repeatable).")
+    ],
+    student: Annotated[
+        Path | None, typer.Option(help="Native checkpoint to distil into (default: bundled weights).")
+    ] = None,
+    config: RecipeOpt = None,
+    overrides: OverridesOpt = None,
+    out: DistillOutOpt = None,
+) -> None:
+    """Domain knowledge: only controller k learns from modality-k images; all else stays frozen."""
     from espmedsam.checkpoints.native import default_checkpoint, load_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.distill.images import list_images
+
+    path = student or default_checkpoint()
+    if path is None:
+        raise typer.BadParameter("no bundled weights; pass --student CKPT")
+    sources = [parse_dataset_arg(item) for item in data]
+    found = [image for s in sources for image in list_images(s.root, s.modality)]
+    _distill(load_model(path), teacher, found, "modality", config, overrides, out)
+
+
+def _distill(student, teacher_path, images, stage, config, overrides, out) -> None:
+    import dataclasses
+
+    from espmedsam.config import load_distill_config
+    from espmedsam.distill.mmdkd import distill
+    from espmedsam.distill.teacher import load_teacher
+
+    cfg = load_distill_config(config, stage, overrides or [])
+    cfg = dataclasses.replace(cfg, out_dir=str(out)) if out else cfg
+    teacher = load_teacher(teacher_path)
+    with _progress() as progress:
+        task = progress.add_task("teacher embeddings", total=None)
+        epoch = [0]
+
+        def show(p) -> None:
+            if p.phase == "train" and p.done == 1:
+                epoch[0] += 1
+            label = "teacher embeddings" if p.phase == "cache" else f"epoch {epoch[0]}/{cfg.epochs}"
+            loss = "" if p.loss is None else f" mse {p.loss:.4f}"
+            progress.update(task, description=f"{label}{loss}", completed=p.done, total=p.total)
+
+        result = distill(student, teacher, images, cfg, stage=stage, progress=show)
+    first, last = result.records[0], result.records[-1]
+    if "held_out_mse" in first:
+        console.print(
+            f"held-out MSE {first['held_out_mse']:.4f} -> {last['held_out_mse']:.4f}, "
+            f"cosine {first['held_out_cosine']:.3f} -> {last['held_out_cosine']:.3f}"
+        )
+    console.print(f"teacher embedded {result.teacher_images} inputs; wrote {result.student_path}")
+
+
+def _load(checkpoint: Path | None, name: str):
+    from espmedsam.checkpoints.native import default_checkpoint, load_checkpoint
     from espmedsam.models.registry import build_model
 
     path = checkpoint or (default_checkpoint() if name == "default" else None)
     if path is not None:
-        return load_model(path)
+        return load_checkpoint(path)
     if name == "default":
         console.print("[yellow]warning:[/yellow] no trained weights bundled; using an untrained model")
     return build_model(name)

@@ -126,12 +126,23 @@ class ModelConfig(SerialisableConfig):
     controller: ControllerConfig = ControllerConfig()
     sppg: SPPGConfig = SPPGConfig()
     decoder: DecoderConfig = DecoderConfig()
+    inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
 
     def __post_init__(self) -> None:
         if self.image_size % 32:
             raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
         if not self.modalities:
             raise ConfigError("modalities must name at least one modality")
+        check_inference_sizes(self.inference_sizes, self.modalities, 32)
+
+
+def check_inference_sizes(sizes: tuple[int, ...], modalities: tuple[str, ...], multiple: int) -> None:
+    """Raise ConfigError unless ``sizes`` is empty or one positive multiple of ``multiple`` per modality."""
+    if sizes and (len(sizes) != len(modalities) or any(s < multiple or s % multiple for s in sizes)):
+        raise ConfigError(
+            f"inference_sizes must be empty or {len(modalities)} positive multiples of {multiple} "
+            f"(one per modality: {', '.join(modalities)}), got {list(sizes)}"
+        )
 
 
 ARCHS: tuple[str, ...] = ("espmedsam", "unet")
@@ -184,6 +195,7 @@ class TrainConfig(SerialisableConfig):
     bf16: bool = True  # bfloat16 autocast of the forward pass (losses stay float32)
     loss: LossConfig = LossConfig()
     augment: bool = True
+    zoom_probability: float = 0.0  # chance of a 1.25-2x zoomed crop instead of the whole image
     seed: int = 0
     num_workers: int = 0
     val_every: int = 1  # epochs
@@ -199,6 +211,8 @@ class TrainConfig(SerialisableConfig):
         for key in ("batch_size", "epochs", "steps_per_epoch", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.zoom_probability <= 1:
+            raise ConfigError(f"zoom_probability must be in [0, 1], got {self.zoom_probability}")
         for key in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
@@ -215,6 +229,71 @@ class TrainConfig(SerialisableConfig):
         return self.epochs * self.steps_per_epoch
 
 
+DISTILL_STAGES = ("common", "modality")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(SerialisableConfig):
+    """One MMDKD stage (``espmedsam distill common|modality``, paper-notes §5).
+
+    Student and teacher see the same (S, S) input, ``image_size``; the loss is the MSE between their
+    (256, S/16, S/16) embeddings. Teacher embeddings are computed once per image and ``variants``
+    flip/rotation variant (1: no augmentation, at most 8) and cached under ``cache_dir`` (default
+    ``~/.cache/espmedsam/teacher-embeddings``); ``use_cache: false`` recomputes the teacher in every step
+    instead, as the official script does. A seeded ``held_out`` fraction of the images is kept out of
+    training to report the embedding MSE and cosine similarity after every epoch.
+    """
+
+    image_size: int = 256
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 5e-4  # Adam, as the official script
+    lr_decay: float = 0.98  # ExponentialLR factor per epoch, as the official script
+    weight_decay: float = 0.0
+    variants: int = 1
+    held_out: float = 0.1
+    bf16: bool = True  # bfloat16 autocast of the student's forward pass
+    teacher_bf16: bool = False  # float32 by default: the teacher runs once per image, accuracy is cheap
+    teacher_batch_size: int = 4
+    use_cache: bool = True
+    cache_dir: str | None = None
+    input_memory_mb: int = 2048  # decoded, resized inputs kept in memory across epochs (0: none)
+    seed: int = 0
+    out_dir: str = "runs/distill"
+
+    def __post_init__(self) -> None:
+        if self.image_size % 32 or self.image_size < 32:
+            raise ConfigError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        for key in ("epochs", "batch_size", "teacher_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.input_memory_mb < 0:
+            raise ConfigError(f"input_memory_mb must not be negative, got {self.input_memory_mb}")
+        if not 1 <= self.variants <= 8:
+            raise ConfigError(f"variants must be in 1..8, got {self.variants}")
+        if not 0 <= self.held_out < 1:
+            raise ConfigError(f"held_out must be in [0, 1), got {self.held_out}")
+        if self.lr <= 0 or not 0 < self.lr_decay <= 1 or self.weight_decay < 0:
+            raise ConfigError("need lr > 0, 0 < lr_decay <= 1 and weight_decay >= 0")
+
+
+def load_distill_config(
+    config: str | Path | None, stage: str, overrides: Sequence[str] = ()
+) -> DistillConfig:
+    """The ``stage`` section (``common`` or ``modality``) of a distillation recipe, with overrides.
+
+    Raises:
+        ConfigError: an unknown stage, a missing file or recipe, a recipe without that section, or a bad key.
+    """
+    _choice("stage", stage, DISTILL_STAGES)
+    if config is None:
+        return apply_overrides(DistillConfig(), overrides)
+    data = _read_yaml(_recipe_path(config))
+    if stage not in data:
+        raise ConfigError(f"config {config} has no {stage!r} section")
+    return apply_overrides(from_dict(DistillConfig, data[stage], stage), overrides)
+
+
 def load_train_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """The training config of a YAML file or a shipped recipe name, with ``key=value`` overrides applied.
 
@@ -226,6 +305,11 @@ def load_train_config(config: str | Path | None = None, overrides: Sequence[str]
     """
     if config is None:
         return apply_overrides(TrainConfig(), overrides)
+    return apply_overrides(TrainConfig.from_yaml(_recipe_path(config)), overrides)
+
+
+def _recipe_path(config: str | Path) -> Path:
+    """A YAML file, or the shipped recipe of that name."""
     path = Path(config)
     if not path.is_file():
         recipe = RECIPES_DIR / f"{config}.yaml"
@@ -233,7 +317,7 @@ def load_train_config(config: str | Path | None = None, overrides: Sequence[str]
             names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
             raise ConfigError(f"config {config} is neither a file nor a shipped recipe ({names})")
         path = recipe
-    return apply_overrides(TrainConfig.from_yaml(path), overrides)
+    return path
 
 
 def apply_overrides(config: T, overrides: Sequence[str]) -> T:

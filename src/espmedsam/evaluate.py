@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -31,10 +31,13 @@ from espmedsam.data.dataset import DatasetSource, Sample, SegmentationFolder
 from espmedsam.data.io import write_png
 from espmedsam.errors import InputError
 from espmedsam.files import write_text
-from espmedsam.metrics import METRIC_NAMES, segmentation_metrics, summarise
+from espmedsam.metrics import METRIC_NAMES, dice, segmentation_metrics, summarise
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.predict import Predictor
 from espmedsam.visualize import overlay
+
+if TYPE_CHECKING:
+    from espmedsam.models.unet import UNetBaseline
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +141,36 @@ def evaluate(
     write_text(out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
     write_text(out_dir / "summary.md", summary_markdown(summary))
     return EvaluationReport(tuple(rows), summary, out_dir)
+
+
+def choose_input_sizes(
+    model: ESPMedSAM | UNetBaseline,
+    sources: Sequence[DatasetSource],
+    candidates: Sequence[int],
+    *,
+    split: str | None = "val",
+    progress: ProgressCallback | None = None,
+) -> dict[str, dict[int, float]]:
+    """Mean Dice of each modality's ``split`` images at each candidate input size (pick on validation data).
+
+    Returns:
+        modality -> {size: mean Dice}; the best size of a modality is ``max(scores, key=scores.get)``.
+    """
+    folders = [SegmentationFolder(source, split=split) for source in sources]
+    total, done = len(candidates) * sum(len(folder) for folder in folders), 0
+    scores: dict[str, dict[int, list[float]]] = {}
+    for size in candidates:
+        predictor = Predictor(model, size=size)
+        for source, folder in zip(sources, folders, strict=True):
+            for index in range(len(folder)):
+                sample = folder[index]
+                _check_modality(predictor, source, sample)
+                score = dice(predictor.predict(sample.image, sample.modality), sample.mask)
+                scores.setdefault(sample.modality, {}).setdefault(size, []).append(score)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return {m: {size: float(np.mean(v)) for size, v in by_size.items()} for m, by_size in scores.items()}
 
 
 def score_sample(

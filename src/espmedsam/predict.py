@@ -7,14 +7,19 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from espmedsam.data.io import IMAGE_SUFFIXES, read_image, write_png
 from espmedsam.errors import InputError
+from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.visualize import overlay
+
+if TYPE_CHECKING:
+    from espmedsam.models.unet import UNetBaseline
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +30,28 @@ class Predictor:
     """Runs a model on raw images of any size; inference mode and autocast live here, not in the model."""
 
     def __init__(
-        self, model: ESPMedSAM, *, device: str = "cpu", size: int | None = None, bfloat16: bool = True
+        self,
+        model: ESPMedSAM | UNetBaseline,
+        *,
+        device: str = "cpu",
+        size: int | None = None,
+        bfloat16: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.size = size or model.config.image_size
+        self.size = size  # None: each modality's size from the model's config
         self.bfloat16 = bfloat16
+
+    def input_size(self, modality: ModalityLike) -> int:
+        """The model input side for one image of ``modality``: ``size``, else the model's choice."""
+        if self.size:
+            return self.size
+        return self.model.input_size(int(modality_ids(modality, self.model.modalities, batch_size=1)[0]))
 
     @torch.inference_mode()
     def predict_logits(self, image: np.ndarray, modality: ModalityLike) -> np.ndarray:
         """(H, W[, C]) uint8 image -> (H, W) float32 mask logits at the image's own size."""
-        x, meta = self.model.preprocess(image, self.size)
+        x, meta = self.model.preprocess(image, self.input_size(modality))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
             out = self.model(x.to(self.device), modality)
         return self.model.postprocess(out.masks, meta)[0, 0].cpu().numpy()

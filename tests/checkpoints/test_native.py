@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import espmedsam.checkpoints.native as native
 from espmedsam import build_model
 from espmedsam.checkpoints.native import default_checkpoint, load_model, save_model
-from espmedsam.errors import CheckpointError, InputError
+from espmedsam.errors import CheckpointError, ConfigError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,29 @@ def test_missing_file(tmp_path):
 def test_default_checkpoint_is_a_loadable_file_or_none():
     path = default_checkpoint()
     assert path is None or (path.is_file() and path.name == native.DEFAULT_WEIGHTS)
+
+
+def test_export_in_float16_with_per_modality_input_sizes(tmp_path):
+    from espmedsam.checkpoints.native import export_checkpoint, load_checkpoint
+
+    source = build_model("tiny").save(tmp_path / "model.safetensors")
+    sizes = {"fundus": 128}
+    out = export_checkpoint(source, tmp_path / "ship.safetensors", dtype=torch.float16, inference_sizes=sizes)
+    model = load_checkpoint(out)
+    assert model.config.inference_sizes == (64, 64, 64, 128, 64, 64)
+    assert model.input_size("fundus") == 128 and model.input_size("xray") == 64
+    assert out.stat().st_size < 0.6 * source.stat().st_size
+    with pytest.raises(ConfigError, match="unknown modality"):
+        export_checkpoint(source, tmp_path / "x.safetensors", inference_sizes={"mri": 64})
+    with pytest.raises(ConfigError, match="inference_sizes"):
+        export_checkpoint(source, tmp_path / "x.safetensors", inference_sizes={"fundus": 100})
+
+
+def test_export_keeps_a_unet_baseline_a_unet(tmp_path):
+    from espmedsam.checkpoints.native import export_checkpoint, load_checkpoint
+    from espmedsam.models.unet import UNetBaseline, UNetConfig, save_unet
+
+    source = save_unet(UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors")
+    out = export_checkpoint(source, tmp_path / "out.safetensors", inference_sizes={"xray": 48})
+    model = load_checkpoint(out)
+    assert isinstance(model, UNetBaseline) and model.input_size("xray") == 48

@@ -68,3 +68,21 @@ def test_augmentation_is_reproducible_and_varied():
     draws = [aug(image=image, mask=mask.astype(np.uint8))["image"] for _ in range(3)]
     assert np.array_equal(draws[0], first[0]["image"])
     assert not np.array_equal(draws[0], draws[1])
+
+
+def test_zoomed_crops_are_square_aligned_and_keep_thin_lines():
+    image = np.zeros((120, 160, 3), np.uint8)
+    mask = np.zeros((120, 160), np.uint8)
+    image[:, 80:82] = 255  # a 2 px vertical line, 0.4 px wide at the unzoomed size of 32
+    mask[:, 80:82] = 1
+    aug = train_augmentation(32, seed=1, zoom_probability=1.0)
+    widths = []
+    for _ in range(8):
+        out = aug(image=image, mask=mask)
+        assert out["image"].shape == (32, 32, 3) and out["mask"].shape == (32, 32)
+        bright, fg = out["image"].max(axis=-1) > 60, out["mask"] > 0
+        assert (bright & fg).sum() >= 0.8 * fg.sum()
+        widths.append(fg.sum())
+    assert max(widths) > 0  # some crops hold the line
+    with pytest.raises(InputError, match="zoom"):
+        train_augmentation(32, zoom_probability=1.5)

@@ -6,9 +6,10 @@ checkpoint rebuilds its own model; loading is strict and never unpickles anythin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,6 +20,9 @@ from espmedsam.errors import CheckpointError, ConfigError, InputError
 from espmedsam.files import atomic_write
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
+
+if TYPE_CHECKING:
+    from espmedsam.models.unet import UNetBaseline
 
 from .torch_io import load_strict
 
@@ -43,12 +47,52 @@ def save_model(model: ESPMedSAM, path: str | Path, *, dtype: torch.dtype | None 
     Raises:
         InputError: ``dtype`` is not a floating dtype.
     """
-    if dtype is not None and not dtype.is_floating_point:
-        raise InputError(f"checkpoint dtype must be a floating dtype, got {dtype}")
     path = Path(path)
-    tensors = {name: _stored(tensor, dtype) for name, tensor in model.state_dict().items()}
+    tensors = state_tensors(model, dtype)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
     return write_safetensors(path, tensors, metadata)
+
+
+def state_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as contiguous CPU copies, floating tensors cast to ``dtype`` if given.
+
+    Raises:
+        InputError: ``dtype`` is not a floating dtype.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise InputError(f"checkpoint dtype must be a floating dtype, got {dtype}")
+    return {name: _stored(tensor, dtype) for name, tensor in model.state_dict().items()}
+
+
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    inference_sizes: dict[str, int] | None = None,
+) -> Path:
+    """Rewrite an ESP-MedSAM or U-Net checkpoint, e.g. in float16 to ship, with per-modality input sizes.
+
+    Args:
+        inference_sizes: modality -> input side; modalities not named keep the config's ``image_size``.
+    Raises:
+        CheckpointError: as ``load_checkpoint``. ConfigError: an unknown modality or a bad size.
+    """
+    model = load_checkpoint(source)
+    if inference_sizes:
+        config = model.config
+        unknown = sorted(set(inference_sizes) - set(config.modalities))
+        if unknown:
+            raise ConfigError(
+                f"unknown modality {', '.join(unknown)}; expected {', '.join(config.modalities)}"
+            )
+        sizes = tuple(inference_sizes.get(m, model.input_size(m)) for m in config.modalities)
+        model.config = dataclasses.replace(config, inference_sizes=sizes)
+    if isinstance(model, ESPMedSAM):
+        return save_model(model, out, dtype=dtype)
+    from espmedsam.models.unet import save_unet
+
+    return save_unet(model, out, dtype=dtype)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -75,6 +119,19 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> ESPMe
     return model.to(device).eval()
 
 
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> ESPMedSAM | UNetBaseline:
+    """An ESP-MedSAM checkpoint (``load_model``) or a U-Net baseline one (``load_unet``), by its format.
+
+    Raises:
+        CheckpointError: as ``load_model`` / ``load_unet``.
+    """
+    from espmedsam.models.unet import UNET_FORMAT, load_unet
+
+    if _stored_format(Path(path)) == UNET_FORMAT:
+        return load_unet(path).to(device)
+    return load_model(path, device=device)
+
+
 def read_safetensors(path: Path, fmt: str, config_cls: type[T]) -> tuple[T, dict[str, torch.Tensor]]:
     """The config (of ``config_cls``, from the metadata) and float32 tensors of a file of format ``fmt``.
 
@@ -98,6 +155,15 @@ def default_checkpoint() -> Path | None:
     """The bundled default checkpoint ``espmedsam/weights/espmedsam_default.safetensors``, or None."""
     path = Path(__file__).resolve().parents[1] / "weights" / DEFAULT_WEIGHTS
     return path if path.is_file() else None
+
+
+def _stored_format(path: Path) -> str | None:
+    """The ``format`` in a safetensors file's metadata; None when unreadable (the loader says why)."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return (file.metadata() or {}).get("format")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

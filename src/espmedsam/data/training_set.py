@@ -27,6 +27,7 @@ class MixedModalityDataset(Dataset):
         size: S, the padded square side.
         mean, std: pixel statistics on the 0..255 scale (``ModelConfig.pixel_mean`` / ``pixel_std``).
         augment: apply :func:`~espmedsam.data.transforms.train_augmentation`.
+        zoom_probability: its chance of a zoomed-in crop instead of the whole image.
         seed: base seed of the augmentation.
     Returns (per item):
         ``{"image": (3, S, S) float32, "mask": (1, S, S) float32, "modality": int64 id,
@@ -41,6 +42,7 @@ class MixedModalityDataset(Dataset):
         std: Sequence[float],
         *,
         augment: bool = False,
+        zoom_probability: float = 0.0,
         seed: int = 0,
     ) -> None:
         if not folders:
@@ -48,7 +50,7 @@ class MixedModalityDataset(Dataset):
         self.folders = list(folders)
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.seed, self.epoch = seed, 0
-        self._augmentation = train_augmentation(size) if augment else None
+        self._augmentation = train_augmentation(size, zoom_probability=zoom_probability) if augment else None
         self._starts = np.cumsum([0, *(len(f) for f in self.folders)])
 
     @property

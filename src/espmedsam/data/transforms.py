@@ -17,13 +17,16 @@ import torch.nn.functional as F
 from espmedsam.errors import InputError
 
 
-def train_augmentation(size: int, seed: int | None = None):
+def train_augmentation(size: int, seed: int | None = None, zoom_probability: float = 0.0):
     """An albumentations ``Compose`` moving image and mask together, ending with the longer side at ``size``.
 
     Flips (horizontal, vertical), affine (scale 0.75-1.25, rotation +-20 degrees, translation +-10 %; image
     bilinear, mask nearest, zero border) and brightness/contrast (+-0.2, image only). The longer side is
-    resized to ``size`` first, so the geometric transforms run on the small image. Call it as
-    ``aug(image=image, mask=mask)`` with (H, W, 3) uint8 and (H, W) uint8 arrays.
+    resized to ``size`` first, so the geometric transforms run on the small image. With probability
+    ``zoom_probability`` the image is instead resized to a longer side of 1.25-2 x ``size`` (from the
+    original, so thin structures survive) and a random ``size`` x ``size`` crop taken: the model then also
+    learns the scale it sees when run at a larger input size. Call it as ``aug(image=image, mask=mask)`` with
+    (H, W, 3) uint8 and (H, W) uint8 arrays.
 
     Args:
         seed: seeds the one generator all transforms share (see :func:`reseed`); None = unseeded.
@@ -33,9 +36,23 @@ def train_augmentation(size: int, seed: int | None = None):
 
     if size < 1:
         raise InputError(f"augmentation size must be positive, got {size}")
+    if not 0 <= zoom_probability <= 1:
+        raise InputError(f"zoom probability must be in [0, 1], got {zoom_probability}")
+    resize = A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA)
+    if zoom_probability > 0:
+        zoomed = A.Sequential(
+            [
+                A.LongestMaxSize(
+                    max_size=[round(size * z) for z in (1.25, 1.5, 1.75, 2.0)], area_for_downscale="image"
+                ),
+                A.RandomCrop(size, size, pad_if_needed=True, pad_position="top_left"),
+            ],
+            p=zoom_probability,
+        )
+        resize = A.OneOf([A.Sequential([resize], p=1 - zoom_probability), zoomed], p=1)
     compose = A.Compose(
         [
-            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA),
+            resize,
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.Affine(scale=(0.75, 1.25), rotate=(-20, 20), translate_percent=(-0.1, 0.1), p=0.8),

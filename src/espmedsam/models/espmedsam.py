@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +18,7 @@ from espmedsam.config import ModelConfig
 from espmedsam.errors import InputError
 from espmedsam.modalities import modality_ids
 from espmedsam.models.controller import ControllerRoute
+from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.qdmd import QueryDecoupledDecoder
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
@@ -35,16 +35,7 @@ class ESPOutput:
     embeddings: torch.Tensor  # (B, C, S/16, S/16) image embedding, before the dense prompt
 
 
-@dataclass(frozen=True)
-class PreprocessMeta:
-    """How a raw image was mapped to the model input, to map the logits back."""
-
-    original_size: tuple[int, int]  # (H, W) of the raw image
-    resized_size: tuple[int, int]  # (h, w) after resizing the long side to S
-    input_size: int  # S, the padded square side
-
-
-class ESPMedSAM(nn.Module):
+class ESPMedSAM(RawImageIO, nn.Module):
     """The whole self-prompting model; ``config`` travels with every checkpoint."""
 
     def __init__(
@@ -59,12 +50,7 @@ class ESPMedSAM(nn.Module):
         self.image_encoder = image_encoder
         self.sppg = sppg
         self.decoder = decoder
-        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return self.config.modalities
+        self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 
     def forward(self, images: torch.Tensor, modality: ModalityLike) -> ESPOutput:
         """Segment each image with its own modality's controller and decoding channel.
@@ -102,36 +88,6 @@ class ESPMedSAM(nn.Module):
         """Controller of each image: its modality's, or the single shared one of the official layout."""
         return ControllerRoute.from_index(torch.zeros_like(ids) if self.config.controller.shared else ids)
 
-    def preprocess(
-        self, image: np.ndarray | torch.Tensor, size: int | None = None
-    ) -> tuple[torch.Tensor, PreprocessMeta]:
-        """Raw image -> (1, 3, S, S) model input and the mapping back.
-
-        Args:
-            image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 (alpha is dropped, gray is repeated).
-            size: S; defaults to ``config.image_size``.
-        Raises:
-            InputError: an array of another shape or dtype, or S not a multiple of 32.
-        """
-        size = size or self.config.image_size
-        if size % 32:
-            raise InputError(f"input size must be a multiple of 32, got {size}")
-        rgb = _to_rgb_tensor(image).to(self.pixel_mean.device)
-        h, w = rgb.shape[-2:]
-        scale = size / max(h, w)
-        resized = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = F.interpolate(rgb, size=resized, mode="bilinear", align_corners=False, antialias=scale < 1)
-        x = (x - self.pixel_mean) / self.pixel_std
-        # padding comes after normalisation, so padded pixels read as the mean (zero), as in SAM
-        x = F.pad(x, (0, size - resized[1], 0, size - resized[0]))
-        return x, PreprocessMeta(original_size=(h, w), resized_size=resized, input_size=size)
-
-    def postprocess(self, logits: torch.Tensor, meta: PreprocessMeta) -> torch.Tensor:
-        """(B, 1, S, S) logits -> (B, 1, H, W) logits at the raw image's size (crop the padding, resize)."""
-        h, w = meta.resized_size
-        cropped = logits[..., :h, :w].float()
-        return F.interpolate(cropped, size=meta.original_size, mode="bilinear", align_corners=False)
-
     def save(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write a native checkpoint (safetensors weights + JSON config); see ``espmedsam.load_model``."""
         from espmedsam.checkpoints.native import save_model
@@ -146,18 +102,3 @@ def _check_images(images: torch.Tensor) -> None:
     h, w = images.shape[-2:]
     if h % 32 or w % 32 or h == 0:
         raise InputError(f"image side must be a positive multiple of 32, got {h}x{w}")
-
-
-def _to_rgb_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(H, W[, C]) uint8 -> (1, 3, H, W) float32 in 0..255."""
-    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.dtype != np.uint8:
-        raise InputError(f"raw images must be uint8, got {array.dtype}")
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise InputError(f"raw image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
-    rgb = (
-        np.repeat(array, 3, axis=2) if array.shape[2] == 1 else np.array(array[..., :3])
-    )  # own, writable copy
-    return torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).float()

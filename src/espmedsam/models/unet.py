@@ -15,9 +15,10 @@ import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
-from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, to_dict
+from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, check_inference_sizes, to_dict
 from espmedsam.errors import CheckpointError, InputError
 from espmedsam.modalities import MODALITIES
+from espmedsam.models.image_io import RawImageIO
 
 UNET_FORMAT = "espmedsam-unet"
 
@@ -32,6 +33,10 @@ class UNetConfig:
     image_size: int = 256
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN
     pixel_std: tuple[float, ...] = IMAGENET_STD
+    inference_sizes: tuple[int, ...] = ()  # per modality; () = image_size for all (see ModelConfig)
+
+    def __post_init__(self) -> None:
+        check_inference_sizes(self.inference_sizes, self.modalities, 16)
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2, sort_keys=True)
@@ -45,8 +50,10 @@ class UNetOutput:
     patch_logits: None = None
 
 
-class UNetBaseline(nn.Module):
-    """2D MONAI BasicUNet, 3 input channels, 1 output logit channel."""
+class UNetBaseline(RawImageIO, nn.Module):
+    """2D MONAI BasicUNet, 3 input channels, 1 output logit channel; ``Predictor`` runs it like ESPMedSAM."""
+
+    size_multiple = 16
 
     def __init__(self, config: UNetConfig = UNetConfig()) -> None:
         super().__init__()
@@ -54,6 +61,7 @@ class UNetBaseline(nn.Module):
             raise InputError(f"BasicUNet needs 6 features, got {list(config.features)}")
         self.config = config
         self.unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=config.features)
+        self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 
     def forward(self, images: torch.Tensor, modality: object = None) -> UNetOutput:
         """(B, 3, S, S) normalised images (S a multiple of 16) -> UNetOutput((B, 1, S, S) logits).
@@ -68,13 +76,12 @@ class UNetBaseline(nn.Module):
         return UNetOutput(masks=self.unet(images))
 
 
-def save_unet(model: UNetBaseline, path: str | Path) -> Path:
-    """Write the baseline's weights and config to one safetensors file, atomically."""
-    from espmedsam.checkpoints.native import FORMAT_VERSION, write_safetensors
+def save_unet(model: UNetBaseline, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write the baseline's weights (floating tensors in ``dtype`` if given) and config, atomically."""
+    from espmedsam.checkpoints.native import FORMAT_VERSION, state_tensors, write_safetensors
 
-    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
     metadata = {"format": UNET_FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
-    return write_safetensors(path, tensors, metadata)
+    return write_safetensors(path, state_tensors(model, dtype), metadata)
 
 
 def load_unet(path: str | Path) -> UNetBaseline:

@@ -145,7 +145,13 @@ def build_datasets(
     names = tuple(s.name if counts.count(s.name) == 1 else f"{s.name}#{i}" for i, s in enumerate(sources))
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
     train_set = MixedModalityDataset(
-        folders, config.image_size, mean, std, augment=config.augment, seed=config.seed
+        folders,
+        config.image_size,
+        mean,
+        std,
+        augment=config.augment,
+        zoom_probability=config.zoom_probability,
+        seed=config.seed,
     )
     if not config.val_split:
         return train_set, None, names

@@ -1,0 +1,310 @@
+"""MMDKD: multi-modal decoupled knowledge distillation (paper-notes §5).
+
+Two stages, each an MSE between the student's and the teacher's (256, S/16, S/16) image embeddings:
+
+- ``common``: the shared TinyViT (no controller active) learns from a SAM ViT on any images.
+- ``modality``: for each modality k, only controller k learns, from a medical teacher, on modality-k
+  images; the shared weights and every other controller stay bitwise unchanged (the rest of the model is
+  frozen and kept in eval mode, so not even batch-norm statistics move).
+
+Teacher embeddings come from an :class:`EmbeddingCache` (computed once per image and variant) or, with
+``use_cache: false``, from the teacher in every step as in the official script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from espmedsam.checkpoints.native import save_model
+from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, DistillConfig
+from espmedsam.distill.cache import CacheKey, EmbeddingCache, fill
+from espmedsam.distill.images import DistillImage, InputStore, hold_out
+from espmedsam.distill.teacher import fingerprint
+from espmedsam.errors import InputError
+from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.train.history import History
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "espmedsam" / "teacher-embeddings"
+Targets = Callable[[Sequence[DistillImage], Sequence[int], torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DistillProgress:
+    """What the progress callback receives: ``phase`` is "cache" (teacher embeddings) or "train"."""
+
+    phase: str
+    done: int
+    total: int
+    loss: float | None = None
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    student_path: Path
+    records: list[dict[str, Any]]  # one per epoch (epoch 0: before training)
+    teacher_images: int  # images the teacher embedded in this run
+    epoch_seconds: list[float]  # wall time of each training epoch (targets included)
+
+
+def distill(
+    student: ESPMedSAM,
+    teacher: nn.Module,
+    images: Sequence[DistillImage],
+    config: DistillConfig,
+    *,
+    stage: str,
+    progress: Callable[[DistillProgress], None] | None = None,
+) -> DistillResult:
+    """Run one MMDKD stage; writes ``student.safetensors`` (after every epoch), ``log.jsonl`` and
+    ``curves.png`` to ``config.out_dir``.
+
+    Args:
+        student: the ESP-MedSAM model; trained in place.
+        teacher: SAM-architecture image encoder, (B, 3, S, S) -> (B, 256, S/16, S/16).
+        images: the images; in the ``modality`` stage each carries its modality.
+        stage: ``common`` or ``modality``.
+    Raises:
+        InputError: no images, an unknown stage, images without modality in the modality stage, or a
+            teacher whose embedding shape differs from the student's.
+    """
+    torch.manual_seed(config.seed)
+    if stage == "common":  # no controller is active in the common stage, whatever folder an image is from
+        images = [dataclasses.replace(image, modality=None) for image in images]
+    trainable = freeze_for_stage(student, stage, {image.modality for image in images})
+    train_set, held_out = hold_out(images, config.held_out, config.seed)
+    counting = _CountingTeacher(teacher, student, config.teacher_bf16)
+    inputs = InputStore(student.preprocess, config.image_size, config.input_memory_mb * 2**20)
+    targets = _targets(counting, inputs, config, train_set, held_out, progress)
+    out_dir = Path(config.out_dir)
+    history = History(out_dir / "log.jsonl")
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    rng = random.Random(config.seed)
+    history.append({"epoch": 0, **held_out_scores(student, held_out, inputs, targets, config)})
+    seconds = []
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        loss = train_epoch(student, stage, train_set, inputs, targets, optimizer, config, rng, progress)
+        seconds.append(time.perf_counter() - start)
+        schedule.step()
+        scores = held_out_scores(student, held_out, inputs, targets, config)
+        history.append({"epoch": epoch, "train_mse": loss, "epoch_s": seconds[-1], **scores})
+        save_model(student, out_dir / "student.safetensors")
+        plot_curves(history.records, out_dir / "curves.png")
+    student_path = save_model(student, out_dir / "student.safetensors")
+    student.eval().requires_grad_(True)  # hand the model back as ``build_model`` gives it
+    return DistillResult(student_path, history.records, counting.images, seconds)
+
+
+def freeze_for_stage(student: ESPMedSAM, stage: str, modalities: set[str | None]) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for the stage and return the trainable parameters.
+
+    ``common``: the shared TinyViT without its controllers (train mode, as MobileSAM's distillation).
+    ``modality``: the controllers of ``modalities`` only (whole model in eval mode).
+    """
+    if stage == "common":
+        names = {f"image_encoder.{n}" for n, _ in student.image_encoder.named_parameters()}
+        names = {n for n in names if ".controllers." not in n}
+        student.eval().image_encoder.train()
+    elif stage == "modality":
+        if None in modalities:
+            raise InputError("the modality stage needs every image's modality (DIR:MODALITY)")
+        slots = {controller_slot(student, m) for m in modalities if m is not None}
+        names = {n for n, _ in student.named_parameters() if any(f".controllers.{k}." in n for k in slots)}
+        student.eval()
+    else:
+        raise InputError(f"stage must be common or modality, got {stage!r}")
+    trainable = []
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(name in names)
+        if name in names:
+            trainable.append(parameter)
+    return trainable
+
+
+def controller_slot(student: ESPMedSAM, modality: str) -> int:
+    """Index of the controller that serves ``modality`` (0 for the official single-controller layout)."""
+    return int(student.route(student.modality_ids(modality, 1)).index[0])
+
+
+def train_epoch(
+    student: ESPMedSAM,
+    stage: str,
+    images: Sequence[DistillImage],
+    inputs: InputStore,
+    targets: Targets,
+    optimizer: torch.optim.Optimizer,
+    config: DistillConfig,
+    rng: random.Random,
+    progress: Callable[[DistillProgress], None] | None = None,
+) -> float:
+    """One pass over ``images`` in single-modality batches (a random variant each); the mean MSE."""
+    batches = epoch_batches(images, config.batch_size, rng)
+    total, count = 0.0, 0
+    for step, batch in enumerate(batches, 1):
+        variants = [rng.randrange(config.variants) for _ in batch]
+        x = inputs.batch(batch, variants)
+        target = targets(batch, variants, x)
+        modality = batch[0].modality if stage == "modality" else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            prediction = student.encode(x, modality)
+        loss = embedding_mse(prediction.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(batch), count + len(batch)
+        if progress is not None:
+            progress(DistillProgress("train", step, len(batches), total / count))
+    return total / max(count, 1)
+
+
+def epoch_batches(images: Sequence[DistillImage], batch_size: int, rng: random.Random) -> list[list]:
+    """Shuffled batches, each of one modality (one controller per step: the route is a single slot)."""
+    batches = []
+    for group in _by_modality(images).values():
+        rng.shuffle(group)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def held_out_scores(
+    student: ESPMedSAM,
+    images: Sequence[DistillImage],
+    inputs: InputStore,
+    targets: Targets,
+    config: DistillConfig,
+) -> dict[str, float]:
+    """Embedding MSE and mean cosine similarity (over positions) on the held-out images, variant 0."""
+    if not images:
+        return {}
+    was_training = student.image_encoder.training
+    student.image_encoder.eval()
+    mse, cosine = 0.0, 0.0
+    for start in range(0, len(images), config.batch_size):
+        batch = list(images[start : start + config.batch_size])
+        for modality, group in _by_modality(batch).items():
+            x = inputs.batch(group, [0] * len(group))
+            target = targets(group, [0] * len(group), x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                prediction = student.encode(x, modality).float()
+            mse += embedding_mse(prediction, target, reduction="none").mean((1, 2, 3)).sum().item()
+            cosine += F.cosine_similarity(prediction, target, dim=1).mean((1, 2)).sum().item()
+    student.image_encoder.train(was_training)
+    return {"held_out_mse": mse / len(images), "held_out_cosine": cosine / len(images)}
+
+
+def embedding_mse(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """MSE of (B, C, h, w) embeddings. Raises InputError when teacher and student shapes differ."""
+    if prediction.shape != target.shape:
+        raise InputError(
+            f"teacher embedding {tuple(target.shape[1:])} does not match the student's "
+            f"{tuple(prediction.shape[1:])}; the teacher must be a SAM ViT with 256 output channels"
+        )
+    return F.mse_loss(prediction, target, reduction=reduction)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Held-out MSE and cosine similarity per epoch (PNG); None without matplotlib or records."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    scored = [r for r in records if "held_out_mse" in r]
+    if not scored:
+        return None
+    from espmedsam.files import atomic_write
+
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    mse_axes, cosine_axes = figure.subplots(1, 2)
+    epochs = [r["epoch"] for r in scored]
+    mse_axes.plot(epochs, [r["held_out_mse"] for r in scored], marker="o", label="held-out")
+    trained = [r for r in records if "train_mse" in r]
+    mse_axes.plot([r["epoch"] for r in trained], [r["train_mse"] for r in trained], marker=".", label="train")
+    mse_axes.set(xlabel="epoch", ylabel="embedding MSE", title="MSE to the teacher", yscale="log")
+    mse_axes.legend(fontsize="small")
+    cosine_axes.plot(epochs, [r["held_out_cosine"] for r in scored], marker="o", color="tab:green")
+    cosine_axes.set(xlabel="epoch", ylabel="cosine similarity", title="held-out cosine similarity")
+    return atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+
+
+class _CountingTeacher:
+    """The teacher under no_grad (and optional bf16 autocast), counting the images it embeds.
+
+    It takes the student's inputs and renormalises them to SAM's (x - mean) / std: exact, padding
+    included, since both normalisations map the same mean to 0 (the official layout divides by the mean).
+    """
+
+    def __init__(self, teacher: nn.Module, student: ESPMedSAM, bf16: bool) -> None:
+        self.teacher, self.bf16, self.images = teacher.eval(), bf16, 0
+        sam_mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        sam_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.scale = student.pixel_std.cpu() / sam_std
+        self.shift = (student.pixel_mean.cpu() - sam_mean) / sam_std
+
+    @torch.no_grad()
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.images += inputs.shape[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self.teacher(inputs * self.scale + self.shift).float()
+
+
+def _targets(
+    teacher: _CountingTeacher,
+    inputs: InputStore,
+    config: DistillConfig,
+    train_set: Sequence[DistillImage],
+    held_out: Sequence[DistillImage],
+    progress: Callable[[DistillProgress], None] | None,
+) -> Targets:
+    """Teacher embeddings from the filled cache, or (``use_cache: false``) from the teacher itself."""
+    if not config.use_cache:
+        return lambda images, variants, inputs: teacher(inputs)
+    root = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE_DIR
+    describe = {"config": repr(teacher.teacher.config), "bf16": config.teacher_bf16}
+    cache = EmbeddingCache(
+        root, fingerprint(teacher.teacher) + ("-bf16" if config.teacher_bf16 else ""), describe
+    )
+    jobs = [(image, v) for image in train_set for v in range(config.variants)]
+    jobs += [(image, 0) for image in held_out]
+    size = config.image_size
+
+    def make(image: DistillImage, variant: int) -> Callable[[], torch.Tensor]:
+        return lambda: inputs.get(image, variant)
+
+    keyed = [(CacheKey(image.digest, size, v), make(image, v)) for image, v in jobs]
+    report = None if progress is None else lambda d, t: progress(DistillProgress("cache", d, t))
+    computed = fill(cache, keyed, teacher, batch_size=config.teacher_batch_size, progress=report)
+    logger.info(
+        "teacher embedded %d inputs, %d were cached in %s", computed, len(keyed) - computed, cache.dir
+    )
+
+    def from_cache(images: Sequence[DistillImage], variants: Sequence[int], inputs: torch.Tensor):
+        return torch.stack(
+            [cache.get(CacheKey(i.digest, size, v)) for i, v in zip(images, variants, strict=True)]
+        )
+
+    return from_cache
+
+
+def _by_modality(images: Sequence[DistillImage]) -> dict[str | None, list[DistillImage]]:
+    groups: dict[str | None, list[DistillImage]] = {}
+    for image in images:
+        groups.setdefault(image.modality, []).append(image)
+    return groups

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -164,5 +165,10 @@ def test_export_writes_float16_with_input_sizes(tmp_path, tiny_checkpoint):
     from espmedsam import load_model
 
     assert load_model(out).config.inference_sizes == (64, 64, 64, 128, 64, 64)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as file:
+        assert {file.get_tensor(k).dtype for k in file.keys()} >= {torch.float16}
+        assert torch.float32 not in {file.get_tensor(k).dtype for k in file.keys()}
     bad = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(out), "--input-size", "fundus"])
     assert "MODALITY=SIZE" in str(bad.exception)  # the app prints it as one line, exit code 2

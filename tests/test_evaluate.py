@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,6 +20,7 @@ from espmedsam.cli import app
 from espmedsam.data.dataset import parse_dataset_arg
 from espmedsam.errors import InputError
 from espmedsam.evaluate import evaluate
+from espmedsam.models.image_io import RawImageIO
 from espmedsam.predict import Predictor
 
 H, W = 40, 50
@@ -203,13 +207,30 @@ def test_cli_evaluates_a_unet_baseline_checkpoint(tmp_path, fake_dataset):
     assert json.loads((out / "summary.json").read_text())["datasets"]["fakeds"]["n"] == 3
 
 
-def test_choose_input_sizes_scores_each_candidate(fake_dataset):
+class SizeSensitiveModel(RawImageIO, torch.nn.Module):
+    """Marks everything foreground at input side 64 and nothing at any other side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from espmedsam.config import ModelConfig
+
+        self.config = dataclasses.replace(ModelConfig(), image_size=32)
+        self.register_pixel_statistics(self.config.pixel_mean, self.config.pixel_std)
+
+    def forward(self, images, modality):
+        value = 10.0 if images.shape[-1] == 64 else -10.0
+        return SimpleNamespace(masks=torch.full((images.shape[0], 1, *images.shape[-2:]), value))
+
+
+def test_choose_input_sizes_finds_the_size_that_scores_best(fake_dataset):
     from espmedsam.evaluate import choose_input_sizes
 
     source = parse_dataset_arg(f"{fake_dataset}:fundus")
-    scores = choose_input_sizes(build_model("tiny"), [source], [32, 64], split="test")
-    assert set(scores) == {"fundus"} and set(scores["fundus"]) == {32, 64}
-    assert all(0.0 <= v <= 1.0 for v in scores["fundus"].values())
+    scores = choose_input_sizes(SizeSensitiveModel(), [source], [32, 64], split="test")
+    # at 64 every pixel is foreground: Dice 2*100/(100+2000) for the squares, 0 for the empty mask;
+    # at 32 nothing is: Dice 0 for the squares, 1 for the empty mask (both empty)
+    assert scores["fundus"][64] == pytest.approx(2 * (200 / 2100) / 3)
+    assert scores["fundus"][32] == pytest.approx(1 / 3)
 
 
 def test_cli_export_chooses_sizes_on_validation_data(tmp_path, fake_dataset, tiny_checkpoint):
@@ -219,4 +240,6 @@ def test_cli_export_chooses_sizes_on_validation_data(tmp_path, fake_dataset, tin
     args = ["export", str(tiny_checkpoint), "-o", str(out), "--choose-sizes-on", f"{fake_dataset}:fundus"]
     result = CliRunner().invoke(app, [*args, "--candidates", "32,64"])
     assert result.exit_code == 0, result.output
-    assert load_model(out).config.inference_sizes[3] in (32, 64)
+    assert "modality" in result.output and "64²" in result.output
+    sizes = load_model(out).config.inference_sizes
+    assert sizes[3] in (32, 64) and sizes[:3] + sizes[4:] == (64,) * 5  # only fundus was chosen

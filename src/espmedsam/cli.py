@@ -163,7 +163,9 @@ def evaluate(
         str, typer.Option(help="native (original size, HD95) or paper (1024², Hausdorff 100th percentile).")
     ] = "native",
     overlays: Annotated[int, typer.Option(help="Overlays for the first N images of each dataset.")] = 8,
-    size: Annotated[int | None, typer.Option(help="Model input side (multiple of 32).")] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Model input side (multiple of 32); default: the model's per modality.")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
 ) -> None:
@@ -207,7 +209,9 @@ def predict(
         typer.Option("--modality", "-m", help=f"One of {', '.join(MODALITIES)}; else from file names."),
     ] = None,
     checkpoint: CheckpointOpt = None,
-    size: Annotated[int | None, typer.Option(help="Model input side (multiple of 32).")] = None,
+    size: Annotated[
+        int | None, typer.Option(help="Model input side (multiple of 32); default: the model's per modality.")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
 ) -> None:
@@ -263,9 +267,10 @@ def _parse_input_sizes(items: list[str]) -> dict[str, int]:
     sizes = {}
     for item in items:
         name, _, value = item.partition("=")
-        if not value.strip().isdigit():
-            raise InputError(f"--input-size {item!r} must look like MODALITY=SIZE, e.g. fundus=512")
-        sizes[name.strip()] = int(value)
+        try:
+            sizes[name.strip().lower()] = int(value)
+        except ValueError:
+            raise InputError(f"--input-size {item!r} must look like MODALITY=SIZE, e.g. fundus=512") from None
     return sizes
 
 

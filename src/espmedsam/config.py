@@ -230,6 +230,7 @@ class TrainConfig(SerialisableConfig):
 
 
 DISTILL_STAGES = ("common", "modality")
+TEACHER_INPUTS = ("sam", "medsam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +242,9 @@ class DistillConfig(SerialisableConfig):
     flip/rotation variant (1: no augmentation, at most 8) and cached under ``cache_dir`` (default
     ``~/.cache/espmedsam/teacher-embeddings``); ``use_cache: false`` recomputes the teacher in every step
     instead, as the official script does. A seeded ``held_out`` fraction of the images is kept out of
-    training to report the embedding MSE and cosine similarity after every epoch.
+    training to report the embedding MSE and cosine similarity after every epoch. ``teacher_input`` is the
+    teacher's own input normalisation: ``sam`` for SAM ViTs, ``medsam`` (per-image min-max to [0, 1]) for
+    MedSAM.
     """
 
     image_size: int = 256
@@ -254,12 +257,14 @@ class DistillConfig(SerialisableConfig):
     held_out: float = 0.1
     bf16: bool = True  # bfloat16 autocast of the student's forward pass
     teacher_bf16: bool = False  # float32 by default: the teacher runs once per image, accuracy is cheap
+    teacher_input: str = "sam"  # sam: (x - mean) / std as SAM; medsam: per-image min-max to [0, 1]
     teacher_batch_size: int = 4
     use_cache: bool = True
     cache_dir: str | None = None
     input_memory_mb: int = 2048  # decoded, resized inputs kept in memory across epochs (0: none)
+    device: str = "cpu"
     seed: int = 0
-    out_dir: str = "runs/distill"
+    out_dir: str | None = None  # None: runs/distill_<stage>
 
     def __post_init__(self) -> None:
         if self.image_size % 32 or self.image_size < 32:
@@ -267,6 +272,7 @@ class DistillConfig(SerialisableConfig):
         for key in ("epochs", "batch_size", "teacher_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        _choice("teacher_input", self.teacher_input, TEACHER_INPUTS)
         if self.input_memory_mb < 0:
             raise ConfigError(f"input_memory_mb must not be negative, got {self.input_memory_mb}")
         if not 1 <= self.variants <= 8:

@@ -17,7 +17,7 @@ from espmedsam.cli import app
 from espmedsam.config import DistillConfig, load_distill_config
 from espmedsam.distill.cache import CacheKey, EmbeddingCache, fill
 from espmedsam.distill.images import InputStore, dihedral, hold_out, list_images
-from espmedsam.distill.mmdkd import distill, embedding_mse
+from espmedsam.distill.mmdkd import distill, embedding_mse, teacher_input
 from espmedsam.distill.teacher import fingerprint, load_teacher
 from espmedsam.errors import CheckpointError, ConfigError, InputError
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
@@ -170,7 +170,7 @@ def test_imported_teacher_round_trip_keeps_its_fingerprint(tmp_path):
 def test_dihedral_variants_are_distinct_and_zero_is_identity():
     x = torch.arange(16.0).view(1, 4, 4)
     variants = [dihedral(x, v) for v in range(8)]
-    assert torch.equal(variants[0], x)
+    assert torch.equal(variants[0], x) and torch.equal(variants[1], x.flip(-1))
     assert len({tuple(v.flatten().tolist()) for v in variants}) == 8
     with pytest.raises(InputError):
         dihedral(x, 8)
@@ -218,3 +218,63 @@ def test_cli_distils_both_stages(tmp_path, images):
     result = CliRunner().invoke(app, [*args, *common, "--out", str(tmp_path / "modality")])
     assert result.exit_code == 0, result.output
     assert load_model(tmp_path / "modality" / "student.safetensors").config.name == "tiny"
+
+
+def test_teacher_gets_sam_or_medsam_normalisation_from_any_student():
+    from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD
+    from espmedsam.models.registry import official_config
+
+    official = build_model(dataclasses.replace(official_config(), image_size=64))  # x / mean - 1
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    x, _ = official.preprocess(image, 64)
+    raw = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    sam = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(teacher_input(x, official, "sam"), sam, atol=1e-4)
+    medsam = teacher_input(x, official, "medsam")
+    assert torch.allclose(medsam, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
+    default = build_model("tiny")
+    x, _ = default.preprocess(image, 64)
+    assert teacher_input(x, default, "sam") is x
+
+
+def test_cached_targets_are_the_teachers_embeddings_of_that_image_and_variant(tmp_path, images):
+    from espmedsam.distill.cache import CacheKey
+    from espmedsam.distill.images import InputStore
+    from espmedsam.distill.mmdkd import cache_folder_name
+
+    teacher, student = CountingTeacher(), _student()
+    config = _config(tmp_path, variants=4, epochs=1, held_out=0.0)
+    distill(student, teacher, list_images(images), config, stage="common")
+    cache = EmbeddingCache(tmp_path / "cache", cache_folder_name(teacher, student, config))
+    store = InputStore(student.preprocess, 64)
+    for image in list_images(images)[:3]:
+        for variant in range(4):
+            expected = teacher.encoder(store.get(image, variant)[None])[0]
+            stored = cache.get(CacheKey(image.digest, 64, variant))
+            assert torch.allclose(stored, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_two_modalities_train_only_their_own_controllers(tmp_path, images):
+    student = _student()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    found = list_images(images, "fundus")[:3] + list_images(images, "xray")[3:]
+    distill(student, CountingTeacher(), found, _config(tmp_path, weight_decay=0.1), stage="modality")
+    after = student.state_dict()
+    slots = [student.modalities.index(m) for m in ("fundus", "xray")]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all(any(f".controllers.{k}." in name for name in changed) for k in slots)
+    assert all(any(f".controllers.{k}." in name for k in slots) for name in changed)
+
+
+def test_repeated_images_are_embedded_once_and_bad_inputs_fail_early(tmp_path, images):
+    teacher = CountingTeacher()
+    found = list_images(images)
+    distill(_student(), teacher, found + found, _config(tmp_path), stage="common")
+    assert teacher.calls == len(found)
+    with pytest.raises(InputError, match="no images"):
+        distill(_student(), teacher, [], _config(tmp_path), stage="common")
+    wide = build_model(dataclasses.replace(build_model("tiny").config, encoder=dataclasses.replace(
+        build_model("tiny").config.encoder, out_chans=48)))  # fmt: skip
+    with pytest.raises(InputError, match="channels"):
+        distill(wide, teacher, found, _config(tmp_path, cache_dir=str(tmp_path / "other")), stage="common")
+    assert teacher.calls == len(found)  # refused before any teacher work

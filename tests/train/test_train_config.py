@@ -51,6 +51,12 @@ def test_recipes_load_by_name_and_path():
     assert load_train_config(None) == TrainConfig()
 
 
+def test_zoom_recipe_continues_the_first_phase_within_two_hours():
+    first, second = load_train_config("six_datasets_256"), load_train_config("six_datasets_256_zoom")
+    assert second.init == str(first.run_dir / "last.safetensors") and second.data == first.data
+    assert second.zoom_probability > 0 and second.time_budget_minutes <= 120 - 82
+
+
 def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
     with pytest.raises(ConfigError, match="six_datasets_256"):
         load_train_config("nope")

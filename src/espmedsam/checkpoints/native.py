@@ -74,7 +74,8 @@ def export_checkpoint(
     """Rewrite an ESP-MedSAM or U-Net checkpoint, e.g. in float16 to ship, with per-modality input sizes.
 
     Args:
-        inference_sizes: modality -> input side; modalities not named keep the config's ``image_size``.
+        inference_sizes: modality -> input side; modalities not named keep their current one (their
+            ``inference_sizes`` entry, else ``image_size``).
     Raises:
         CheckpointError: as ``load_checkpoint``. ConfigError: an unknown modality or a bad size.
     """

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from espmedsam.config import IMAGENET_MEAN
 from espmedsam.errors import InputError
+
+MEAN_COLOUR = tuple(round(v) for v in IMAGENET_MEAN)
 
 
 def train_augmentation(size: int, seed: int | None = None, zoom_probability: float = 0.0):
@@ -45,7 +48,8 @@ def train_augmentation(size: int, seed: int | None = None, zoom_probability: flo
                 A.LongestMaxSize(
                     max_size=[round(size * z) for z in (1.25, 1.5, 1.75, 2.0)], area_for_downscale="image"
                 ),
-                A.RandomCrop(size, size, pad_if_needed=True, pad_position="top_left"),
+                # padding in the mean colour, which normalises to the 0 that inference pads with
+                A.RandomCrop(size, size, pad_if_needed=True, pad_position="top_left", fill=MEAN_COLOUR),
             ],
             p=zoom_probability,
         )

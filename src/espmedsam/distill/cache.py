@@ -74,7 +74,7 @@ def fill(
         embed: the teacher, (B, 3, S, S) -> (B, C, h, w).
         progress: called with (done, total missing) after each batch.
     """
-    todo = [(key, make) for key, make in jobs if key not in cache]
+    todo = list({key: make for key, make in jobs if key not in cache}.items())  # each key once
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         embeddings = embed(torch.stack([make() for _, make in chunk]))

@@ -1,7 +1,8 @@
 """Images to distil on: files with a content digest, their modality, and the cached input variants.
 
-A variant is one of the 8 flips/rotations of the square model input (variant 0 is the image as is); with
-``variants = V`` each image is seen as variants 0..V-1, and the teacher embeds each variant once.
+A variant is one of the 8 flips/rotations of the square model input (variant 0 is the image as is, 1 its
+mirror image); with ``variants = V`` each image is seen as variants 0..V-1, and the teacher embeds each
+variant once.
 """
 
 from __future__ import annotations
@@ -56,8 +57,24 @@ def list_images(folder: str | Path, modality: str | None = None, split: str = "t
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
     with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unique(images: Sequence[DistillImage]) -> list[DistillImage]:
+    """``images`` without repeated (content, modality) pairs, first occurrence kept: a folder passed twice or
+    a copied file is embedded once and cannot sit on both sides of the held-out split."""
+    seen: set[tuple[str, str | None]] = set()
+    kept = []
+    for image in images:
+        if (image.digest, image.modality) not in seen:
+            seen.add((image.digest, image.modality))
+            kept.append(image)
+    return kept
 
 
 def hold_out(images: Sequence[DistillImage], fraction: float, seed: int) -> tuple[list, list]:
@@ -98,8 +115,11 @@ class InputStore:
 
 
 def dihedral(x: torch.Tensor, variant: int) -> torch.Tensor:
-    """Variant 0..7 of a (..., S, S) tensor: rotation by 90° x (variant % 4), then a flip if variant >= 4."""
+    """Variant 0..7 of a (..., S, S) tensor: as is, horizontal flip, vertical flip, both (= 180° rotation),
+    then the same four after a 90° rotation; so ``variants: 2`` means the image and its mirror image."""
     if not 0 <= variant < MAX_VARIANTS:
         raise InputError(f"variant must be in 0..{MAX_VARIANTS - 1}, got {variant}")
-    x = torch.rot90(x, variant % 4, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if variant >= 4 else x
+    if variant >= 4:
+        x = torch.rot90(x, 1, dims=(-2, -1))
+    flips = [dim for bit, dim in ((1, -1), (2, -2)) if variant & bit]
+    return torch.flip(x, dims=flips) if flips else x

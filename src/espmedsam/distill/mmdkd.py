@@ -14,6 +14,7 @@ Teacher embeddings come from an :class:`EmbeddingCache` (computed once per image
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from torch import nn
 from espmedsam.checkpoints.native import save_model
 from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, DistillConfig
 from espmedsam.distill.cache import CacheKey, EmbeddingCache, fill
-from espmedsam.distill.images import DistillImage, InputStore, hold_out
+from espmedsam.distill.images import DistillImage, InputStore, hold_out, unique
 from espmedsam.distill.teacher import fingerprint
 from espmedsam.errors import InputError
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -69,26 +70,47 @@ def distill(
     progress: Callable[[DistillProgress], None] | None = None,
 ) -> DistillResult:
     """Run one MMDKD stage; writes ``student.safetensors`` (after every epoch), ``log.jsonl`` and
-    ``curves.png`` to ``config.out_dir``.
+    ``curves.png`` to ``config.out_dir`` (default ``runs/distill_<stage>``).
 
     Args:
-        student: the ESP-MedSAM model; trained in place.
+        student: the ESP-MedSAM model; trained in place, handed back in eval mode with gradients on.
         teacher: SAM-architecture image encoder, (B, 3, S, S) -> (B, 256, S/16, S/16).
-        images: the images; in the ``modality`` stage each carries its modality.
+        images: the images; in the ``modality`` stage each carries its modality. Repeated images (same
+            content and modality) count once.
         stage: ``common`` or ``modality``.
     Raises:
         InputError: no images, an unknown stage, images without modality in the modality stage, or a
-            teacher whose embedding shape differs from the student's.
+            teacher whose embedding width differs from the student's.
     """
-    torch.manual_seed(config.seed)
     if stage == "common":  # no controller is active in the common stage, whatever folder an image is from
         images = [dataclasses.replace(image, modality=None) for image in images]
-    trainable = freeze_for_stage(student, stage, {image.modality for image in images})
+    images = unique(images)
+    if not images:
+        raise InputError("no images to distil on")
+    check_teacher_fits(teacher, student)
+    student.to(config.device)
+    try:
+        trainable = freeze_for_stage(student, stage, {image.modality for image in images})
+        return _run(student, teacher, images, config, stage, trainable, progress)
+    finally:
+        student.eval().requires_grad_(True)  # as ``build_model`` gives it, also after an error
+
+
+def _run(
+    student: ESPMedSAM,
+    teacher: nn.Module,
+    images: list[DistillImage],
+    config: DistillConfig,
+    stage: str,
+    trainable: list[nn.Parameter],
+    progress: Callable[[DistillProgress], None] | None,
+) -> DistillResult:
+    torch.manual_seed(config.seed)
     train_set, held_out = hold_out(images, config.held_out, config.seed)
-    counting = _CountingTeacher(teacher, student, config.teacher_bf16)
+    counting = _CountingTeacher(teacher.to(config.device), student, config)
     inputs = InputStore(student.preprocess, config.image_size, config.input_memory_mb * 2**20)
     targets = _targets(counting, inputs, config, train_set, held_out, progress)
-    out_dir = Path(config.out_dir)
+    out_dir = Path(config.out_dir or f"runs/distill_{stage}")
     history = History(out_dir / "log.jsonl")
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
@@ -104,9 +126,44 @@ def distill(
         history.append({"epoch": epoch, "train_mse": loss, "epoch_s": seconds[-1], **scores})
         save_model(student, out_dir / "student.safetensors")
         plot_curves(history.records, out_dir / "curves.png")
-    student_path = save_model(student, out_dir / "student.safetensors")
-    student.eval().requires_grad_(True)  # hand the model back as ``build_model`` gives it
-    return DistillResult(student_path, history.records, counting.images, seconds)
+    return DistillResult(out_dir / "student.safetensors", history.records, counting.images, seconds)
+
+
+def check_teacher_fits(teacher: nn.Module, student: ESPMedSAM) -> None:
+    """Raise InputError when the teacher's embedding width differs from the student's (checked before any
+    teacher work: at 1024² filling the cache takes hours)."""
+    teacher_width = getattr(getattr(teacher, "config", None), "out_chans", None)
+    student_width = student.config.encoder.out_chans
+    if teacher_width is not None and teacher_width != student_width:
+        raise InputError(
+            f"the teacher's embeddings have {teacher_width} channels, the student's {student_width}; "
+            "the teacher must be a SAM ViT image encoder (256 channels) for the default student"
+        )
+
+
+def teacher_input(x: torch.Tensor, student: ESPMedSAM, mode: str) -> torch.Tensor:
+    """Student inputs (B, 3, S, S) -> the teacher's: SAM's (raw - mean) / std, or MedSAM's per-image
+    min-max scaling of the raw 0..255 RGB to [0, 1] (MedSAM feeds its encoder that way).
+
+    Padded pixels hold the student's pixel mean in raw units, in either mode.
+    """
+    mean, std = student.pixel_mean.to(x.device), student.pixel_std.to(x.device)
+    sam_mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    sam_std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    if mode == "sam" and torch.equal(mean, sam_mean) and torch.equal(std, sam_std):
+        return x  # the default student already sees SAM's input
+    raw = x * std + mean
+    if mode == "sam":
+        return (raw - sam_mean) / sam_std
+    low, high = raw.amin((1, 2, 3), keepdim=True), raw.amax((1, 2, 3), keepdim=True)
+    return (raw - low) / (high - low).clamp_min(1e-8)
+
+
+def cache_folder_name(teacher: nn.Module, student: ESPMedSAM, config: DistillConfig) -> str:
+    """The cache folder of a teacher's embeddings: its weights' fingerprint, how its input is normalised,
+    its precision, and the student's pixel mean (the padding value, which the teacher sees)."""
+    setting = repr((config.teacher_input, config.teacher_bf16, student.pixel_mean.flatten().tolist()))
+    return f"{fingerprint(teacher)}-{config.teacher_input}-{hashlib.sha256(setting.encode()).hexdigest()[:8]}"
 
 
 def freeze_for_stage(student: ESPMedSAM, stage: str, modalities: set[str | None]) -> list[nn.Parameter]:
@@ -156,10 +213,10 @@ def train_epoch(
     total, count = 0.0, 0
     for step, batch in enumerate(batches, 1):
         variants = [rng.randrange(config.variants) for _ in batch]
-        x = inputs.batch(batch, variants)
+        x = inputs.batch(batch, variants).to(config.device)
         target = targets(batch, variants, x)
         modality = batch[0].modality if stage == "modality" else None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             prediction = student.encode(x, modality)
         loss = embedding_mse(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
@@ -198,9 +255,9 @@ def held_out_scores(
     for start in range(0, len(images), config.batch_size):
         batch = list(images[start : start + config.batch_size])
         for modality, group in _by_modality(batch).items():
-            x = inputs.batch(group, [0] * len(group))
+            x = inputs.batch(group, [0] * len(group)).to(config.device)
             target = targets(group, [0] * len(group), x)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 prediction = student.encode(x, modality).float()
             mse += embedding_mse(prediction, target, reduction="none").mean((1, 2, 3)).sum().item()
             cosine += F.cosine_similarity(prediction, target, dim=1).mean((1, 2)).sum().item()
@@ -245,24 +302,18 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 
 class _CountingTeacher:
-    """The teacher under no_grad (and optional bf16 autocast), counting the images it embeds.
+    """The teacher under no_grad (and optional bf16 autocast) on its own input normalisation, counting the
+    images it embeds."""
 
-    It takes the student's inputs and renormalises them to SAM's (x - mean) / std: exact, padding
-    included, since both normalisations map the same mean to 0 (the official layout divides by the mean).
-    """
-
-    def __init__(self, teacher: nn.Module, student: ESPMedSAM, bf16: bool) -> None:
-        self.teacher, self.bf16, self.images = teacher.eval(), bf16, 0
-        sam_mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        sam_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        self.scale = student.pixel_std.cpu() / sam_std
-        self.shift = (student.pixel_mean.cpu() - sam_mean) / sam_std
+    def __init__(self, teacher: nn.Module, student: ESPMedSAM, config: DistillConfig) -> None:
+        self.teacher, self.student, self.config, self.images = teacher.eval(), student, config, 0
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         self.images += inputs.shape[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.teacher(inputs * self.scale + self.shift).float()
+        x = teacher_input(inputs.to(self.config.device), self.student, self.config.teacher_input)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.teacher_bf16):
+            return self.teacher(x).float()
 
 
 def _targets(
@@ -277,10 +328,12 @@ def _targets(
     if not config.use_cache:
         return lambda images, variants, inputs: teacher(inputs)
     root = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE_DIR
-    describe = {"config": repr(teacher.teacher.config), "bf16": config.teacher_bf16}
-    cache = EmbeddingCache(
-        root, fingerprint(teacher.teacher) + ("-bf16" if config.teacher_bf16 else ""), describe
-    )
+    describe = {
+        "teacher": repr(getattr(teacher.teacher, "config", type(teacher.teacher).__name__)),
+        "teacher_input": config.teacher_input,
+        "bf16": config.teacher_bf16,
+    }
+    cache = EmbeddingCache(root, cache_folder_name(teacher.teacher, teacher.student, config), describe)
     jobs = [(image, v) for image in train_set for v in range(config.variants)]
     jobs += [(image, 0) for image in held_out]
     size = config.image_size
@@ -291,14 +344,11 @@ def _targets(
     keyed = [(CacheKey(image.digest, size, v), make(image, v)) for image, v in jobs]
     report = None if progress is None else lambda d, t: progress(DistillProgress("cache", d, t))
     computed = fill(cache, keyed, teacher, batch_size=config.teacher_batch_size, progress=report)
-    logger.info(
-        "teacher embedded %d inputs, %d were cached in %s", computed, len(keyed) - computed, cache.dir
-    )
+    logger.info("teacher embedded %d inputs (%d cached) in %s", computed, len(keyed) - computed, cache.dir)
 
     def from_cache(images: Sequence[DistillImage], variants: Sequence[int], inputs: torch.Tensor):
-        return torch.stack(
-            [cache.get(CacheKey(i.digest, size, v)) for i, v in zip(images, variants, strict=True)]
-        )
+        keys = [CacheKey(image.digest, size, v) for image, v in zip(images, variants, strict=True)]
+        return torch.stack([cache.get(key) for key in keys]).to(config.device)
 
     return from_cache
 

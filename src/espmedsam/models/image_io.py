@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from espmedsam.errors import InputError
+from espmedsam.modalities import modality_ids
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ class RawImageIO:
         sizes = getattr(config, "inference_sizes", ())
         if not sizes:
             return config.image_size
-        index = modality if isinstance(modality, int) else self.modalities.index(modality)
-        return sizes[index]
+        return sizes[int(modality_ids(modality, self.modalities, batch_size=1)[0])]
 
     def preprocess(
         self, image: np.ndarray | torch.Tensor, size: int | None = None

@@ -30,8 +30,7 @@ from espmedsam import build_model
 from espmedsam.config import load_distill_config
 from espmedsam.distill.cache import CacheKey, EmbeddingCache
 from espmedsam.distill.images import list_images
-from espmedsam.distill.mmdkd import distill
-from espmedsam.distill.teacher import fingerprint
+from espmedsam.distill.mmdkd import cache_folder_name, distill
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
 
 DATASETS = {
@@ -88,7 +87,7 @@ def epoch_timing(images, work: Path) -> str:
     recompute = dataclasses.replace(config, use_cache=False, out_dir=str(work / "t2"))
     slow = distill(student(), teacher_vit_b(), images, recompute, stage="modality")
     with_cache, without = warm.epoch_seconds[0], slow.epoch_seconds[0]
-    cache = EmbeddingCache(work / "timing-cache", fingerprint(teacher_vit_b()))
+    cache = EmbeddingCache(work / "timing-cache", cache_folder_name(teacher_vit_b(), student(), cached))
     keys = [CacheKey(image.digest, config.image_size, 0) for image in images]
     size = sum(cache.path(key).stat().st_size for key in keys) / len(keys)
     start = time.perf_counter()

@@ -47,7 +47,7 @@ def test_recipes_load_by_name_and_path():
     assert recipe.arch == "espmedsam" and len(recipe.data) == 6 and recipe.epochs == 1
     assert recipe.data[0] == "data/isic2017:dermoscopy" and recipe.image_size == 256
     unet = load_train_config("unet_six_datasets_256")
-    assert unet.arch == "unet" and unet.data == recipe.data and unet.total_steps == 20 * recipe.total_steps
+    assert unet.arch == "unet" and unet.data == recipe.data and unet.total_steps == 11 * recipe.total_steps
     assert load_train_config(None) == TrainConfig()
 
 

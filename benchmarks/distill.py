@@ -28,19 +28,11 @@ from _report import report
 
 from espmedsam import build_model
 from espmedsam.config import load_distill_config
+from espmedsam.data.dataset import KNOWN_DATASETS
 from espmedsam.distill.cache import CacheKey, EmbeddingCache
 from espmedsam.distill.images import list_images
 from espmedsam.distill.mmdkd import cache_folder_name, distill
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
-
-DATASETS = {
-    "isic2017": "dermoscopy",
-    "shenzhen_montgomery": "xray",
-    "busi": "ultrasound",
-    "drive": "fundus",
-    "dsb2018": "microscopy",
-    "cvc_clinicdb": "colonoscopy",
-}
 
 
 def teacher_vit_b() -> SamViTEncoder:
@@ -116,7 +108,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     images = [
         image
-        for name, modality in DATASETS.items()
+        for name, modality in KNOWN_DATASETS.items()
         for image in list_images(args.data / name, modality)[: args.per_dataset]
     ]
     busi = list_images(args.data / "busi", "ultrasound")[: args.timing_images]

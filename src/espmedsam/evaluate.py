@@ -158,13 +158,13 @@ def choose_input_sizes(
     """
     folders = [SegmentationFolder(source, split=split) for source in sources]
     total, done = len(candidates) * sum(len(folder) for folder in folders), 0
+    predictors = {size: Predictor(model, size=size) for size in candidates}
     scores: dict[str, dict[int, list[float]]] = {}
-    for size in candidates:
-        predictor = Predictor(model, size=size)
-        for source, folder in zip(sources, folders, strict=True):
-            for index in range(len(folder)):
-                sample = folder[index]
-                _check_modality(predictor, source, sample)
+    for source, folder in zip(sources, folders, strict=True):
+        for index in range(len(folder)):
+            sample = folder[index]  # read once, predicted at every candidate size
+            _check_modality(predictors[candidates[0]], source, sample)
+            for size, predictor in predictors.items():
                 score = dice(predictor.predict(sample.image, sample.modality), sample.mask)
                 scores.setdefault(sample.modality, {}).setdefault(size, []).append(score)
                 done += 1

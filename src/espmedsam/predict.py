@@ -14,7 +14,6 @@ import torch
 
 from espmedsam.data.io import IMAGE_SUFFIXES, read_image, write_png
 from espmedsam.errors import InputError
-from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.visualize import overlay
 
@@ -44,9 +43,7 @@ class Predictor:
 
     def input_size(self, modality: ModalityLike) -> int:
         """The model input side for one image of ``modality``: ``size``, else the model's choice."""
-        if self.size:
-            return self.size
-        return self.model.input_size(int(modality_ids(modality, self.model.modalities, batch_size=1)[0]))
+        return self.size or self.model.input_size(modality)
 
     @torch.inference_mode()
     def predict_logits(self, image: np.ndarray, modality: ModalityLike) -> np.ndarray:

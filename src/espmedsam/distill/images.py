@@ -42,15 +42,12 @@ def list_images(folder: str | Path, modality: str | None = None, split: str = "t
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
-    images = root / "images"
-    if images.is_dir():
-        files = find_files(images, IMAGE_SUFFIXES)
-        if (root / "split.json").is_file():
-            stems = set(read_split(root).get(split, []))
-            files = {stem: paths for stem, paths in files.items() if stem in stems}
-        paths = [paths[0] for _, paths in sorted(files.items())]
-    else:
-        paths = [paths[0] for _, paths in sorted(find_files(root, IMAGE_SUFFIXES).items())]
+    dataset = (root / "images").is_dir()
+    files = find_files(root / "images" if dataset else root, IMAGE_SUFFIXES)
+    if dataset and (root / "split.json").is_file():
+        stems = set(read_split(root).get(split, []))
+        files = {stem: paths for stem, paths in files.items() if stem in stems}
+    paths = [paths[0] for _, paths in sorted(files.items())]
     if not paths:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return [DistillImage(path, file_digest(path), modality) for path in paths]

@@ -42,14 +42,14 @@ class RawImageIO:
     def modalities(self) -> tuple[str, ...]:
         return self.config.modalities  # type: ignore[attr-defined]
 
-    def input_size(self, modality: str | int) -> int:
-        """The model input side S for images of ``modality``: its ``config.inference_sizes`` entry (chosen
-        on validation data, e.g. larger for thin fundus vessels), else ``config.image_size``."""
+    def input_size(self, modality: str | int | torch.Tensor) -> int:
+        """The model input side S for images of one ``modality`` (name, id or one-element tensor): its
+        ``config.inference_sizes`` entry (chosen on validation data, e.g. larger for thin fundus vessels),
+        else ``config.image_size``."""
         config = self.config  # type: ignore[attr-defined]
-        sizes = getattr(config, "inference_sizes", ())
-        if not sizes:
+        if not config.inference_sizes:
             return config.image_size
-        return sizes[int(modality_ids(modality, self.modalities, batch_size=1)[0])]
+        return config.inference_sizes[int(modality_ids(modality, self.modalities, batch_size=1)[0])]
 
     def preprocess(
         self, image: np.ndarray | torch.Tensor, size: int | None = None

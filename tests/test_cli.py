@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from espmedsam import build_model
+from espmedsam.checkpoints.native import save_model
 from espmedsam.cli import app
 
 runner = CliRunner()
@@ -18,7 +19,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
-    return build_model("tiny").save(tmp_path / "tiny.safetensors")
+    return save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
 
 
 def _espmedsam(*args: str) -> subprocess.CompletedProcess:
@@ -144,7 +145,8 @@ def test_import_official_into_modality_slot(tmp_path):
 
 
 def test_predict_and_info_accept_a_unet_baseline_checkpoint(tmp_path):
-    from espmedsam.models.unet import UNetBaseline, UNetConfig, save_unet
+    from espmedsam.checkpoints.native import save_unet
+    from espmedsam.models.unet import UNetBaseline, UNetConfig
 
     unet = save_unet(UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors")
     Image.fromarray(np.zeros((30, 45), dtype=np.uint8)).save(tmp_path / "xray_case.png")

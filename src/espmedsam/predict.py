@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from espmedsam.data.io import IMAGE_SUFFIXES, read_image, write_png
+from espmedsam.device import resolve_device
 from espmedsam.errors import InputError
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.visualize import overlay
@@ -32,11 +33,11 @@ class Predictor:
         self,
         model: ESPMedSAM | UNetBaseline,
         *,
-        device: str = "cpu",
+        device: str = "auto",
         size: int | None = None,
         bfloat16: bool = True,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.size = size  # None: each modality's size from the model's config
         self.bfloat16 = bfloat16

@@ -72,7 +72,7 @@ def test_round_trip_tiny_is_bitwise(tiny, tmp_path):
 def test_round_trip_default_is_bitwise(tmp_path):
     torch.manual_seed(0)
     model = build_model("default")
-    loaded = load_model(model.save(tmp_path / "default.safetensors"))
+    loaded = load_model(save_model(model, tmp_path / "default.safetensors"))
     assert loaded.config == model.config
     _assert_same_state(model, loaded)
     images = torch.randn(1, 3, 64, 64)
@@ -221,7 +221,7 @@ def test_default_checkpoint_is_a_loadable_file_or_none():
 def test_export_in_float16_with_per_modality_input_sizes(tmp_path):
     from espmedsam.checkpoints.native import export_checkpoint, load_checkpoint
 
-    source = build_model("tiny").save(tmp_path / "model.safetensors")
+    source = save_model(build_model("tiny"), tmp_path / "model.safetensors")
     sizes = {"fundus": 128}
     out = export_checkpoint(source, tmp_path / "ship.safetensors", dtype=torch.float16, inference_sizes=sizes)
     model = load_checkpoint(out)
@@ -235,8 +235,8 @@ def test_export_in_float16_with_per_modality_input_sizes(tmp_path):
 
 
 def test_export_keeps_a_unet_baseline_a_unet(tmp_path):
-    from espmedsam.checkpoints.native import export_checkpoint, load_checkpoint
-    from espmedsam.models.unet import UNetBaseline, UNetConfig, save_unet
+    from espmedsam.checkpoints.native import export_checkpoint, load_checkpoint, save_unet
+    from espmedsam.models.unet import UNetBaseline, UNetConfig
 
     source = save_unet(UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors")
     out = export_checkpoint(source, tmp_path / "out.safetensors", inference_sizes={"xray": 48})

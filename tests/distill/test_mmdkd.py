@@ -12,15 +12,17 @@ from torch import nn
 from typer.testing import CliRunner
 
 from espmedsam import build_model, load_model
+from espmedsam.checkpoints.native import save_model
 from espmedsam.checkpoints.sam import save_sam_encoder
 from espmedsam.cli import app
-from espmedsam.config import DistillConfig, load_distill_config
+from espmedsam.config import DistillConfig, EncoderConfig, load_distill_config
 from espmedsam.distill.cache import CacheKey, EmbeddingCache, fill
 from espmedsam.distill.images import InputStore, dihedral, hold_out, list_images
 from espmedsam.distill.mmdkd import distill, embedding_mse, teacher_input
-from espmedsam.distill.teacher import fingerprint, load_teacher
+from espmedsam.distill.teacher import TinyViTTeacher, fingerprint, load_teacher
 from espmedsam.errors import CheckpointError, ConfigError, InputError
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
+from espmedsam.models.tinyvit import TinyViT
 
 
 class CountingTeacher(nn.Module):
@@ -149,15 +151,45 @@ def test_cache_build_resumes_after_an_interruption(tmp_path):
 def test_wrong_architecture_teachers_are_rejected(tmp_path):
     mobilesam = tmp_path / "mobile_sam.pt"
     torch.save({"image_encoder.patch_embed.seq.0.c.weight": torch.zeros(32, 3, 3, 3)}, mobilesam)
-    with pytest.raises(CheckpointError, match="not a SAM ViT teacher"):
-        load_teacher(mobilesam)
-    native = build_model("tiny").save(tmp_path / "student.safetensors")
-    with pytest.raises(CheckpointError, match="not a SAM ViT teacher"):
+    with pytest.raises(CheckpointError, match="is not a teacher .* 297 missing"):
+        load_teacher(mobilesam)  # a TinyViT stem alone
+    native = save_model(build_model("tiny"), tmp_path / "student.safetensors")
+    with pytest.raises(CheckpointError, match="is not a teacher"):
         load_teacher(native)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_teacher(tmp_path / "missing.pth")
     with pytest.raises(InputError, match="does not match the student"):
         embedding_mse(torch.zeros(1, 32, 4, 4), torch.zeros(1, 256, 4, 4))
+
+
+def _tinyvit_checkpoint(path: Path, stem: str) -> Path:
+    """A MobileSAM-like (strided stem) or LiteMedSAM-like (pointwise stem) file of image_encoder.* weights."""
+    torch.manual_seed(2)
+    encoder = TinyViT(EncoderConfig(stem=stem), num_controllers=0)
+    torch.save({f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}, path)
+    return path
+
+
+@pytest.mark.parametrize(("stem", "grid"), [("strided", 4), ("pointwise", 16)])
+def test_tinyvit_teachers_load_by_their_stem(tmp_path, stem, grid):
+    teacher = load_teacher(_tinyvit_checkpoint(tmp_path / "tinyvit.pth", stem))
+    assert isinstance(teacher, TinyViTTeacher) and teacher.config.stem == stem
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        assert teacher(torch.rand(1, 3, 64, 64)).shape == (1, 256, grid, grid)
+
+
+def test_distill_from_a_litemedsam_teacher_into_both_student_grids(tmp_path, images):
+    teacher = load_teacher(_tinyvit_checkpoint(tmp_path / "lite_medsam.pth", "pointwise"))
+    config = _config(tmp_path, epochs=1, teacher_input="medsam")
+    for name in ("litemedsam", "default"):  # the same grid, and a 4x coarser one (averaged teacher grid)
+        student = build_model(name)
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        result = distill(student, teacher, list_images(images), config, stage="common")
+        # students that pad differently get their own cache entries
+        assert result.teacher_images == len(list_images(images)) and len(result.records) == 2
+        changed = [k for k in before if not torch.equal(before[k], student.state_dict()[k])]
+        assert changed and all(k.startswith("image_encoder.") for k in changed)
 
 
 def test_imported_teacher_round_trip_keeps_its_fingerprint(tmp_path):
@@ -235,6 +267,14 @@ def test_teacher_gets_sam_or_medsam_normalisation_from_any_student():
     default = build_model("tiny")
     x, _ = default.preprocess(image, 64)
     assert teacher_input(x, default, "sam") is x
+    lite = build_model("litemedsam")  # per-image min-max input: already MedSAM's, SAM's up to scale
+    x, _ = lite.preprocess(image, 64)
+    assert torch.allclose(teacher_input(x, lite, "medsam"), x, atol=1e-6)
+    scaled = (raw - raw.min()) * 255 / (raw.max() - raw.min())
+    expected = (scaled - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1
+    )
+    assert torch.allclose(teacher_input(x, lite, "sam"), expected, atol=1e-3)
 
 
 def test_cached_targets_are_the_teachers_embeddings_of_that_image_and_variant(tmp_path, images):

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from espmedsam.checkpoints.native import load_model
+from espmedsam.checkpoints.native import load_model, load_unet, save_model
 from espmedsam.config import TrainConfig
 from espmedsam.errors import CheckpointError, ConfigError
 from espmedsam.models.espmedsam import ESPMedSAM
-from espmedsam.models.unet import UNetBaseline, load_unet
+from espmedsam.models.unet import UNetBaseline
 from espmedsam.train import TrainProgress, train
 from espmedsam.train.loop import build_network
 
@@ -121,7 +121,7 @@ def test_unet_baseline_trains_in_the_same_loop(tiny_config):
 
 def test_init_starts_from_a_native_checkpoint(tiny_config, tmp_path):
     start = build_network(tiny_config)
-    path = start.save(tmp_path / "start.safetensors")
+    path = save_model(start, tmp_path / "start.safetensors")
     config = dataclasses.replace(tiny_config, model="default", init=str(path), epochs=1, image_size=32)
     result = train(config)
     trained = load_model(result.last_path)

@@ -6,7 +6,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from espmedsam.checkpoints.native import load_model
+from espmedsam.checkpoints.native import load_model, save_model
 from espmedsam.cli import app
 
 runner = CliRunner()
@@ -32,7 +32,7 @@ def test_train_command_runs_a_config_with_overrides(tiny_config, tmp_path):
 def test_train_command_with_init(tiny_config, tmp_path):
     from espmedsam import build_model
 
-    start = build_model("tiny").save(tmp_path / "start.safetensors")
+    start = save_model(build_model("tiny"), tmp_path / "start.safetensors")
     path = tmp_path / "tiny.yaml"
     path.write_text(tiny_config.to_yaml())
     out = tmp_path / "init_run"

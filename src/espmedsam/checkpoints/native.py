@@ -1,4 +1,5 @@
-"""Native checkpoints: one safetensors file holding the weights and, in its metadata, the model config.
+"""Native checkpoints (ESP-MedSAM and the U-Net baseline): one safetensors file holding the weights and, in
+its metadata, the model config.
 
 The metadata is ``{"format": "espmedsam", "format_version": "1", "config": ModelConfig.to_json()}``, so a
 checkpoint rebuilds its own model; loading is strict and never unpickles anything.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,9 +21,7 @@ from espmedsam.errors import CheckpointError, ConfigError, InputError
 from espmedsam.files import atomic_write
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
-
-if TYPE_CHECKING:
-    from espmedsam.models.unet import UNetBaseline
+from espmedsam.models.unet import UNET_FORMAT, UNetBaseline, UNetConfig
 
 from .torch_io import load_strict
 
@@ -91,8 +90,6 @@ def export_checkpoint(
         model.config = dataclasses.replace(config, inference_sizes=sizes)
     if isinstance(model, ESPMedSAM):
         return save_model(model, out, dtype=dtype)
-    from espmedsam.models.unet import save_unet
-
     return save_unet(model, out, dtype=dtype)
 
 
@@ -126,8 +123,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     Raises:
         CheckpointError: as ``load_model`` / ``load_unet``.
     """
-    from espmedsam.models.unet import UNET_FORMAT, load_unet
-
     if _stored_format(Path(path)) == UNET_FORMAT:
         return load_unet(path).to(device)
     return load_model(path, device=device)
@@ -212,3 +207,25 @@ def _unreadable(path: Path, error: Exception) -> str:
             "use `espmedsam import ...` for official/MobileSAM/SAM files"
         )
     return f"{path} is not a safetensors file or is truncated ({error})"
+
+
+def save_unet(model: UNetBaseline, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write the baseline's weights (floating tensors in ``dtype`` if given) and config, atomically."""
+    metadata = {"format": UNET_FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    return write_safetensors(path, state_tensors(model, dtype), metadata)
+
+
+def load_unet(path: str | Path) -> UNetBaseline:
+    """The baseline stored by :func:`save_unet`, loaded strictly, in eval mode.
+
+    Raises:
+        CheckpointError: a missing or unreadable file, another format, or keys that do not fit.
+    """
+    path = Path(path)
+    config, tensors = read_safetensors(path, UNET_FORMAT, UNetConfig)
+    try:
+        model = UNetBaseline(config)
+    except InputError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    load_strict(model, tensors, str(path))
+    return model.eval()

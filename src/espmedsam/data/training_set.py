@@ -44,12 +44,13 @@ class MixedModalityDataset(Dataset):
         augment: bool = False,
         zoom_probability: float = 0.0,
         seed: int = 0,
+        normalisation: str = "mean_std",
     ) -> None:
         if not folders:
             raise InputError("MixedModalityDataset needs at least one dataset folder")
         self.folders = list(folders)
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.normalisation = seed, 0, normalisation
         self._augmentation = train_augmentation(size, zoom_probability=zoom_probability) if augment else None
         self._starts = np.cumsum([0, *(len(f) for f in self.folders)])
 
@@ -74,7 +75,9 @@ class MixedModalityDataset(Dataset):
             reseed(self._augmentation, _item_seed(self.seed, self.epoch, index))
             out = self._augmentation(image=image, mask=mask.astype(np.uint8))
             image, mask = out["image"], out["mask"]
-        image_tensor, mask_tensor, _ = to_model_input(image, mask, self.size, self.mean, self.std)
+        image_tensor, mask_tensor, _ = to_model_input(
+            image, mask, self.size, self.mean, self.std, self.normalisation
+        )
         return {
             "image": image_tensor,
             "mask": mask_tensor,

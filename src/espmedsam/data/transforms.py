@@ -1,8 +1,8 @@
 """Joint image/mask augmentation (albumentations) and the resize/normalise/pad to the model input.
 
 ``to_model_input`` follows ``ESPMedSAM.preprocess`` exactly (torch bilinear resize of the longer side to S,
-antialiased when shrinking; ``(x - mean) / std`` on 0..255 RGB; zero padding at the bottom and right after
-normalisation), so a model trained on its output sees what ``preprocess`` gives it at inference.
+antialiased when shrinking; the model's input normalisation of 0..255 RGB; zero padding at the bottom and
+right after normalisation), so a model trained on its output sees what ``preprocess`` gives it at inference.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from espmedsam.config import IMAGENET_MEAN
 from espmedsam.errors import InputError
+from espmedsam.normalisation import normalise
 
 MEAN_COLOUR = tuple(round(v) for v in IMAGENET_MEAN)
 
@@ -68,6 +69,40 @@ def train_augmentation(size: int, seed: int | None = None, zoom_probability: flo
     return compose
 
 
+def appearance_augmentation(size: int, seed: int | None = None):
+    """A wider augmentation for embedding variants, aimed at other sites' images: the longer side resized
+    to ``size``, flips, affine (scale 0.7-1.3, rotation +-25 degrees, translation +-10 %, zero border),
+    colour (brightness, contrast, saturation +-0.25-0.3, hue +-0.06: stains, cameras), gamma, and one of
+    blur, a lower-resolution round trip or noise (scanners). Called as :func:`train_augmentation`.
+    """
+    import albumentations as A
+    import cv2
+
+    if size < 1:
+        raise InputError(f"augmentation size must be positive, got {size}")
+    compose = A.Compose(
+        [
+            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(scale=(0.7, 1.3), rotate=(-25, 25), translate_percent=(-0.1, 0.1), p=0.8),
+            A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.3, hue=0.06, p=0.8),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+            A.OneOf(
+                [
+                    A.GaussianBlur(blur_limit=(3, 5)),
+                    A.Downscale(scale_range=(0.5, 0.8)),
+                    A.GaussNoise(std_range=(0.02, 0.06)),
+                ],
+                p=0.3,
+            ),
+        ]
+    )
+    if seed is not None:
+        reseed(compose, seed)
+    return compose
+
+
 def reseed(compose, seed: int) -> None:
     """Give every transform of ``compose`` one shared generator seeded with ``seed``.
 
@@ -82,6 +117,7 @@ def to_model_input(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    normalisation: str = "mean_std",
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Resize the longer side to ``size``, normalise, and zero-pad to a square, like ``ESPMedSAM.preprocess``.
 
@@ -90,6 +126,7 @@ def to_model_input(
         mask: (H, W) bool or integer (foreground > 0).
         size: S, the padded square side.
         mean, std: per-channel statistics on the 0..255 scale.
+        normalisation: ``mean_std`` or ``minmax`` (see ``espmedsam.normalisation``).
     Returns:
         image (3, S, S) float32, mask (1, S, S) float32 in {0, 1} (nearest resize, zero padding), and the
         valid region (h, w) at the top left.
@@ -106,7 +143,7 @@ def to_model_input(
     x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).unsqueeze(0)
     if resized != (h, w):
         x = F.interpolate(x, size=resized, mode="bilinear", align_corners=False, antialias=scale < 1)
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x = normalise(x, normalisation, mean, std)
     m = torch.from_numpy(np.ascontiguousarray(mask > 0)).float()[None, None]
     if resized != (h, w):
         m = F.interpolate(m, size=resized, mode="nearest-exact")

@@ -29,6 +29,7 @@ from torch import nn
 
 from espmedsam.checkpoints.native import save_model
 from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, DistillConfig
+from espmedsam.device import resolve_device
 from espmedsam.distill.cache import CacheKey, EmbeddingCache, fill
 from espmedsam.distill.images import DistillImage, InputStore, hold_out, unique
 from espmedsam.distill.teacher import fingerprint
@@ -87,6 +88,7 @@ def distill(
     images = unique(images)
     if not images:
         raise InputError("no images to distil on")
+    config = dataclasses.replace(config, device=str(resolve_device(config.device)))
     check_teacher_fits(teacher, student)
     student.to(config.device)
     try:
@@ -145,14 +147,16 @@ def teacher_input(x: torch.Tensor, student: ESPMedSAM, mode: str) -> torch.Tenso
     """Student inputs (B, 3, S, S) -> the teacher's: SAM's (raw - mean) / std, or MedSAM's per-image
     min-max scaling of the raw 0..255 RGB to [0, 1] (MedSAM feeds its encoder that way).
 
-    Padded pixels hold the student's pixel mean in raw units, in either mode.
+    Padded pixels hold the student's pixel mean in raw units, in either mode (0 for a min-max student).
     """
     mean, std = student.pixel_mean.to(x.device), student.pixel_std.to(x.device)
     sam_mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     sam_std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    if mode == "sam" and torch.equal(mean, sam_mean) and torch.equal(std, sam_std):
+    mean_std = student.config.input_normalisation == "mean_std"
+    if mode == "sam" and mean_std and torch.equal(mean, sam_mean) and torch.equal(std, sam_std):
         return x  # the default student already sees SAM's input
-    raw = x * std + mean
+    # a min-max student input is the raw image up to its own scale: 0..1 read as 0..255
+    raw = x * 255 if student.config.input_normalisation == "minmax" else x * std + mean
     if mode == "sam":
         return (raw - sam_mean) / sam_std
     low, high = raw.amin((1, 2, 3), keepdim=True), raw.amax((1, 2, 3), keepdim=True)
@@ -161,8 +165,14 @@ def teacher_input(x: torch.Tensor, student: ESPMedSAM, mode: str) -> torch.Tenso
 
 def cache_folder_name(teacher: nn.Module, student: ESPMedSAM, config: DistillConfig) -> str:
     """The cache folder of a teacher's embeddings: its weights' fingerprint, how its input is normalised,
-    its precision, and the student's pixel mean (the padding value, which the teacher sees)."""
-    setting = repr((config.teacher_input, config.teacher_bf16, student.pixel_mean.flatten().tolist()))
+    its precision, and the student's padding value (its pixel mean, or its input normalisation's 0), which
+    the teacher sees."""
+    padding = student.pixel_mean.flatten().tolist()
+    if (
+        student.config.input_normalisation != "mean_std"
+    ):  # a new setting gets its own name; old ones keep theirs
+        padding = [student.config.input_normalisation, *padding]
+    setting = repr((config.teacher_input, config.teacher_bf16, padding))
     return f"{fingerprint(teacher)}-{config.teacher_input}-{hashlib.sha256(setting.encode()).hexdigest()[:8]}"
 
 
@@ -313,7 +323,12 @@ class _CountingTeacher:
         self.images += inputs.shape[0]
         x = teacher_input(inputs.to(self.config.device), self.student, self.config.teacher_input)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.teacher_bf16):
-            return self.teacher(x).float()
+            embedding = self.teacher(x).float()
+        # a finer teacher grid (LiteMedSAM's stride 4, a stride-16 student) is averaged to the student's
+        grid = inputs.shape[-1] // self.student.config.encoder.output_stride
+        if embedding.shape[-1] > grid and embedding.shape[-1] % grid == 0:
+            embedding = F.adaptive_avg_pool2d(embedding, (grid, grid))
+        return embedding
 
 
 def _targets(

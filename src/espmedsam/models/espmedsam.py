@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,8 @@ class ESPOutput:
     """What one forward pass returns."""
 
     masks: torch.Tensor  # (B, 1, S, S) mask logits of each image's own modality
-    patch_logits: torch.Tensor  # (B, 1, S/32, S/32) SPPG patch logits
-    embeddings: torch.Tensor  # (B, C, S/16, S/16) image embedding, before the dense prompt
+    patch_logits: torch.Tensor  # (B, 1, S/2s, S/2s) SPPG patch logits, s the encoder's output stride
+    embeddings: torch.Tensor  # (B, C, S/s, S/s) image embedding, before the dense prompt
 
 
 class ESPMedSAM(RawImageIO, nn.Module):
@@ -56,25 +55,41 @@ class ESPMedSAM(RawImageIO, nn.Module):
         """Segment each image with its own modality's controller and decoding channel.
 
         Args:
-            images: (B, 3, S, S) float32, normalised as ``config.pixel_mean/std`` say; S a multiple of 32.
+            images: (B, 3, S, S) float32, normalised as ``config.input_normalisation`` says; S a multiple
+                of ``config.size_multiple`` (32 with MobileSAM's stem, 8 with LiteMedSAM's).
             modality: (B,) int64 modality ids, a list of B names or ids, or one name for the whole batch.
         Returns:
-            ESPOutput with masks (B, 1, S, S) logits, patch_logits (B, 1, S/32, S/32) and
-            embeddings (B, 256, S/16, S/16).
+            ESPOutput with masks (B, 1, S, S) logits, patch_logits (B, 1, S/2s, S/2s) and
+            embeddings (B, 256, S/s, S/s), s = ``config.encoder.output_stride``.
         Raises:
             InputError: wrong image shape, or an unknown modality.
         """
-        _check_images(images)
+        self._check_images(images)
         ids = self.modality_ids(modality, images.shape[0]).to(images.device)
         embeddings = self.image_encoder(images, self.route(ids))
+        return self.decode(embeddings, ids, images.shape[-1])
+
+    def decode(self, embeddings: torch.Tensor, modality: ModalityLike, size: int | None = None) -> ESPOutput:
+        """SPPG and QDMD on (B, C, h, w) image embeddings -> ESPOutput with (B, 1, S, S) masks.
+
+        ``size`` S defaults to h times the encoder's output stride. Training with a frozen encoder calls
+        this on cached embeddings.
+        """
+        ids = self.modality_ids(modality, embeddings.shape[0]).to(embeddings.device)
+        size = size or embeddings.shape[-1] * self.config.encoder.output_stride
         patch_logits, dense_prompt = self.sppg(embeddings)
         low_res = self.decoder(embeddings + dense_prompt, ids)
-        masks = F.interpolate(low_res, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return ESPOutput(masks=masks, patch_logits=patch_logits, embeddings=embeddings)
+        if low_res.shape[-1] != size:
+            low_res = F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
+        return ESPOutput(masks=low_res, patch_logits=patch_logits, embeddings=embeddings)
+
+    @property
+    def size_multiple(self) -> int:  # type: ignore[override]
+        return self.config.size_multiple
 
     def encode(self, images: torch.Tensor, modality: ModalityLike | None = None) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, 256, S/16, S/16) embedding; ``modality`` None uses no controller at all."""
-        _check_images(images)
+        """(B, 3, S, S) -> (B, 256, S/s, S/s) embedding; ``modality`` None uses no controller at all."""
+        self._check_images(images)
         if modality is None:
             return self.image_encoder(images, None)
         ids = self.modality_ids(modality, images.shape[0]).to(images.device)
@@ -88,17 +103,11 @@ class ESPMedSAM(RawImageIO, nn.Module):
         """Controller of each image: its modality's, or the single shared one of the official layout."""
         return ControllerRoute.from_index(torch.zeros_like(ids) if self.config.controller.shared else ids)
 
-    def save(self, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-        """Write a native checkpoint (safetensors weights + JSON config); see ``espmedsam.load_model``."""
-        from espmedsam.checkpoints.native import save_model
-
-        return save_model(self, path, dtype=dtype)
-
-
-def _check_images(images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise InputError(f"images must be a (B, 3, S, S) tensor, got {shape}")
-    h, w = images.shape[-2:]
-    if h % 32 or w % 32 or h == 0:
-        raise InputError(f"image side must be a positive multiple of 32, got {h}x{w}")
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputError(f"images must be a (B, 3, S, S) tensor, got {shape}")
+        h, w = images.shape[-2:]
+        multiple = self.size_multiple
+        if h % multiple or w % multiple or h == 0:
+            raise InputError(f"image side must be a positive multiple of {multiple}, got {h}x{w}")

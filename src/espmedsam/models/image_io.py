@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from espmedsam.errors import InputError
 from espmedsam.modalities import modality_ids
+from espmedsam.normalisation import normalise
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,9 @@ class RawImageIO:
         scale = size / max(h, w)
         resized = (max(1, round(h * scale)), max(1, round(w * scale)))
         x = F.interpolate(rgb, size=resized, mode="bilinear", align_corners=False, antialias=scale < 1)
-        x = (x - self.pixel_mean) / self.pixel_std
-        # padding comes after normalisation, so padded pixels read as the mean (zero), as in SAM
+        mode = getattr(self.config, "input_normalisation", "mean_std")  # type: ignore[attr-defined]
+        x = normalise(x, mode, self.pixel_mean, self.pixel_std)
+        # padding comes after normalisation, so padded pixels read as 0 (the mean, for mean_std), as in SAM
         x = F.pad(x, (0, size - resized[1], 0, size - resized[0]))
         return x, PreprocessMeta(original_size=(h, w), resized_size=resized, input_size=size)
 

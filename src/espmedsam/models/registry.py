@@ -39,6 +39,17 @@ def official_config() -> ModelConfig:
     )
 
 
+def litemedsam_config() -> ModelConfig:
+    """Six modalities on LiteMedSAM's TinyViT: pointwise stem (output stride 4), fixed windows with padding,
+    per-image min-max input normalisation, 256² by default (a 64 x 64 embedding)."""
+    return ModelConfig(
+        name="litemedsam",
+        image_size=256,
+        input_normalisation="minmax",
+        encoder=EncoderConfig(stem="pointwise", balanced_windows=False),
+    )
+
+
 def tiny_config() -> ModelConfig:
     """A few-thousand-parameter model with the same structure, for tests."""
     return ModelConfig(
@@ -56,6 +67,7 @@ def tiny_config() -> ModelConfig:
 CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     "default": default_config,
     "official": official_config,
+    "litemedsam": litemedsam_config,
     "tiny": tiny_config,
 }
 

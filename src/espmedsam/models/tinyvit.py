@@ -17,16 +17,23 @@ from espmedsam.config import ControllerConfig, EncoderConfig
 from espmedsam.models.common import Conv2dBN, LayerNorm2d, NormMLP
 from espmedsam.models.controller import ControllerBank, ControllerRoute
 
+# stem name -> (kernel, stride, padding) of each of the two Conv+BN layers (strides: config.STEM_STRIDES)
+STEMS: dict[str, tuple[int, int, int]] = {
+    "strided": (3, 2, 1),  # MobileSAM / TinyViT: output stride 4
+    "pointwise": (1, 1, 0),  # LiteMedSAM: output stride 1, the 256² input gets MobileSAM's 1024² grid
+}
+
 
 class PatchEmbed(nn.Module):
-    """Two stride-2 Conv+BN layers: (B, 3, S, S) -> (B, C, S/4, S/4)."""
+    """Two Conv+BN layers: (B, 3, S, S) -> (B, C, S/s, S/s), s = 4 (strided stem) or 1 (pointwise)."""
 
-    def __init__(self, in_chans: int, embed_dim: int) -> None:
+    def __init__(self, in_chans: int, embed_dim: int, stem: str = "strided") -> None:
         super().__init__()
+        kernel, stride, padding = STEMS[stem]
         self.seq = nn.Sequential(
-            Conv2dBN(in_chans, embed_dim // 2, 3, 2, 1),
+            Conv2dBN(in_chans, embed_dim // 2, kernel, stride, padding),
             nn.GELU(),
-            Conv2dBN(embed_dim // 2, embed_dim, 3, 2, 1),
+            Conv2dBN(embed_dim // 2, embed_dim, kernel, stride, padding),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +239,8 @@ class BasicLayer(nn.Module):
 class TinyViT(nn.Module):
     """Shared TinyViT encoder with a bank of modality controllers in every attention block.
 
-    (B, 3, S, S) -> (B, out_chans, S/16, S/16) with the default strides.
+    (B, 3, S, S) -> (B, out_chans, S/s, S/s), s = ``config.output_stride`` (16 for MobileSAM's strided
+    stem, 4 for LiteMedSAM's pointwise one).
     """
 
     def __init__(
@@ -244,7 +252,7 @@ class TinyViT(nn.Module):
     ) -> None:
         super().__init__()
         dims = config.embed_dims
-        self.patch_embed = PatchEmbed(3, dims[0])
+        self.patch_embed = PatchEmbed(3, dims[0], config.stem)
         layers: list[nn.Module] = [
             ConvLayer(dims[0], dims[1], config.depths[0], config.mbconv_expand_ratio, config.merge_strides[0])
         ]
@@ -279,7 +287,7 @@ class TinyViT(nn.Module):
             images: (B, 3, S, S) normalised images.
             route: the controller of each image, or None for the shared encoder alone.
         Returns:
-            (B, out_chans, S/16, S/16) embedding.
+            (B, out_chans, S/s, S/s) embedding, s = ``config.output_stride``.
         """
         # channels-last convolutions are several times faster on CPU (oneDNN), and match (B, H, W, C) tokens
         x = self.patch_embed(images.contiguous(memory_format=torch.channels_last))

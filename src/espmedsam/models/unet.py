@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from monai.networks.nets import BasicUNet
 from torch import nn
 
 from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, check_inference_sizes, to_dict
-from espmedsam.errors import CheckpointError, InputError
+from espmedsam.errors import InputError
 from espmedsam.modalities import MODALITIES
 from espmedsam.models.image_io import RawImageIO
 
@@ -74,30 +73,3 @@ class UNetBaseline(RawImageIO, nn.Module):
                 f"images must be (B, 3, S, S) with S a multiple of 16, got {tuple(images.shape)}"
             )
         return UNetOutput(masks=self.unet(images))
-
-
-def save_unet(model: UNetBaseline, path: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-    """Write the baseline's weights (floating tensors in ``dtype`` if given) and config, atomically."""
-    from espmedsam.checkpoints.native import FORMAT_VERSION, state_tensors, write_safetensors
-
-    metadata = {"format": UNET_FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
-    return write_safetensors(path, state_tensors(model, dtype), metadata)
-
-
-def load_unet(path: str | Path) -> UNetBaseline:
-    """The baseline stored by :func:`save_unet`, loaded strictly, in eval mode.
-
-    Raises:
-        CheckpointError: a missing or unreadable file, another format, or keys that do not fit.
-    """
-    from espmedsam.checkpoints.native import read_safetensors
-    from espmedsam.checkpoints.torch_io import load_strict
-
-    path = Path(path)
-    config, tensors = read_safetensors(path, UNET_FORMAT, UNetConfig)
-    try:
-        model = UNetBaseline(config)
-    except InputError as error:
-        raise CheckpointError(f"{path}: {error}") from None
-    load_strict(model, tensors, str(path))
-    return model.eval()

@@ -26,20 +26,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from espmedsam.checkpoints.native import load_model, save_model
+from espmedsam.checkpoints.native import load_model, load_unet, save_model, save_unet
 from espmedsam.config import TrainConfig, from_dict
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.data.sampler import BalancedSampler
 from espmedsam.data.training_set import MixedModalityDataset
+from espmedsam.device import autocast, resolve_device
 from espmedsam.errors import ConfigError
 from espmedsam.files import write_text
 from espmedsam.losses import MaskLoss, SegmentationLoss
 from espmedsam.models.registry import build_model, get_config
-from espmedsam.models.unet import UNetBaseline, UNetConfig, load_unet, save_unet
+from espmedsam.models.unet import UNetBaseline, UNetConfig
+from espmedsam.train.frozen import (
+    DEFAULT_CACHE,
+    CachedEmbeddingSet,
+    EncoderCache,
+    build_cache,
+    encoder_fingerprint,
+)
 from espmedsam.train.history import History
 from espmedsam.train.optim import build_optimizer, build_scheduler
 from espmedsam.train.state import load_state, restore_rng, rng_state, save_state
-from espmedsam.train.validate import ValidationSet, validate
+from espmedsam.train.validate import ValidationSet, collate_by_size, forward_group, validate
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +118,11 @@ def train(
 
 
 def build_network(config: TrainConfig) -> nn.Module:
-    """The model to train, in train mode: fresh (initialised from ``config.seed``) or loaded from ``init``."""
+    """The model to train, in train mode: fresh (initialised from ``config.seed``) or loaded from ``init``.
+
+    ``input_sizes`` become the model's per-modality ``inference_sizes``; with ``frozen_encoder`` the image
+    encoder's parameters stop requiring gradients (and the optimiser never sees them).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.arch == "unet":
@@ -121,8 +133,23 @@ def build_network(config: TrainConfig) -> nn.Module:
             )
         else:
             model = load_model(config.init) if config.init else build_model(get_config(config.model))
-    model.config = dataclasses.replace(model.config, image_size=config.image_size)
+    model.config = dataclasses.replace(
+        model.config, image_size=config.image_size, **_sizes_field(model, config.input_sizes)
+    )
+    if config.frozen_encoder:
+        model.image_encoder.requires_grad_(False)
     return model.train()
+
+
+def _sizes_field(model: nn.Module, sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    if not sizes:
+        return {}
+    if not hasattr(model.config, "inference_sizes") or len(sizes) != len(model.config.modalities):
+        raise ConfigError(
+            f"input_sizes needs one size per model modality ({', '.join(model.config.modalities)}), "
+            f"got {list(sizes)}"
+        )
+    return {"inference_sizes": tuple(sizes)}
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:
@@ -131,9 +158,12 @@ def save_weights(model: nn.Module, path: Path) -> Path:
 
 
 def build_datasets(
-    config: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...]
-) -> tuple[MixedModalityDataset, ValidationSet | None, tuple[str, ...]]:
+    config: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...], model: nn.Module | None = None
+) -> tuple[Any, Any, tuple[str, ...]]:
     """Training set, validation set (None without ``val_split``) and the dataset names.
+
+    With ``frozen_encoder`` (and ``model``) both are ``CachedEmbeddingSet``s of the model's embeddings at
+    its per-modality input sizes; otherwise image sets at ``image_size``, normalised as ``model`` says.
 
     Raises:
         ConfigError: no dataset folder in ``config.data``.
@@ -144,6 +174,11 @@ def build_datasets(
     counts = [s.name for s in sources]
     names = tuple(s.name if counts.count(s.name) == 1 else f"{s.name}#{i}" for i, s in enumerate(sources))
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
+    if model is not None and config.frozen_encoder:
+        return _cached_datasets(config, model, folders, sources, names)
+    normalisation = (
+        getattr(model.config, "input_normalisation", "mean_std") if model is not None else "mean_std"
+    )
     train_set = MixedModalityDataset(
         folders,
         config.image_size,
@@ -152,11 +187,36 @@ def build_datasets(
         augment=config.augment,
         zoom_probability=config.zoom_probability,
         seed=config.seed,
+        normalisation=normalisation,
     )
     if not config.val_split:
         return train_set, None, names
     val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
-    return train_set, ValidationSet(val_folders, config.image_size, mean, std), names
+    return train_set, ValidationSet(val_folders, config.image_size, mean, std, normalisation), names
+
+
+def _cached_datasets(
+    config: TrainConfig, model: nn.Module, folders: list[SegmentationFolder], sources: list, names: tuple
+) -> tuple[CachedEmbeddingSet, CachedEmbeddingSet | None, tuple[str, ...]]:
+    """Frozen-encoder training and validation sets, their missing embeddings computed first."""
+    cache = EncoderCache(config.cache_dir or DEFAULT_CACHE, encoder_fingerprint(model))
+    sizes = [model.input_size(folder.modality) for folder in folders]
+    train_set = CachedEmbeddingSet(cache, folders, sizes, config.variants, seed=config.seed)
+    _fill(model, train_set, range(config.variants), config, "embedding the training images")
+    if not config.val_split:
+        return train_set, None, names
+    val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
+    val_set = CachedEmbeddingSet(cache, val_folders, sizes, 1, seed=config.seed)
+    _fill(model, val_set, [0], config, "embedding the validation images")
+    return train_set, val_set, names
+
+
+def _fill(model: nn.Module, dataset: CachedEmbeddingSet, variants, config: TrainConfig, what: str) -> None:
+    def report(done: int, total: int) -> None:
+        if done == total or done % 200 < 4:
+            logger.info("%s: %d/%d", what, done, total)
+
+    build_cache(model, dataset, list(variants), seed=config.seed, bf16=config.bf16, progress=report)
 
 
 class _Trainer:
@@ -169,9 +229,10 @@ class _Trainer:
         state = load_state(self.dir / STATE_FILE) if resume else None
         if state is not None:
             _check_resumable(config, from_dict(TrainConfig, state["config"]))
-        self.model = build_network(config)
+        self.device = resolve_device(config.device)
+        self.model = build_network(config).to(self.device)
         mean, std = self.model.config.pixel_mean, self.model.config.pixel_std
-        self.train_set, self.val_set, self.names = build_datasets(config, mean, std)
+        self.train_set, self.val_set, self.names = build_datasets(config, mean, std, self.model)
         self.sampler = BalancedSampler(
             self.train_set.dataset_sizes, config.steps_per_epoch * config.batch_size, config.seed
         )
@@ -221,16 +282,29 @@ class _Trainer:
         batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         return DataLoader(
-            self.train_set, batch_sampler=batches[skip:], num_workers=cfg.num_workers, generator=generator
+            self.train_set,
+            batch_sampler=batches[skip:],
+            num_workers=cfg.num_workers,
+            generator=generator,
+            collate_fn=collate_by_size,
         )
 
-    def _train_step(self, batch: dict[str, torch.Tensor], epoch: int) -> None:
+    def _train_step(self, groups: list[dict[str, torch.Tensor]], epoch: int) -> None:
+        """One optimiser step over a batch of one or more same-size groups (loss weighted by group size)."""
         cfg = self.config
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            output = self.model(batch["image"], batch["modality"])
-        parts = self.loss(output.masks, batch["mask"], output.patch_logits)
         self.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        count = sum(len(group["mask"]) for group in groups)
+        sums = dict.fromkeys(("loss", "dice_loss", "focal_loss", "patch_loss", "train_dice"), 0.0)
+        for group in groups:
+            group = {k: v.to(self.device) for k, v in group.items()}
+            with autocast(self.device, cfg.bf16):
+                output = forward_group(self.model, group)
+            parts = self.loss(output.masks, group["mask"], output.patch_logits)
+            weight = len(group["mask"]) / count
+            (parts.total * weight if len(groups) > 1 else parts.total).backward()
+            for key, value in zip(sums, (parts.total, parts.dice, parts.focal, parts.patch), strict=False):
+                sums[key] += weight * value.item()
+            sums["train_dice"] += weight * _batch_dice(output.masks.detach(), group["mask"])
         if cfg.grad_clip > 0:
             trained = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
@@ -238,15 +312,7 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.counters.step += 1
-        values = {
-            "loss": parts.total.item(),
-            "dice_loss": parts.dice.item(),
-            "focal_loss": parts.focal.item(),
-            "patch_loss": parts.patch.item(),
-            "train_dice": _batch_dice(output.masks.detach(), batch["mask"]),
-            "lr": lr,
-            "images": float(batch["image"].shape[0]),
-        }
+        values = {**sums, "lr": lr, "images": float(count)}
         for key, value in values.items():
             self._window[key] = self._window.get(key, 0.0) + value
         self._window["steps"] = self._window.get("steps", 0.0) + 1
@@ -301,7 +367,12 @@ class _Trainer:
             return
         start = time.monotonic()
         scores = validate(
-            self.model, self.val_set, self.names, batch_size=self.config.batch_size, bf16=self.config.bf16
+            self.model,
+            self.val_set,
+            self.names,
+            batch_size=self.config.batch_size,
+            bf16=self.config.bf16,
+            device=self.device,
         )
         mean = _mean(scores)
         counters.val_step, counters.val_dice = counters.step, scores

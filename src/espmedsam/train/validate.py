@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from espmedsam.data.dataset import SegmentationFolder
 from espmedsam.data.transforms import to_model_input
+from espmedsam.device import autocast
 from espmedsam.metrics import dice
 from espmedsam.modalities import MODALITIES
 
@@ -28,10 +29,15 @@ class ValidationSet(Dataset):
     """
 
     def __init__(
-        self, folders: Sequence[SegmentationFolder], size: int, mean: Sequence[float], std: Sequence[float]
+        self,
+        folders: Sequence[SegmentationFolder],
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalisation: str = "mean_std",
     ) -> None:
         self.folders = list(folders)
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.size, self.mean, self.std, self.normalisation = size, tuple(mean), tuple(std), normalisation
         self._index = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
 
     def __len__(self) -> int:
@@ -40,7 +46,9 @@ class ValidationSet(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, within = self._index[index]
         sample = self.folders[which][within]
-        image, mask, valid = to_model_input(sample.image, sample.mask, self.size, self.mean, self.std)
+        image, mask, valid = to_model_input(
+            sample.image, sample.mask, self.size, self.mean, self.std, self.normalisation
+        )
         return {
             "image": image,
             "mask": mask,
@@ -58,23 +66,50 @@ def validate(
     batch_size: int = 8,
     bf16: bool = True,
     num_workers: int = 0,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Mean Dice of each dataset (``names[i]`` for folder ``i``); the model's train/eval mode is restored."""
+    """Mean Dice of each dataset (``names[i]`` for folder ``i``); the model's train/eval mode is restored.
+
+    ``dataset`` is a :class:`ValidationSet` of images, or a ``CachedEmbeddingSet`` of frozen-encoder
+    embeddings (then only SPPG and QDMD run).
+    """
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     scores: dict[int, list[float]] = {}
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator().manual_seed(0)
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
+        collate_fn=collate_by_size,
     )
     try:
         with torch.no_grad():
-            for batch in loader:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(batch["image"], batch["modality"]).masks
-                predicted, truth = (logits > 0)[:, 0], (batch["mask"] > 0.5)[:, 0]
-                for i, (h, w) in enumerate(batch["valid"].tolist()):
+            for group in (group for groups in loader for group in groups):
+                with autocast(device, bf16):
+                    logits = forward_group(model, {k: v.to(device) for k, v in group.items()}).masks
+                predicted, truth = (logits > 0)[:, 0].cpu(), (group["mask"] > 0.5)[:, 0]
+                for i, (h, w) in enumerate(group["valid"].tolist()):
                     score = dice(predicted[i, :h, :w].numpy(), truth[i, :h, :w].numpy())
-                    scores.setdefault(int(batch["dataset"][i]), []).append(score)
+                    scores.setdefault(int(group["dataset"][i]), []).append(score)
     finally:
         model.train(was_training)
     return {names[k]: sum(v) / len(v) for k, v in sorted(scores.items())}
+
+
+def forward_group(model: nn.Module, group: dict[str, torch.Tensor]) -> Any:
+    """The model's output on one same-size group: images through the whole model, or cached embeddings
+    (key ``embedding``) through SPPG and QDMD alone."""
+    if "embedding" in group:
+        return model.decode(group["embedding"], group["modality"], group["mask"].shape[-1])
+    return model(group["image"], group["modality"])
+
+
+def collate_by_size(items: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Items -> one stacked batch per input size, in order of first appearance (one group when all agree)."""
+    key = "embedding" if "embedding" in items[0] else "image"
+    groups: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
+    for item in items:
+        groups.setdefault(tuple(item[key].shape), []).append(item)
+    return [default_collate(group) for group in groups.values()]

@@ -1,0 +1,200 @@
+"""Training with a frozen shared encoder: each image's embedding is computed once per augmentation
+variant and kept on disk, and training runs SPPG and QDMD alone on the stored embeddings.
+
+Variant 0 is the image as inference sees it; variants 1..N-1 are draws of
+``data.transforms.appearance_augmentation`` seeded by (seed, variant, image content), so a rebuilt or
+resumed cache holds the same samples. Each entry is one ``.npz`` (written atomically, so an interrupted
+build resumes with the missing entries): the float16 (C, S/s, S/s) embedding, the (S, S) mask at input
+size and the valid (unpadded) region. The cache folder is named after the encoder's weights, the input
+normalisation and this module's sample recipe, so a different encoder never reads another's entries.
+
+With the encoder frozen, one epoch costs a decoder pass instead of a whole-model pass (at LiteMedSAM's
+pointwise stem the encoder is ~90 % of the forward cost and all of the memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from espmedsam.data.dataset import SegmentationFolder
+from espmedsam.data.transforms import appearance_augmentation, reseed, to_model_input
+from espmedsam.files import atomic_write
+from espmedsam.modalities import MODALITIES
+from espmedsam.models.espmedsam import ESPMedSAM
+
+RECIPE_VERSION = "appearance-v1"  # bump when the variant recipe changes: it names the cache folder
+DEFAULT_CACHE = Path.home() / ".cache" / "espmedsam" / "encoder-embeddings"
+
+
+def encoder_fingerprint(model: ESPMedSAM) -> str:
+    """16 hex digits over the encoder's config and weights, the input normalisation and the recipe."""
+    config = model.config
+    digest = hashlib.sha256(repr((config.encoder, config.input_normalisation, RECIPE_VERSION)).encode())
+    for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        if ".controllers." not in name:  # the cache holds controller-free embeddings
+            digest.update(name.encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def sample_digest(image: np.ndarray, mask: np.ndarray) -> str:
+    """SHA-256 of an image/mask pair's pixels and shapes."""
+    digest = hashlib.sha256(repr((image.shape, mask.shape)).encode())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    digest.update(np.packbits(np.ascontiguousarray(mask > 0)).tobytes())
+    return digest.hexdigest()
+
+
+class EncoderCache:
+    """Embedding/mask entries of one frozen encoder under ``root/<fingerprint>``."""
+
+    def __init__(self, root: str | Path, fingerprint: str) -> None:
+        self.dir = Path(root) / fingerprint
+
+    def path(self, digest: str, size: int, variant: int) -> Path:
+        return self.dir / str(size) / digest[:2] / f"{digest}_v{variant}.npz"
+
+    def get(self, digest: str, size: int, variant: int) -> dict[str, torch.Tensor]:
+        """{"embedding": (C, h, w) float32, "mask": (1, S, S) float32, "valid": (2,) int64}."""
+        with np.load(self.path(digest, size, variant)) as entry:
+            return {
+                "embedding": torch.from_numpy(entry["embedding"].astype(np.float32)),
+                "mask": torch.from_numpy(entry["mask"].astype(np.float32))[None],
+                "valid": torch.from_numpy(entry["valid"].astype(np.int64)),
+            }
+
+    def put(self, digest: str, size: int, variant: int, entry: dict[str, torch.Tensor]) -> Path:
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            embedding=entry["embedding"].detach().to(torch.float16).cpu().numpy(),
+            mask=entry["mask"][0].cpu().numpy() > 0.5,
+            valid=entry["valid"].cpu().numpy(),
+        )
+        return atomic_write(self.path(digest, size, variant), lambda file: file.write(buffer.getvalue()))
+
+
+def variant_input(
+    model: ESPMedSAM, image: np.ndarray, mask: np.ndarray, size: int, variant: int, seed: int, digest: str
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The (3, S, S) input, (1, S, S) mask and valid region of one variant of a pair, for ``model``."""
+    if variant:
+        augmentation = appearance_augmentation(size)
+        item_seed = np.random.SeedSequence([seed, variant, int(digest[:15], 16)]).generate_state(1)[0]
+        reseed(augmentation, int(item_seed))
+        out = augmentation(image=np.ascontiguousarray(image), mask=mask.astype(np.uint8))
+        image, mask = out["image"], out["mask"]
+    config = model.config
+    return to_model_input(image, mask, size, config.pixel_mean, config.pixel_std, config.input_normalisation)
+
+
+class CachedEmbeddingSet(Dataset):
+    """Folders x variants of cached embeddings; the variant of item ``i`` in an epoch is drawn from
+    (seed, epoch, i) among ``variants``. Items: {"embedding", "mask", "valid", "modality", "dataset"}."""
+
+    def __init__(
+        self,
+        cache: EncoderCache,
+        folders: Sequence[SegmentationFolder],
+        sizes: Sequence[int],
+        variants: int,
+        seed: int = 0,
+    ) -> None:
+        self.cache, self.folders, self.sizes = cache, list(folders), list(sizes)
+        self.variants, self.seed, self.epoch = variants, seed, 0
+        self._items = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
+        self.digests = [sample_digest(*_pair(self.folders[f][i])) for f, i in self._items]
+
+    @property
+    def dataset_sizes(self) -> list[int]:
+        return [len(folder) for folder in self.folders]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def variant_of(self, index: int) -> int:
+        if self.variants == 1:
+            return 0
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        return int(state % self.variants)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        which, _ = self._items[index]
+        entry = self.cache.get(self.digests[index], self.sizes[which], self.variant_of(index))
+        modality = MODALITIES.index(self.folders[which].modality)
+        return {**entry, "modality": torch.tensor(modality), "dataset": torch.tensor(which)}
+
+    def jobs(self, variants: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(item index, size, variant) of every entry these variants need."""
+        return [(i, self.sizes[f], v) for i, (f, _) in enumerate(self._items) for v in variants]
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        which, within = self._items[index]
+        image, mask = _pair(self.folders[which][within])
+        return image, mask, self.digests[index]
+
+
+def _pair(sample: Any) -> tuple[np.ndarray, np.ndarray]:
+    return sample.image, sample.mask
+
+
+def build_cache(
+    model: ESPMedSAM,
+    dataset: CachedEmbeddingSet,
+    variants: Sequence[int],
+    *,
+    seed: int,
+    batch_size: int = 4,
+    bf16: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Embed every missing (item, variant) of ``dataset`` with the controller-free encoder; returns the
+    number computed. Same-size inputs are batched; the encoder runs in eval mode under ``no_grad``."""
+    digests = dataset.digests
+    todo = [
+        job for job in dataset.jobs(variants) if not dataset.cache.path(digests[job[0]], *job[1:]).is_file()
+    ]
+    chunks = [
+        group[start : start + batch_size]
+        for size in sorted({job[1] for job in todo})
+        for group in [[job for job in todo if job[1] == size]]
+        for start in range(0, len(group), batch_size)
+    ]
+    was_training, done = model.training, 0
+    model.eval()
+    try:
+        for chunk in chunks:
+            done += _embed_chunk(model, dataset, chunk, seed=seed, bf16=bf16)
+            if progress is not None:
+                progress(done, len(todo))
+    finally:
+        model.train(was_training)
+    return done
+
+
+def _embed_chunk(
+    model: ESPMedSAM, dataset: CachedEmbeddingSet, chunk: list[tuple[int, int, int]], *, seed: int, bf16: bool
+) -> int:
+    """Embed and store one batch of same-size (item, size, variant) jobs."""
+    device = model.pixel_mean.device
+    inputs = [
+        variant_input(model, *dataset.sample(i)[:2], size, v, seed, dataset.digests[i])
+        for i, size, v in chunk
+    ]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        embeddings = model.encode(torch.stack([x for x, _, _ in inputs]).to(device), None)
+    for (index, size, variant), (_, mask, valid), embedding in zip(chunk, inputs, embeddings, strict=True):
+        entry = {"embedding": embedding.float(), "mask": mask, "valid": torch.tensor(valid)}
+        dataset.cache.put(dataset.digests[index], size, variant, entry)
+    return len(chunk)

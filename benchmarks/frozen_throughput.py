@@ -12,12 +12,10 @@ over the sets' modalities, also printed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import median_seconds, report
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
 from espmedsam.losses import SegmentationLoss
@@ -35,15 +33,6 @@ RECIPE_SETS = (
 )
 
 
-def _median_time(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # one warm-up
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def embed_seconds(model, size: int, bf16: bool, repeats: int) -> float:
     images = torch.randn(4, 3, size, size)
 
@@ -51,7 +40,7 @@ def embed_seconds(model, size: int, bf16: bool, repeats: int) -> float:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model.encode(images, None)
 
-    return _median_time(run, repeats) / 4
+    return median_seconds(run, repeats) / 4
 
 
 def step_images_per_second(model, modality: str, size: int, batch: int, bf16: bool, repeats: int) -> float:
@@ -72,7 +61,7 @@ def step_images_per_second(model, modality: str, size: int, batch: int, bf16: bo
         loss.backward()
         optimizer.step()
 
-    return batch / _median_time(run, repeats)
+    return batch / median_seconds(run, repeats)
 
 
 def main() -> None:

@@ -12,14 +12,12 @@ Usage: python benchmarks/predict_sizes.py [--checkpoint CKPT] [--runs 5] [--out 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _report import report
+from _report import median_seconds, report
 from PIL import Image
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
@@ -27,18 +25,9 @@ from espmedsam.models.registry import build_model
 from espmedsam.predict import EXAMPLES_DIR, Predictor, predict_paths
 
 
-def _median(run, runs: int) -> float:
-    times = []
-    for _ in range(runs + 1):  # one warm-up
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
 def predict_seconds(predictor: Predictor, image: Path, modality: str, runs: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        return _median(lambda: list(predict_paths(predictor, [image], out, modality=modality)), runs)
+        return median_seconds(lambda: list(predict_paths(predictor, [image], out, modality=modality)), runs)
 
 
 def forward_seconds(model, modality: str, size: int, runs: int) -> float:
@@ -48,7 +37,7 @@ def forward_seconds(model, modality: str, size: int, runs: int) -> float:
         with torch.inference_mode():
             model(x, modality)
 
-    return _median(run, runs)
+    return median_seconds(run, runs)
 
 
 def main() -> None:

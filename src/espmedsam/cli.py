@@ -110,7 +110,7 @@ def info(
     out.print(
         f"encoder TinyViT dims {list(enc.embed_dims)} depths {list(enc.depths)} heads {list(enc.num_heads)} "
         f"windows {list(enc.window_sizes)}, {enc.stem} stem (output stride {enc.output_stride}); "
-        f"controllers {'1 shared' if cfg.controller.shared else len(cfg.modalities)}"
+        f"controllers {_controller_count(cfg)}"
     )
     table = Table(title="Parameters")
     table.add_column("component")
@@ -122,6 +122,12 @@ def info(
         )
     out.print(table)
     out.print(f"total = {100 * sam_ratio(net):.1f} % of SAM ViT-B ({SAM_VIT_B_PARAMETERS:,} parameters)")
+
+
+def _controller_count(cfg) -> str:
+    if not cfg.controller.enabled:
+        return "none (shared encoder alone)"
+    return "1 shared" if cfg.controller.shared else str(len(cfg.modalities))
 
 
 @app.command()
@@ -274,6 +280,13 @@ def export(
     ] = None,
     candidates: Annotated[str, typer.Option(help="Input sizes tried by --choose-sizes-on.")] = "256,384,512",
     device: DeviceOpt = "auto",
+    drop_controllers: Annotated[
+        bool,
+        typer.Option(
+            "--drop-controllers",
+            help="Remove the modality controllers (a model trained with frozen_encoder: same output).",
+        ),
+    ] = False,
 ) -> None:
     """Rewrite a checkpoint to ship it: float16, and per-modality input sizes chosen on validation data."""
     import torch
@@ -283,7 +296,10 @@ def export(
     sizes = _parse_input_sizes(input_size or [])
     if choose_on:
         sizes = {**_choose_sizes(checkpoint, choose_on, candidates, device), **sizes}
-    path = export_checkpoint(checkpoint, out, dtype=torch.float16 if fp16 else None, inference_sizes=sizes)
+    dtype = torch.float16 if fp16 else None
+    path = export_checkpoint(
+        checkpoint, out, dtype=dtype, inference_sizes=sizes, drop_controllers=drop_controllers
+    )
     console.print(f"wrote {path}")
 
 

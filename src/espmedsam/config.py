@@ -103,6 +103,7 @@ class ControllerConfig:
     num_prompt_tokens: int = 1
     adapter_ratio: float = 4.0
     shared: bool = False  # official layout: one controller used for every modality
+    enabled: bool = True  # False: no controllers, the shared encoder alone (``export --drop-controllers``)
 
 
 @dataclasses.dataclass(frozen=True)

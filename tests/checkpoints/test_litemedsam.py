@@ -268,3 +268,18 @@ def test_published_file_imports_as_the_identity_of_litemedsam(published_wheel):
     assert expected.shape == (1, 256, 64, 64)
     torch.testing.assert_close(shared, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(routed, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_dropping_identity_controllers_keeps_the_output(published_layout, tmp_path):
+    from espmedsam.checkpoints.native import export_checkpoint, save_model
+
+    model, _ = import_litemedsam(published_layout)
+    full = save_model(model, tmp_path / "full.safetensors")
+    bare = load_model(export_checkpoint(full, tmp_path / "bare.safetensors", drop_controllers=True))
+    assert not bare.config.controller.enabled
+    assert not any(".controllers." in k for k in bare.state_dict())
+    assert (tmp_path / "bare.safetensors").stat().st_size < full.stat().st_size / 2
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bare(x, "xray").masks, model(x, "xray").masks, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(bare.encode(x, "xray"), model.encode(x, None))

@@ -93,3 +93,13 @@ def test_collate_by_size_groups_same_sizes_in_order():
     items = [{"image": torch.zeros(3, s, s), "mask": torch.zeros(1, s, s)} for s in (8, 16, 8)]
     groups = collate_by_size(items)
     assert [tuple(g["image"].shape) for g in groups] == [(2, 3, 8, 8), (1, 3, 16, 16)]
+
+
+def test_input_sizes_need_one_size_per_modality(tiny_config, tmp_path):
+    import pytest
+
+    from espmedsam.errors import ConfigError
+
+    config = dataclasses.replace(_frozen(tiny_config, tmp_path), input_sizes=(64, 64))
+    with pytest.raises(ConfigError, match="one size per model modality"):
+        train(config)

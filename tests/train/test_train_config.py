@@ -65,3 +65,25 @@ def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: 1\nlosses: {}\n")
     with pytest.raises(ConfigError, match="unknown config key 'losses'"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+def test_litemedsam_recipe_trains_eight_sets_on_a_frozen_encoder():
+    config = load_train_config("six_datasets_litemedsam")
+    assert config.frozen_encoder and config.variants >= 1 and config.init == "litemedsam.safetensors"
+    assert len(config.data) == 8 and len(config.input_sizes) == 6
+    assert all(size % 8 == 0 for size in config.input_sizes)
+    # the cache build and the decoder training together stay within the 150-minute budget
+    assert config.time_budget_minutes <= 90
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"variants": 0}, "variants must be at least 1"),
+        ({"input_sizes": (192, 100)}, "input_sizes must be positive multiples of 8"),
+        ({"frozen_encoder": True, "arch": "unet"}, "frozen_encoder needs arch: espmedsam"),
+    ],
+)
+def test_frozen_encoder_fields_are_checked(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes)

@@ -69,16 +69,23 @@ def export_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     inference_sizes: dict[str, int] | None = None,
+    drop_controllers: bool = False,
 ) -> Path:
     """Rewrite an ESP-MedSAM or U-Net checkpoint, e.g. in float16 to ship, with per-modality input sizes.
 
     Args:
         inference_sizes: modality -> input side; modalities not named keep their current one (their
             ``inference_sizes`` entry, else ``image_size``).
+        drop_controllers: remove the modality controllers, leaving the shared encoder alone: for a model
+            whose decoder was trained on the controller-free encoder (``frozen_encoder``), whose
+            controllers are the identity; it is then smaller, faster and exactly what was trained.
     Raises:
-        CheckpointError: as ``load_checkpoint``. ConfigError: an unknown modality or a bad size.
+        CheckpointError: as ``load_checkpoint``. ConfigError: an unknown modality or a bad size, or
+            ``drop_controllers`` for a U-Net.
     """
     model = load_checkpoint(source)
+    if drop_controllers:
+        model = _without_controllers(model)
     if inference_sizes:
         config = model.config
         unknown = sorted(set(inference_sizes) - set(config.modalities))
@@ -91,6 +98,18 @@ def export_checkpoint(
     if isinstance(model, ESPMedSAM):
         return save_model(model, out, dtype=dtype)
     return save_unet(model, out, dtype=dtype)
+
+
+def _without_controllers(model: ESPMedSAM | UNetBaseline) -> ESPMedSAM:
+    if not isinstance(model, ESPMedSAM):
+        raise ConfigError("--drop-controllers needs an ESP-MedSAM checkpoint")
+    config = dataclasses.replace(
+        model.config, controller=dataclasses.replace(model.config.controller, enabled=False)
+    )
+    bare = build_model(config)
+    kept = {k: v for k, v in model.state_dict().items() if ".controllers." not in k}
+    load_strict(bare, kept, "the controller-free model")
+    return bare
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

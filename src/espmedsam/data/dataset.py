@@ -29,6 +29,8 @@ KNOWN_DATASETS: dict[str, str] = {
     "drive": "fundus",
     "dsb2018": "microscopy",
     "cvc_clinicdb": "colonoscopy",
+    "busbra": "ultrasound",
+    "monusac": "microscopy",
 }
 
 

@@ -15,7 +15,22 @@ from espmedsam.errors import InputError
 from espmedsam.modalities import MODALITIES
 
 
-class MixedModalityDataset(Dataset):
+class FolderEpochs:
+    """Dataset folders drawn per epoch: sizes for ``BalancedSampler``, and the epoch that seeds the draws."""
+
+    folders: list[SegmentationFolder]
+    epoch: int = 0
+
+    @property
+    def dataset_sizes(self) -> list[int]:
+        """Length of each folder, in order (for ``BalancedSampler``)."""
+        return [len(folder) for folder in self.folders]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class MixedModalityDataset(FolderEpochs, Dataset):
     """Concatenated folders -> dicts of model inputs, optionally augmented.
 
     Index ``i`` runs over the folders in order (folder 0's items first). With ``augment``, the augmentation
@@ -53,14 +68,6 @@ class MixedModalityDataset(Dataset):
         self.seed, self.epoch, self.normalisation = seed, 0, normalisation
         self._augmentation = train_augmentation(size, zoom_probability=zoom_probability) if augment else None
         self._starts = np.cumsum([0, *(len(f) for f in self.folders)])
-
-    @property
-    def dataset_sizes(self) -> list[int]:
-        """Length of each folder, in order (for ``BalancedSampler``)."""
-        return [len(folder) for folder in self.folders]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return int(self._starts[-1])

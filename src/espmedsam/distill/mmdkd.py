@@ -203,8 +203,15 @@ def freeze_for_stage(student: ESPMedSAM, stage: str, modalities: set[str | None]
 
 
 def controller_slot(student: ESPMedSAM, modality: str) -> int:
-    """Index of the controller that serves ``modality`` (0 for the official single-controller layout)."""
-    return int(student.route(student.modality_ids(modality, 1)).index[0])
+    """Index of the controller that serves ``modality`` (0 for the official single-controller layout).
+
+    Raises:
+        InputError: a model without controllers.
+    """
+    route = student.route(student.modality_ids(modality, 1))
+    if route is None:
+        raise InputError("this model has no modality controllers (exported with --drop-controllers)")
+    return int(route.index[0])
 
 
 def train_epoch(

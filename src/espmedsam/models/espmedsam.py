@@ -99,8 +99,11 @@ class ESPMedSAM(RawImageIO, nn.Module):
         """(B,) int64 ids of ``modality`` in this model's modality list."""
         return modality_ids(modality, self.modalities, batch_size=batch_size)
 
-    def route(self, ids: torch.Tensor) -> ControllerRoute:
-        """Controller of each image: its modality's, or the single shared one of the official layout."""
+    def route(self, ids: torch.Tensor) -> ControllerRoute | None:
+        """Controller of each image: its modality's, the single shared one of the official layout, or none
+        in a model without controllers."""
+        if not self.config.controller.enabled:
+            return None
         return ControllerRoute.from_index(torch.zeros_like(ids) if self.config.controller.shared else ids)
 
     def _check_images(self, images: torch.Tensor) -> None:

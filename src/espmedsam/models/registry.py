@@ -92,6 +92,7 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
     if isinstance(config, str):
         config = get_config(config)
     num_controllers = 1 if config.controller.shared else len(config.modalities)
+    num_controllers = num_controllers if config.controller.enabled else 0
     encoder = TinyViT(config.encoder, num_controllers=num_controllers, controller=config.controller)
     sppg = SelfPatchPromptGenerator(
         config.encoder.out_chans, config.sppg.hidden_dim, threshold=config.sppg.threshold

@@ -18,6 +18,7 @@ class ComponentCount:
 def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
     """Shared TinyViT, each controller, SPPG, QDMD and the total, in that order."""
     controller_names = model.modalities if not model.config.controller.shared else ("all modalities",)
+    controller_names = controller_names if model.config.controller.enabled else ()
     shared = 0
     per_controller = [0] * len(controller_names)
     for name, p in model.image_encoder.named_parameters():

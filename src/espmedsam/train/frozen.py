@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from espmedsam.data.dataset import SegmentationFolder
+from espmedsam.data.training_set import FolderEpochs
 from espmedsam.data.transforms import appearance_augmentation, reseed, to_model_input
 from espmedsam.files import atomic_write
 from espmedsam.modalities import MODALITIES
@@ -96,7 +97,7 @@ def variant_input(
     return to_model_input(image, mask, size, config.pixel_mean, config.pixel_std, config.input_normalisation)
 
 
-class CachedEmbeddingSet(Dataset):
+class CachedEmbeddingSet(FolderEpochs, Dataset):
     """Folders x variants of cached embeddings; the variant of item ``i`` in an epoch is drawn from
     (seed, epoch, i) among ``variants``. Items: {"embedding", "mask", "valid", "modality", "dataset"}."""
 
@@ -112,13 +113,6 @@ class CachedEmbeddingSet(Dataset):
         self.variants, self.seed, self.epoch = variants, seed, 0
         self._items = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
         self.digests = [sample_digest(*_pair(self.folders[f][i])) for f, i in self._items]
-
-    @property
-    def dataset_sizes(self) -> list[int]:
-        return [len(folder) for folder in self.folders]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     official = sum(p.numel() for p in build_model("official").parameters())
-    lines = table("default") + table("official")
+    lines = table("default") + table("litemedsam") + table("official")
     lines.append(
         f"Official layout: {official:,} parameters + {OFFICIAL_UNUSED:,} that the official checkpoint "
         "stores but never "

@@ -107,6 +107,15 @@ class ControllerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RefinerConfig:
+    """Residual ConvNeXt blocks on the image embedding before SPPG and QDMD (``models/refiner.py``)."""
+
+    depth: int = 0  # 0: none, as in the paper
+    kernel_size: int = 7
+    mlp_ratio: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
 class SPPGConfig:
     """Self-patch prompt generator (paper-notes §3)."""
 
@@ -141,6 +150,7 @@ class ModelConfig(SerialisableConfig):
     controller: ControllerConfig = ControllerConfig()
     sppg: SPPGConfig = SPPGConfig()
     decoder: DecoderConfig = DecoderConfig()
+    refiner: RefinerConfig = RefinerConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
     input_normalisation: str = (
         "mean_std"  # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]

@@ -140,7 +140,7 @@ def test_import_maps_every_part(published_layout):
     assert "prompt_encoder.no_mask_embed.weight" in unused and "mask_decoder.iou_token.weight" in unused
     initialised = {name for names in report.initialised.values() for name in names}
     assert {k for k in ours if k.startswith("sppg.")} <= initialised
-    assert all(".controllers." in k or k.startswith("sppg.") for k in initialised)
+    assert all(".controllers." in k or k.startswith(("sppg.", "refiner.")) for k in initialised)
 
 
 def test_imported_controllers_start_as_the_identity(published_layout):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from espmedsam.checkpoints.native import load_model
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
+from espmedsam.errors import ConfigError
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
 from espmedsam.train import train
@@ -96,10 +98,6 @@ def test_collate_by_size_groups_same_sizes_in_order():
 
 
 def test_input_sizes_need_one_size_per_modality(tiny_config, tmp_path):
-    import pytest
-
-    from espmedsam.errors import ConfigError
-
     config = dataclasses.replace(_frozen(tiny_config, tmp_path), input_sizes=(64, 64))
     with pytest.raises(ConfigError, match="one size per model modality"):
         train(config)

@@ -10,7 +10,8 @@ LiteMedSAM is SAM's three parts on a TinyViT with a pointwise stem: ``image_enco
   (the single-mask output that LiteMedSAM trains and predicts with), so every decoding channel starts as
   LiteMedSAM's own decoder;
 - the controllers: the identity (zero adapters, zero prompt tokens behind a logit bias of
-  ``IDENTITY_PROMPT_BIAS``), and SPPG: fresh, as LiteMedSAM has no counterpart.
+  ``IDENTITY_PROMPT_BIAS``); SPPG and the embedding refiner: fresh (the refiner as the identity), as
+  LiteMedSAM has no counterpart.
 
 The point, box and mask prompt embeddings, the IoU head and the other three mask tokens are left out: a
 prompt-free, single-mask model has no use for them.
@@ -42,7 +43,7 @@ DIRECT: tuple[tuple[str, str], ...] = (
     ("mask_decoder.output_upscaling.", "decoder.output_upscaling."),
     ("prompt_encoder.pe_layer.", "decoder.pe_layer."),
 )
-FRESH_PREFIX = "sppg."  # no counterpart in LiteMedSAM
+FRESH_PREFIXES = ("sppg.", "refiner.")  # no counterpart in LiteMedSAM
 QUERY_SOURCE = "mask_decoder.mask_tokens.weight"  # row 0 -> every modality's query
 HYPERNETWORK_SOURCE = "mask_decoder.output_hypernetworks_mlps.0."  # -> every modality's hypernetwork
 UNUSED: dict[str, str] = {
@@ -123,9 +124,10 @@ def import_litemedsam(path: str | Path | None = None) -> tuple[ESPMedSAM, Import
             report.unused.setdefault(reason, []).append(name)
     merged.update(_per_modality_decoder(model, state, report))
     # only SPPG is new; any other tensor the file lacks stays missing, and load_strict names it
-    fresh = [k for k in model.state_dict() if k.startswith(FRESH_PREFIX)]
+    fresh = [k for k in model.state_dict() if k.startswith(FRESH_PREFIXES)]
     merged.update({k: model.state_dict()[k] for k in fresh})
-    report.initialised["SPPG has no counterpart in LiteMedSAM: fresh initialisation"] = fresh
+    why = "SPPG and the embedding refiner have no counterpart in LiteMedSAM: fresh (the refiner: identity)"
+    report.initialised[why] = fresh
     load_strict(model, merged, str(path))
     return model.eval(), report
 

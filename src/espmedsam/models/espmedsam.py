@@ -19,6 +19,7 @@ from espmedsam.modalities import modality_ids
 from espmedsam.models.controller import ControllerRoute
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.qdmd import QueryDecoupledDecoder
+from espmedsam.models.refiner import EmbeddingRefiner
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
 
@@ -31,7 +32,7 @@ class ESPOutput:
 
     masks: torch.Tensor  # (B, 1, S, S) mask logits of each image's own modality
     patch_logits: torch.Tensor  # (B, 1, S/2s, S/2s) SPPG patch logits, s the encoder's output stride
-    embeddings: torch.Tensor  # (B, C, S/s, S/s) image embedding, before the dense prompt
+    embeddings: torch.Tensor  # (B, C, S/s, S/s) image embedding (after the refiner), before the dense prompt
 
 
 class ESPMedSAM(RawImageIO, nn.Module):
@@ -43,10 +44,12 @@ class ESPMedSAM(RawImageIO, nn.Module):
         image_encoder: TinyViT,
         sppg: SelfPatchPromptGenerator,
         decoder: QueryDecoupledDecoder,
+        refiner: EmbeddingRefiner | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.image_encoder = image_encoder
+        self.refiner = refiner if refiner is not None else EmbeddingRefiner(config.encoder.out_chans)
         self.sppg = sppg
         self.decoder = decoder
         self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
@@ -77,6 +80,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         """
         ids = self.modality_ids(modality, embeddings.shape[0]).to(embeddings.device)
         size = size or embeddings.shape[-1] * self.config.encoder.output_stride
+        embeddings = self.refiner(embeddings)
         patch_logits, dense_prompt = self.sppg(embeddings)
         low_res = self.decoder(embeddings + dense_prompt, ids)
         if low_res.shape[-1] != size:

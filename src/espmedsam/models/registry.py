@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from espmedsam.config import (
@@ -10,11 +11,13 @@ from espmedsam.config import (
     DecoderConfig,
     EncoderConfig,
     ModelConfig,
+    RefinerConfig,
     SPPGConfig,
 )
 from espmedsam.errors import ConfigError
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.qdmd import QueryDecoupledDecoder
+from espmedsam.models.refiner import EmbeddingRefiner
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
 
@@ -41,12 +44,14 @@ def official_config() -> ModelConfig:
 
 def litemedsam_config() -> ModelConfig:
     """Six modalities on LiteMedSAM's TinyViT: pointwise stem (output stride 4), fixed windows with padding,
-    per-image min-max input normalisation, 256² by default (a 64 x 64 embedding)."""
+    per-image min-max input normalisation, 256² by default (a 64 x 64 embedding), and a two-block embedding
+    refiner, which lets a decoder trained on a frozen encoder mix neighbouring positions."""
     return ModelConfig(
         name="litemedsam",
         image_size=256,
         input_normalisation="minmax",
         encoder=EncoderConfig(stem="pointwise", balanced_windows=False),
+        refiner=RefinerConfig(depth=2),
     )
 
 
@@ -98,4 +103,5 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
         config.encoder.out_chans, config.sppg.hidden_dim, threshold=config.sppg.threshold
     )
     decoder = QueryDecoupledDecoder(len(config.modalities), config.encoder.out_chans, config.decoder)
-    return ESPMedSAM(config, encoder, sppg, decoder).eval()
+    refiner = EmbeddingRefiner(config.encoder.out_chans, **dataclasses.asdict(config.refiner))
+    return ESPMedSAM(config, encoder, sppg, decoder, refiner).eval()

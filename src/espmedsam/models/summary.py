@@ -29,6 +29,8 @@ def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
     rows = [ComponentCount("shared TinyViT encoder", shared)]
     pairs = zip(controller_names, per_controller, strict=True)
     rows += [ComponentCount(f"controller: {n}", c) for n, c in pairs]
+    if _count(model.refiner):
+        rows.append(ComponentCount("embedding refiner", _count(model.refiner)))
     rows.append(ComponentCount("SPPG (self-patch prompt generator)", _count(model.sppg)))
     rows.append(ComponentCount("QDMD (query-decoupled modality decoder)", _count(model.decoder)))
     rows.append(ComponentCount("total", _count(model)))

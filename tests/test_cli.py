@@ -30,9 +30,16 @@ def test_info_shows_parameter_table():
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0, result.output
     assert "shared TinyViT encoder" in result.output
-    assert "controller: colonoscopy" in result.output
-    assert "28,881,521" in result.output
+    # the bundled weights: LiteMedSAM's encoder without its identity controllers, plus the refiner
+    assert "pointwise stem" in result.output and "controllers none" in result.output
+    assert "embedding refiner" in result.output and "10,551,605" in result.output
     assert "% of SAM ViT-B" in result.output
+
+
+def test_info_lists_every_controller(tmp_path):
+    path = save_model(build_model("default"), tmp_path / "default.safetensors")
+    result = runner.invoke(app, ["info", "--checkpoint", str(path)])
+    assert "controller: colonoscopy" in result.output and "28,881,521" in result.output
 
 
 def test_info_of_checkpoint(tiny_checkpoint):

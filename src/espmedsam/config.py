@@ -50,8 +50,11 @@ class SerialisableConfig:
         return from_dict(cls, _read_yaml(path))
 
 
-# output stride of each TinyViT stem (the layers themselves: ``models.tinyvit.STEMS``)
-STEM_STRIDES: dict[str, int] = {"strided": 4, "pointwise": 1}
+# TinyViT stem name -> (kernel, stride, padding) of each of its two Conv+BN layers
+STEMS: dict[str, tuple[int, int, int]] = {
+    "strided": (3, 2, 1),  # MobileSAM / TinyViT: output stride 4
+    "pointwise": (1, 1, 0),  # LiteMedSAM: output stride 1, the 256² input gets MobileSAM's 1024² grid
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +90,13 @@ class EncoderConfig:
         for dim, heads in zip(self.embed_dims, self.num_heads, strict=True):
             if dim % heads:
                 raise ConfigError(f"encoder: num_heads {heads} does not divide embed_dim {dim}")
-        if self.stem not in STEM_STRIDES:
-            raise ConfigError(f"encoder: stem must be one of {', '.join(STEM_STRIDES)}, got {self.stem!r}")
+        if self.stem not in STEMS:
+            raise ConfigError(f"encoder: stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
 
     @property
     def output_stride(self) -> int:
         """Input pixels per embedding cell: the stem's stride times every patch merging's."""
-        return STEM_STRIDES[self.stem] * math.prod(self.merge_strides)
+        return STEMS[self.stem][1] ** 2 * math.prod(self.merge_strides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +155,8 @@ class ModelConfig(SerialisableConfig):
     decoder: DecoderConfig = DecoderConfig()
     refiner: RefinerConfig = RefinerConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
-    input_normalisation: str = (
-        "mean_std"  # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
-    )
+    # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
+    input_normalisation: str = "mean_std"
 
     def __post_init__(self) -> None:
         multiple = self.size_multiple

@@ -327,7 +327,7 @@ def _predictor(model_or_predictor: ESPMedSAM | Predictor, size: int | None) -> P
             return model_or_predictor
         p = model_or_predictor
         return Predictor(p.model, device=str(p.device), size=size, bfloat16=p.bfloat16)
-    return Predictor(model_or_predictor, size=size, device="auto")
+    return Predictor(model_or_predictor, size=size)
 
 
 def _check_names(sources: Sequence[DatasetSource]) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from espmedsam.checkpoints.native import load_model
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
+from espmedsam.distill.cache import CacheKey
 from espmedsam.errors import ConfigError
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
@@ -72,7 +73,7 @@ def test_cached_entry_is_the_encoder_embedding_of_its_variant(tmp_path, datasets
     for variant in (0, 1):
         image, mask, digest = dataset.sample(1)
         x, m, valid = variant_input(model, image, mask, 64, variant, 3, digest)
-        entry = dataset.cache.get(digest, 64, variant)
+        entry = dataset.cache.get(CacheKey(digest, 64, variant))
         with torch.no_grad():
             expected = model.encode(x[None], None)[0]
         assert torch.allclose(entry["embedding"], expected, atol=2e-3)  # stored as float16

@@ -32,14 +32,24 @@ def import_sam(
             unexpected or mis-shaped key (all listed in one message).
         ConfigError: ``variant`` is not a known name.
     """
-    state = read_torch_state_dict(path)
+    return sam_encoder_from_state(read_torch_state_dict(path), str(path), variant=variant, config=config)
+
+
+def sam_encoder_from_state(
+    state: dict[str, torch.Tensor],
+    source: str,
+    *,
+    variant: str | None = None,
+    config: SamViTConfig | None = None,
+) -> SamViTEncoder:
+    """The image encoder of an already-read SAM or MedSAM state dict; see :func:`import_sam`."""
     encoder_state = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     if not encoder_state:
-        raise CheckpointError(f"checkpoint {path} has no {PREFIX}* keys; it is not a SAM checkpoint")
+        raise CheckpointError(f"checkpoint {source} has no {PREFIX}* keys; it is not a SAM checkpoint")
     if config is None:
-        config = SamViTConfig.from_variant(variant) if variant else infer_sam_config(encoder_state, str(path))
+        config = SamViTConfig.from_variant(variant) if variant else infer_sam_config(encoder_state, source)
     model = SamViTEncoder(config)
-    load_strict(model, encoder_state, source=f"{PREFIX}* of {path}")
+    load_strict(model, encoder_state, source=f"{PREFIX}* of {source}")
     return model.eval()
 
 

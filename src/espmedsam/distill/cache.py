@@ -36,8 +36,10 @@ class EmbeddingCache:
         if describe is not None and not (self.dir / "teacher.json").is_file():
             write_text(self.dir / "teacher.json", json.dumps(describe, indent=2))
 
+    suffix = ".npy"  # one entry's file type; subclasses storing more than an embedding change it
+
     def path(self, key: CacheKey) -> Path:
-        return self.dir / str(key.size) / key.digest[:2] / f"{key.digest}_v{key.variant}.npy"
+        return self.dir / str(key.size) / key.digest[:2] / f"{key.digest}_v{key.variant}{self.suffix}"
 
     def __contains__(self, key: CacheKey) -> bool:
         return self.path(key).is_file()
@@ -56,7 +58,7 @@ class EmbeddingCache:
         return [key for key in keys if key not in self]
 
     def size_bytes(self) -> int:
-        return sum(path.stat().st_size for path in self.dir.rglob("*.npy"))
+        return sum(path.stat().st_size for path in self.dir.rglob(f"*{self.suffix}"))
 
 
 def fill(

@@ -35,6 +35,7 @@ from espmedsam.distill.images import DistillImage, InputStore, hold_out, unique
 from espmedsam.distill.teacher import fingerprint
 from espmedsam.errors import InputError
 from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.normalisation import normalise
 from espmedsam.train.history import History
 
 logger = logging.getLogger(__name__)
@@ -158,9 +159,8 @@ def teacher_input(x: torch.Tensor, student: ESPMedSAM, mode: str) -> torch.Tenso
     # a min-max student input is the raw image up to its own scale: 0..1 read as 0..255
     raw = x * 255 if student.config.input_normalisation == "minmax" else x * std + mean
     if mode == "sam":
-        return (raw - sam_mean) / sam_std
-    low, high = raw.amin((1, 2, 3), keepdim=True), raw.amax((1, 2, 3), keepdim=True)
-    return (raw - low) / (high - low).clamp_min(1e-8)
+        return normalise(raw, "mean_std", sam_mean, sam_std)
+    return normalise(raw, "minmax", sam_mean, sam_std)
 
 
 def cache_folder_name(teacher: nn.Module, student: ESPMedSAM, config: DistillConfig) -> str:
@@ -168,9 +168,8 @@ def cache_folder_name(teacher: nn.Module, student: ESPMedSAM, config: DistillCon
     its precision, and the student's padding value (its pixel mean, or its input normalisation's 0), which
     the teacher sees."""
     padding = student.pixel_mean.flatten().tolist()
-    if (
-        student.config.input_normalisation != "mean_std"
-    ):  # a new setting gets its own name; old ones keep theirs
+    # a new setting gets its own name; mean_std caches keep the names they had
+    if student.config.input_normalisation != "mean_std":
         padding = [student.config.input_normalisation, *padding]
     setting = repr((config.teacher_input, config.teacher_bf16, padding))
     return f"{fingerprint(teacher)}-{config.teacher_input}-{hashlib.sha256(setting.encode()).hexdigest()[:8]}"

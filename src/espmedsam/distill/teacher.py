@@ -1,7 +1,7 @@
 """Distillation teachers: SAM-architecture ViT image encoders (SAM ViT-B/L/H, MedSAM ViT-B) and TinyViT
 image encoders (LiteMedSAM, MobileSAM).
 
-A teacher is read from an official ``.pth`` (SAM through ``import_sam``; a checkpoint whose
+A teacher is read from an official ``.pth`` (SAM as ``import_sam`` reads it; a checkpoint whose
 ``image_encoder.*`` is a TinyViT, by its stem: 1x1 for LiteMedSAM, 3x3 for MobileSAM) or from the
 safetensors file that ``espmedsam import sam`` writes; its fingerprint (a hash of its weights) names its
 cache folder, so embeddings of different teachers never mix.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from espmedsam.checkpoints.importers import MOBILESAM_UNUSED
-from espmedsam.checkpoints.sam import import_sam, load_sam_encoder
+from espmedsam.checkpoints.sam import load_sam_encoder, sam_encoder_from_state
 from espmedsam.checkpoints.torch_io import load_strict, read_torch_state_dict
 from espmedsam.config import EncoderConfig
 from espmedsam.errors import CheckpointError
@@ -55,7 +55,8 @@ def load_teacher(path: str | Path) -> nn.Module:
             teacher = load_sam_encoder(path)
         else:
             state = read_torch_state_dict(path)
-            teacher = tinyvit_teacher(state, str(path)) if TINYVIT_STEM in state else import_sam(path)
+            read = tinyvit_teacher if TINYVIT_STEM in state else sam_encoder_from_state
+            teacher = read(state, str(path))
     except CheckpointError as error:
         raise CheckpointError(
             f"{path} is not a teacher (SAM ViT-B/L/H, MedSAM, LiteMedSAM or MobileSAM image encoder): {error}"

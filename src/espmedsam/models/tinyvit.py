@@ -13,15 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from espmedsam.config import ControllerConfig, EncoderConfig
+from espmedsam.config import STEMS, ControllerConfig, EncoderConfig
 from espmedsam.models.common import Conv2dBN, LayerNorm2d, NormMLP
 from espmedsam.models.controller import ControllerBank, ControllerRoute
-
-# stem name -> (kernel, stride, padding) of each of the two Conv+BN layers (strides: config.STEM_STRIDES)
-STEMS: dict[str, tuple[int, int, int]] = {
-    "strided": (3, 2, 1),  # MobileSAM / TinyViT: output stride 4
-    "pointwise": (1, 1, 0),  # LiteMedSAM: output stride 1, the 256² input gets MobileSAM's 1024² grid
-}
 
 
 class PatchEmbed(nn.Module):

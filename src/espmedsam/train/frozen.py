@@ -1,5 +1,5 @@
 """Training with a frozen shared encoder: each image's embedding is computed once per augmentation
-variant and kept on disk, and training runs SPPG and QDMD alone on the stored embeddings.
+variant and kept on disk, and training runs the refiner, SPPG and QDMD alone on the stored embeddings.
 
 Variant 0 is the image as inference sees it; variants 1..N-1 are draws of
 ``data.transforms.appearance_augmentation`` seeded by (seed, variant, image content), so a rebuilt or
@@ -27,6 +27,8 @@ from torch.utils.data import Dataset
 from espmedsam.data.dataset import SegmentationFolder
 from espmedsam.data.training_set import FolderEpochs
 from espmedsam.data.transforms import appearance_augmentation, reseed, to_model_input
+from espmedsam.device import autocast
+from espmedsam.distill.cache import CacheKey, EmbeddingCache
 from espmedsam.files import atomic_write
 from espmedsam.modalities import MODALITIES
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -54,25 +56,22 @@ def sample_digest(image: np.ndarray, mask: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-class EncoderCache:
-    """Embedding/mask entries of one frozen encoder under ``root/<fingerprint>``."""
+class EncoderCache(EmbeddingCache):
+    """Embedding/mask entries of one frozen encoder under ``root/<fingerprint>``, in the teacher cache's
+    layout, one ``.npz`` per (image content, input size, variant)."""
 
-    def __init__(self, root: str | Path, fingerprint: str) -> None:
-        self.dir = Path(root) / fingerprint
+    suffix = ".npz"
 
-    def path(self, digest: str, size: int, variant: int) -> Path:
-        return self.dir / str(size) / digest[:2] / f"{digest}_v{variant}.npz"
-
-    def get(self, digest: str, size: int, variant: int) -> dict[str, torch.Tensor]:
+    def get(self, key: CacheKey) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """{"embedding": (C, h, w) float32, "mask": (1, S, S) float32, "valid": (2,) int64}."""
-        with np.load(self.path(digest, size, variant)) as entry:
+        with np.load(self.path(key)) as entry:
             return {
                 "embedding": torch.from_numpy(entry["embedding"].astype(np.float32)),
                 "mask": torch.from_numpy(entry["mask"].astype(np.float32))[None],
                 "valid": torch.from_numpy(entry["valid"].astype(np.int64)),
             }
 
-    def put(self, digest: str, size: int, variant: int, entry: dict[str, torch.Tensor]) -> Path:
+    def put(self, key: CacheKey, entry: dict[str, torch.Tensor]) -> Path:  # type: ignore[override]
         buffer = io.BytesIO()
         np.savez(
             buffer,
@@ -80,7 +79,7 @@ class EncoderCache:
             mask=entry["mask"][0].cpu().numpy() > 0.5,
             valid=entry["valid"].cpu().numpy(),
         )
-        return atomic_write(self.path(digest, size, variant), lambda file: file.write(buffer.getvalue()))
+        return atomic_write(self.path(key), lambda file: file.write(buffer.getvalue()))
 
 
 def variant_input(
@@ -125,13 +124,17 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, _ = self._items[index]
-        entry = self.cache.get(self.digests[index], self.sizes[which], self.variant_of(index))
+        entry = self.cache.get(CacheKey(self.digests[index], self.sizes[which], self.variant_of(index)))
         modality = MODALITIES.index(self.folders[which].modality)
         return {**entry, "modality": torch.tensor(modality), "dataset": torch.tensor(which)}
 
-    def jobs(self, variants: Sequence[int]) -> list[tuple[int, int, int]]:
-        """(item index, size, variant) of every entry these variants need."""
-        return [(i, self.sizes[f], v) for i, (f, _) in enumerate(self._items) for v in variants]
+    def jobs(self, variants: Sequence[int]) -> list[tuple[int, CacheKey]]:
+        """(item index, cache key) of every entry these variants need."""
+        return [
+            (i, CacheKey(self.digests[i], self.sizes[f], v))
+            for i, (f, _) in enumerate(self._items)
+            for v in variants
+        ]
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
         which, within = self._items[index]
@@ -155,14 +158,11 @@ def build_cache(
 ) -> int:
     """Embed every missing (item, variant) of ``dataset`` with the controller-free encoder; returns the
     number computed. Same-size inputs are batched; the encoder runs in eval mode under ``no_grad``."""
-    digests = dataset.digests
-    todo = [
-        job for job in dataset.jobs(variants) if not dataset.cache.path(digests[job[0]], *job[1:]).is_file()
-    ]
+    todo = [(index, key) for index, key in dataset.jobs(variants) if key not in dataset.cache]
     chunks = [
         group[start : start + batch_size]
-        for size in sorted({job[1] for job in todo})
-        for group in [[job for job in todo if job[1] == size]]
+        for size in sorted({key.size for _, key in todo})
+        for group in [[job for job in todo if job[1].size == size]]
         for start in range(0, len(group), batch_size)
     ]
     was_training, done = model.training, 0
@@ -178,17 +178,16 @@ def build_cache(
 
 
 def _embed_chunk(
-    model: ESPMedSAM, dataset: CachedEmbeddingSet, chunk: list[tuple[int, int, int]], *, seed: int, bf16: bool
+    model: ESPMedSAM, dataset: CachedEmbeddingSet, chunk: list[tuple[int, CacheKey]], *, seed: int, bf16: bool
 ) -> int:
-    """Embed and store one batch of same-size (item, size, variant) jobs."""
+    """Embed and store one batch of same-size (item index, cache key) jobs."""
     device = model.pixel_mean.device
     inputs = [
-        variant_input(model, *dataset.sample(i)[:2], size, v, seed, dataset.digests[i])
-        for i, size, v in chunk
+        variant_input(model, *dataset.sample(i)[:2], key.size, key.variant, seed, key.digest)
+        for i, key in chunk
     ]
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), autocast(device, bf16):
         embeddings = model.encode(torch.stack([x for x, _, _ in inputs]).to(device), None)
-    for (index, size, variant), (_, mask, valid), embedding in zip(chunk, inputs, embeddings, strict=True):
-        entry = {"embedding": embedding.float(), "mask": mask, "valid": torch.tensor(valid)}
-        dataset.cache.put(dataset.digests[index], size, variant, entry)
+    for (_, key), (_, mask, valid), embedding in zip(chunk, inputs, embeddings, strict=True):
+        dataset.cache.put(key, {"embedding": embedding.float(), "mask": mask, "valid": torch.tensor(valid)})
     return len(chunk)

@@ -157,13 +157,11 @@ def save_weights(model: nn.Module, path: Path) -> Path:
     return save_unet(model, path) if isinstance(model, UNetBaseline) else save_model(model, path)
 
 
-def build_datasets(
-    config: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...], model: nn.Module | None = None
-) -> tuple[Any, Any, tuple[str, ...]]:
+def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tuple[str, ...]]:
     """Training set, validation set (None without ``val_split``) and the dataset names.
 
-    With ``frozen_encoder`` (and ``model``) both are ``CachedEmbeddingSet``s of the model's embeddings at
-    its per-modality input sizes; otherwise image sets at ``image_size``, normalised as ``model`` says.
+    With ``frozen_encoder`` both are ``CachedEmbeddingSet``s of the model's embeddings at its per-modality
+    input sizes; otherwise image sets at ``image_size``, normalised as the model's config says.
 
     Raises:
         ConfigError: no dataset folder in ``config.data``.
@@ -174,11 +172,10 @@ def build_datasets(
     counts = [s.name for s in sources]
     names = tuple(s.name if counts.count(s.name) == 1 else f"{s.name}#{i}" for i, s in enumerate(sources))
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
-    if model is not None and config.frozen_encoder:
+    if config.frozen_encoder:
         return _cached_datasets(config, model, folders, sources, names)
-    normalisation = (
-        getattr(model.config, "input_normalisation", "mean_std") if model is not None else "mean_std"
-    )
+    mean, std = model.config.pixel_mean, model.config.pixel_std
+    normalisation = getattr(model.config, "input_normalisation", "mean_std")  # the U-Net has none
     train_set = MixedModalityDataset(
         folders,
         config.image_size,
@@ -231,8 +228,7 @@ class _Trainer:
             _check_resumable(config, from_dict(TrainConfig, state["config"]))
         self.device = resolve_device(config.device)
         self.model = build_network(config).to(self.device)
-        mean, std = self.model.config.pixel_mean, self.model.config.pixel_std
-        self.train_set, self.val_set, self.names = build_datasets(config, mean, std, self.model)
+        self.train_set, self.val_set, self.names = build_datasets(config, self.model)
         self.sampler = BalancedSampler(
             self.train_set.dataset_sizes, config.steps_per_epoch * config.batch_size, config.seed
         )
@@ -294,17 +290,24 @@ class _Trainer:
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
         count = sum(len(group["mask"]) for group in groups)
-        sums = dict.fromkeys(("loss", "dice_loss", "focal_loss", "patch_loss", "train_dice"), 0.0)
+        sums: dict[str, float] = {}
         for group in groups:
             group = {k: v.to(self.device) for k, v in group.items()}
             with autocast(self.device, cfg.bf16):
                 output = forward_group(self.model, group)
             parts = self.loss(output.masks, group["mask"], output.patch_logits)
             weight = len(group["mask"]) / count
+            # one group (every image batch) keeps its loss as is, so single-size runs are unchanged
             (parts.total * weight if len(groups) > 1 else parts.total).backward()
-            for key, value in zip(sums, (parts.total, parts.dice, parts.focal, parts.patch), strict=False):
-                sums[key] += weight * value.item()
-            sums["train_dice"] += weight * _batch_dice(output.masks.detach(), group["mask"])
+            values = {
+                "loss": parts.total.item(),
+                "dice_loss": parts.dice.item(),
+                "focal_loss": parts.focal.item(),
+                "patch_loss": parts.patch.item(),
+                "train_dice": _batch_dice(output.masks.detach(), group["mask"]),
+            }
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + weight * value
         if cfg.grad_clip > 0:
             trained = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)

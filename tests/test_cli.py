@@ -80,7 +80,7 @@ def test_predict_bundled_examples_infers_modality(tmp_path, tiny_checkpoint):
     )
     assert result.exit_code == 0, result.output
     assert len(list(tmp_path.glob("*_mask.png"))) == len(list(examples.glob("*.jpg"))) >= 4
-    assert "(ultrasound)" in result.output
+    assert "(ultrasound, file name)" in result.output
 
 
 @pytest.mark.parametrize(

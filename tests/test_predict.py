@@ -8,7 +8,7 @@ from PIL import Image
 
 from espmedsam import Predictor, build_model
 from espmedsam.errors import InputError
-from espmedsam.predict import expand_inputs, modality_from_name, predict_paths
+from espmedsam.predict_files import expand_inputs, modality_from_name
 
 
 def _write(path: Path, shape=(30, 40)) -> Path:
@@ -43,13 +43,28 @@ def test_predictor_returns_mask_at_original_size():
     assert mask.dtype == bool and np.array_equal(mask, logits > 0)
 
 
-def test_predict_paths_requires_a_modality(tmp_path):
+def test_predict_many_batches_same_size_inputs_like_single_predictions():
+    predictor = Predictor(build_model("tiny"), size=64, bfloat16=False, batch_size=2)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((30, 40, 3), (50, 20), (64, 64, 3))]
+    names = ["xray", "fundus", "xray"]
+    batched = predictor.predict_many(images, names)
+    for image, name, mask in zip(images, names, batched, strict=True):
+        single = predictor.predict(image, name)
+        assert mask.shape == image.shape[:2] and (mask == single).mean() > 0.999
+
+
+def test_predict_volume_gives_one_mask_per_slice():
     predictor = Predictor(build_model("tiny"), size=64)
-    path = _write(tmp_path / "case.png")
-    with pytest.raises(InputError, match="--modality"):
-        list(predict_paths(predictor, [path], tmp_path / "out"))
-    results = list(predict_paths(predictor, [path], tmp_path / "out", modality="xray"))
-    assert results[0].mask_path.exists() and results[0].overlay_path.exists()
+    masks = predictor.predict_volume(np.zeros((5, 20, 30), np.uint8), "xray")
+    assert masks.shape == (5, 20, 30) and masks.dtype == bool
+    with pytest.raises(InputError, match="volume"):
+        predictor.predict_volume(np.zeros((20, 30), np.uint8), "xray")
+
+
+def test_predict_many_needs_one_modality_per_image():
+    with pytest.raises(InputError, match="2 images but 1 modalities"):
+        Predictor(build_model("tiny"), size=64).predict_many([np.zeros((8, 8), np.uint8)] * 2, ["xray"])
 
 
 def test_predictor_uses_each_modality_input_size_unless_given_one():

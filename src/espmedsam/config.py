@@ -141,6 +141,16 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """The modality classifier behind ``--modality auto`` (``models/classifier.py``)."""
+
+    enabled: bool = False
+    # the whole image squashed to input_size x input_size: neither its size nor its aspect ratio is a cue
+    input_size: int = 128
+    hidden_dim: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(SerialisableConfig):
     """The whole ESP-MedSAM network and its input convention."""
 
@@ -154,6 +164,7 @@ class ModelConfig(SerialisableConfig):
     sppg: SPPGConfig = SPPGConfig()
     decoder: DecoderConfig = DecoderConfig()
     refiner: RefinerConfig = RefinerConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
     # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
     input_normalisation: str = "mean_std"
@@ -166,6 +177,9 @@ class ModelConfig(SerialisableConfig):
             raise ConfigError("modalities must name at least one modality")
         _choice("input_normalisation", self.input_normalisation, NORMALISATIONS)
         check_inference_sizes(self.inference_sizes, self.modalities, multiple)
+        side = self.classifier.input_size
+        if self.classifier.enabled and (side % multiple or side < multiple):
+            raise ConfigError(f"classifier.input_size must be a positive multiple of {multiple}, got {side}")
 
     @property
     def size_multiple(self) -> int:

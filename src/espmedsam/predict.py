@@ -1,10 +1,14 @@
-"""Inference: ``Predictor`` for arrays, ``predict_paths`` for files, folders and globs."""
+"""Inference on arrays: ``Predictor`` loads a model once and segments many images, batches and volumes.
+
+Two backends run the network: torch (fp32 or bfloat16 autocast, CPU or GPU) and ONNX Runtime (an
+``espmedsam export --format onnx`` file). Pre- and post-processing are the model's own (``RawImageIO``)
+in both, so they give the same masks up to float rounding. Files, folders and volumes on disk are
+``espmedsam.predict_files``'s.
+"""
 
 from __future__ import annotations
 
-import glob
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,109 +16,174 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from espmedsam.data.io import IMAGE_SUFFIXES, read_image, write_png
 from espmedsam.device import resolve_device
 from espmedsam.errors import InputError
+from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
-from espmedsam.visualize import overlay
+from espmedsam.models.image_io import RawImageIO
 
 if TYPE_CHECKING:
+    from espmedsam.config import ModelConfig
     from espmedsam.models.unet import UNetBaseline
-
-logger = logging.getLogger(__name__)
+    from espmedsam.onnx_backend import OnnxBackend
 
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 
 
+@dataclass(frozen=True)
+class ModalityGuess:
+    """The classifier's answer for one image (or one volume)."""
+
+    modality: str
+    probability: float  # of ``modality``
+    probabilities: dict[str, float]  # every modality's
+
+
+class ConfigImageIO(RawImageIO):
+    """The model's pre- and post-processing from its config alone (for backends that are not a module)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.size_multiple = config.size_multiple
+        self.pixel_mean = torch.tensor(config.pixel_mean).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(config.pixel_std).view(1, 3, 1, 1)
+
+
 class Predictor:
-    """Runs a model on raw images of any size; inference mode and autocast live here, not in the model."""
+    """Runs a model on raw images of any size; inference mode and autocast live here, not in the model.
+
+    Args:
+        model: an ESP-MedSAM or U-Net model (torch backend), or an ``OnnxBackend``.
+        device: torch backend only: "auto", "cpu", "cuda" or "cuda:N".
+        size: one input side for every modality; None: each modality's from the model's config.
+        bfloat16: torch backend only: bfloat16 autocast (about 2x faster on CPU, Dice within 0.005).
+        batch_size: images per forward pass in ``predict_many``; same-size inputs share a batch.
+
+    Example:
+        >>> predictor = Predictor(espmedsam.load_model("model.safetensors"))   # doctest: +SKIP
+        >>> mask = predictor.predict(image, "dermoscopy")          # (H, W) bool
+        >>> masks = predictor.predict_volume(volume, "xray")       # (N, H, W) bool
+        >>> predictor.classify(image).modality                     # "dermoscopy"
+    """
 
     def __init__(
         self,
-        model: ESPMedSAM | UNetBaseline,
+        model: ESPMedSAM | UNetBaseline | OnnxBackend,
         *,
         device: str = "auto",
         size: int | None = None,
         bfloat16: bool = True,
+        batch_size: int = 8,
     ) -> None:
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
-        self.size = size  # None: each modality's size from the model's config
+        if isinstance(model, torch.nn.Module):
+            self.device = resolve_device(device)
+            self.model = model.to(self.device).eval()
+            self.io: RawImageIO = self.model
+        else:
+            self.device = torch.device("cpu")
+            self.model = model
+            self.io = ConfigImageIO(model.config)
+            size = size or model.fixed_size
+        self.size = size
         self.bfloat16 = bfloat16
+        self.batch_size = max(1, batch_size)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.io.modalities
+
+    @property
+    def has_classifier(self) -> bool:
+        return getattr(self.model, "classifier", None) is not None or bool(
+            getattr(self.model, "has_classifier", False)
+        )
 
     def input_size(self, modality: ModalityLike) -> int:
         """The model input side for one image of ``modality``: ``size``, else the model's choice."""
-        return self.size or self.model.input_size(modality)
+        return self.size or self.io.input_size(modality)
 
-    @torch.inference_mode()
     def predict_logits(self, image: np.ndarray, modality: ModalityLike) -> np.ndarray:
         """(H, W[, C]) uint8 image -> (H, W) float32 mask logits at the image's own size."""
-        x, meta = self.model.preprocess(image, self.input_size(modality))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
-            out = self.model(x.to(self.device), modality)
-        return self.model.postprocess(out.masks, meta)[0, 0].cpu().numpy()
+        x, meta = self.io.preprocess(image, self.input_size(modality))
+        ids = self._ids(modality, 1)
+        return self.io.postprocess(self._segment(x, ids), meta)[0, 0].cpu().numpy()
 
     def predict(self, image: np.ndarray, modality: ModalityLike) -> np.ndarray:
         """(H, W[, C]) uint8 image -> (H, W) bool mask (logit > 0, i.e. probability > 0.5)."""
         return self.predict_logits(image, modality) > 0
 
+    def predict_many(self, images: Sequence[np.ndarray], modality: str | Sequence[str]) -> list[np.ndarray]:
+        """Images of any sizes -> one (H, W) bool mask each; inputs of one size run ``batch_size`` at a time.
 
-@dataclass(frozen=True)
-class PredictionResult:
-    source: Path
-    modality: str
-    mask_path: Path
-    overlay_path: Path
-    foreground_fraction: float
+        ``modality`` is one name for all images or one per image.
+        """
+        names = [modality] * len(images) if isinstance(modality, str) else list(modality)
+        if len(names) != len(images):
+            raise InputError(f"{len(images)} images but {len(names)} modalities")
+        masks: list[np.ndarray | None] = [None] * len(images)
+        by_size: dict[int, list[int]] = {}
+        for i, name in enumerate(names):
+            by_size.setdefault(self.input_size(name), []).append(i)
+        for size, members in by_size.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                batch = self._segment_batch([images[i] for i in chunk], size, [names[i] for i in chunk])
+                for i, mask in zip(chunk, batch, strict=True):
+                    masks[i] = mask
+        return masks  # type: ignore[return-value]
 
+    def predict_volume(self, frames: np.ndarray, modality: str) -> np.ndarray:
+        """(N, H, W[, 3]) uint8 slices -> (N, H, W) bool masks, slice by slice in batches."""
+        if frames.ndim not in (3, 4):
+            raise InputError(f"a volume must be (N, H, W) or (N, H, W, 3), got shape {frames.shape}")
+        return np.stack(self.predict_many(list(frames), modality))
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths.
+    def classify(self, image: np.ndarray | Sequence[np.ndarray]) -> ModalityGuess:
+        """The modality of an (H, W[, C]) uint8 image, or of a volume from some of its slices (their
+        probabilities averaged).
 
-    Raises:
-        InputError: an input that matches nothing, or no image at all.
-    """
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            paths.append(path)
-        else:
-            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
-            if not matches:
-                raise InputError(f"{item}: no such file, folder or glob match")
-            paths += [p for p in matches if p.is_file()]
-    if not paths:
-        raise InputError("no input images found")
-    return paths
+        Raises:
+            InputError: the model has no classifier.
+        """
+        if not self.has_classifier:
+            raise InputError("this checkpoint has no modality classifier; pass the modality")
+        images = [image] if isinstance(image, np.ndarray) and image.ndim in (2, 3) else list(image)
+        x = torch.cat([self.io.classifier_input(i) for i in images])
+        probabilities = self._classify(x).softmax(-1).mean(0)
+        best = int(probabilities.argmax())
+        names = self.modalities
+        return ModalityGuess(
+            names[best],
+            float(probabilities[best]),
+            {n: float(p) for n, p in zip(names, probabilities, strict=True)},
+        )
 
+    def _ids(self, modality: ModalityLike, batch_size: int) -> torch.Tensor:
+        return modality_ids(modality, self.modalities, batch_size=batch_size)
 
-def modality_from_name(path: Path, names: Sequence[str]) -> str | None:
-    """The modality a file name starts with (``xray_case1.png`` -> ``xray``), if any."""
-    prefix = path.stem.split("_")[0].lower()
-    return prefix if prefix in names else None
+    def _segment_batch(
+        self, images: Sequence[np.ndarray], size: int, names: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Same-size inputs in one forward pass -> one (H, W) bool mask per image."""
+        prepared = [self.io.preprocess(image, size) for image in images]
+        logits = self._segment(torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names)))
+        return [
+            self.io.postprocess(logits[i : i + 1], meta)[0, 0].numpy() > 0
+            for i, (_, meta) in enumerate(prepared)
+        ]
 
+    @torch.inference_mode()
+    def _segment(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 logits on the CPU."""
+        if isinstance(self.model, torch.nn.Module):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
+                out = self.model(x.to(self.device), ids.to(self.device))
+            return out.masks.float().cpu()
+        return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy()))
 
-def predict_paths(
-    predictor: Predictor, paths: Sequence[Path], out_dir: str | Path, *, modality: str | None = None
-) -> Iterator[PredictionResult]:
-    """Predict each image and write ``<stem>_mask.png`` (0/255, original size) and ``<stem>_overlay.png``.
-
-    Yields one result per image, so callers can show progress.
-
-    Raises:
-        InputError: no ``modality`` given and a file name that does not start with one.
-    """
-    out_dir = Path(out_dir)
-    names = predictor.model.modalities
-    for path in paths:
-        image_modality = modality or modality_from_name(path, names)
-        if image_modality is None:
-            raise InputError(f"{path}: cannot tell its modality; pass --modality ({', '.join(names)})")
-        image = read_image(path)
-        mask = predictor.predict(image, image_modality)
-        mask_path = write_png(out_dir / f"{path.stem}_mask.png", mask.astype(np.uint8) * 255)
-        overlay_path = write_png(out_dir / f"{path.stem}_overlay.png", overlay(image, mask))
-        yield PredictionResult(path, image_modality, mask_path, overlay_path, float(mask.mean()))
+    @torch.inference_mode()
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model, torch.nn.Module):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
+                return self.model.classify(x.to(self.device)).float().cpu()
+        return torch.from_numpy(self.model.classify(x.numpy()))

@@ -49,3 +49,18 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 1:
         return np.repeat(image, 3, axis=2)
     return image[..., :3]
+
+
+def montage(tiles: list[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:
+    """Equal-size (H, W, 3) uint8 tiles -> one (rows*H, columns*W, 3) picture, row by row, black gaps;
+    ``columns`` defaults to a near-square grid."""
+    if not tiles:
+        raise ValueError("montage needs at least one tile")
+    columns = columns or int(np.ceil(np.sqrt(len(tiles))))
+    rows = int(np.ceil(len(tiles) / columns))
+    h, w = tiles[0].shape[:2]
+    out = np.zeros((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = _as_rgb(tile)
+    return out

@@ -77,6 +77,20 @@ class RawImageIO:
         x = F.pad(x, (0, size - resized[1], 0, size - resized[0]))
         return x, PreprocessMeta(original_size=(h, w), resized_size=resized, input_size=size)
 
+    def classifier_input(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw image -> (1, 3, s, s) input of the modality classifier: the whole image resized to a square
+        of ``config.classifier.input_size`` (aspect ratio not kept, no padding), then normalised.
+
+        Raises:
+            InputError: as ``preprocess``.
+        """
+        side = self.config.classifier.input_size  # type: ignore[attr-defined]
+        rgb = to_rgb_tensor(image).to(self.pixel_mean.device)
+        shrink = side < max(rgb.shape[-2:])
+        x = F.interpolate(rgb, size=(side, side), mode="bilinear", align_corners=False, antialias=shrink)
+        mode = getattr(self.config, "input_normalisation", "mean_std")  # type: ignore[attr-defined]
+        return normalise(x, mode, self.pixel_mean, self.pixel_std)
+
     def postprocess(self, logits: torch.Tensor, meta: PreprocessMeta) -> torch.Tensor:
         """(B, 1, S, S) logits -> (B, 1, H, W) logits at the raw image's size (crop the padding, resize)."""
         h, w = meta.resized_size

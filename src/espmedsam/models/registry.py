@@ -15,6 +15,7 @@ from espmedsam.config import (
     SPPGConfig,
 )
 from espmedsam.errors import ConfigError
+from espmedsam.models.classifier import ModalityClassifier
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.qdmd import QueryDecoupledDecoder
 from espmedsam.models.refiner import EmbeddingRefiner
@@ -104,4 +105,9 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
     )
     decoder = QueryDecoupledDecoder(len(config.modalities), config.encoder.out_chans, config.decoder)
     refiner = EmbeddingRefiner(config.encoder.out_chans, **dataclasses.asdict(config.refiner))
-    return ESPMedSAM(config, encoder, sppg, decoder, refiner).eval()
+    classifier = None
+    if config.classifier.enabled:
+        classifier = ModalityClassifier(
+            config.encoder.out_chans, len(config.modalities), config.classifier.hidden_dim
+        )
+    return ESPMedSAM(config, encoder, sppg, decoder, refiner, classifier).eval()

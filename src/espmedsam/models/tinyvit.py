@@ -88,9 +88,11 @@ class WindowAttention(nn.Module):
         """(h, N, N) bias for a wh x ww window (wh, ww <= window_size), N = wh·ww."""
         key = (wh, ww)
         if key not in self._bias_index:
-            rows = torch.arange(wh).repeat_interleave(ww)
-            cols = torch.arange(ww).repeat(wh)
-            index = (rows[:, None] - rows[None]).abs() * self.window_size + (cols[:, None] - cols[None]).abs()
+            # a normal tensor even when first built under inference_mode, so training can use it later
+            with torch.inference_mode(False):
+                rows = torch.arange(wh).repeat_interleave(ww)
+                cols = torch.arange(ww).repeat(wh)
+                index = (rows[:, None] - rows[None]).abs() * self.window_size + (cols[:, None] - cols[None]).abs()
             self._bias_index[key] = index
         index = self._bias_index[key].to(self.attention_biases.device)
         return self.attention_biases[:, index]

@@ -1,0 +1,183 @@
+"""What prediction runs on: ``ImageStack``, the frames of one 2D image, NIfTI volume or DICOM file/series.
+
+``read_stack`` picks the reader by content; ``write_masks`` writes predicted masks back in the input's format
+(PNG for images, NIfTI for NIfTI, NIfTI or DICOM-SEG for DICOM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from espmedsam.data.io import IMAGE_SUFFIXES, read_image, write_png
+from espmedsam.errors import DataError, InputError, MissingDependencyError
+
+KINDS = ("image", "nifti", "dicom")
+DICOM_FORMATS = ("nifti", "seg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass(frozen=True)
+class ImageStack:
+    """Display-ready frames of one input and what is needed to write masks back into its format.
+
+    ``frames``: (N, H, W) or (N, H, W, 3) uint8 (N=1 for a 2D image). ``spacing``: (row, column) pixel
+    spacing in mm when known. ``axis``: for NIfTI, the voxel axis sliced along. ``reference``: the nibabel
+    image (NIfTI) or the list of pydicom datasets in frame order (DICOM); None for images.
+    """
+
+    frames: np.ndarray
+    source: Path
+    kind: str
+    spacing: tuple[float, float] | None = None
+    axis: int | None = None
+    reference: object | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"{self.source}: unknown stack kind {self.kind!r}; expected one of {KINDS}")
+        shape = self.frames.shape
+        if self.frames.dtype != np.uint8 or not (
+            self.frames.ndim == 3 or (self.frames.ndim == 4 and shape[-1] == 3)
+        ):
+            raise InputError(
+                f"{self.source}: frames must be (N, H, W) or (N, H, W, 3) uint8, "
+                f"got {shape} {self.frames.dtype}"
+            )
+
+    @property
+    def is_volume(self) -> bool:
+        """More than one frame, or a DICOM series folder (a volume even when it holds one slice)."""
+        return self.frames.shape[0] > 1 or (self.kind == "dicom" and self.source.is_dir())
+
+    @property
+    def name(self) -> str:
+        """The output name: the file name without its format suffix (``.nii.gz``, ``.dcm``...), or the
+        series folder's name."""
+        if self.source.is_dir():
+            return self.source.name
+        return _strip_suffix(self.source.name, self.kind)
+
+
+def read_stack(path: str | Path, *, axis: int = 2) -> ImageStack:
+    """Read an image, a NIfTI file, a DICOM file or a folder holding one DICOM series.
+
+    The format is told by content where it can be: a file with the DICOM preamble (``DICM`` at byte 128)
+    is DICOM whatever its suffix, as is any ``.dcm``; ``.nii``/``.nii.gz`` (or the NIfTI magic) is NIfTI;
+    PNG/JPEG/TIFF/BMP go through ``read_image`` (RGBA loses its alpha). ``axis`` (0, 1 or 2) is the voxel
+    axis a NIfTI volume is sliced along.
+
+    Raises:
+        DataError: a missing or unreadable file, an unknown format, or an inconsistent series.
+        InputError: ``axis`` not 0, 1 or 2.
+        MissingDependencyError: pydicom or nibabel is not installed.
+    """
+    path = Path(path)
+    if axis not in (0, 1, 2):
+        raise InputError(f"NIfTI slicing axis must be 0, 1 or 2, got {axis}")
+    if path.is_dir():
+        return _dicom().read_dicom_series(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or folder")
+    if is_dicom_file(path):
+        return _dicom().read_dicom_file(path)
+    if _is_nifti(path):
+        return _nifti().read_nifti(path, axis=axis)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        image = read_image(path)
+        if image.ndim == 3:
+            image = image[..., :3]  # RGBA: the model sees colour only
+        return ImageStack(np.ascontiguousarray(image[None]), path, "image")
+    raise DataError(
+        f"{path}: unsupported file type {path.suffix!r}; expected an image "
+        f"({', '.join(IMAGE_SUFFIXES)}), NIfTI (.nii, .nii.gz) or DICOM (.dcm or the DICM preamble)"
+    )
+
+
+def write_masks(
+    stack: ImageStack, masks: np.ndarray, out_dir: str | Path, *, dicom_format: str = "nifti"
+) -> list[Path]:
+    """Write (N, H, W) masks (bool, or 0/nonzero) for ``stack`` into ``out_dir`` in the input's format.
+
+    "image" -> ``<name>_mask.png`` (0/255); "nifti" -> ``<name>_mask.nii.gz`` (uint8 0/1, the input's
+    affine, header and spatial shape); "dicom" -> ``<name>_mask.nii.gz`` (affine from the DICOM geometry)
+    or, with ``dicom_format="seg"``, a binary DICOM-SEG ``<name>_seg.dcm``. Each write is atomic.
+
+    Raises:
+        InputError: masks whose shape is not the frames' (N, H, W), or an unknown ``dicom_format``.
+        MissingDependencyError: ``dicom_format="seg"`` without highdicom.
+        DataError: the DICOM headers do not allow a DICOM-SEG.
+    """
+    if dicom_format not in DICOM_FORMATS:
+        raise InputError(f"unknown DICOM mask format {dicom_format!r}; expected one of {DICOM_FORMATS}")
+    masks = np.asarray(masks)
+    if masks.shape != stack.frames.shape[:3]:
+        raise InputError(f"{stack.source}: masks of shape {masks.shape}, expected {stack.frames.shape[:3]}")
+    masks = masks != 0
+    out_dir = Path(out_dir)
+    if stack.kind == "image":
+        return [write_png(out_dir / f"{stack.name}_mask.png", masks[0].astype(np.uint8) * 255)]
+    if stack.kind == "nifti":
+        nifti = _nifti()
+        volume = nifti.masks_to_volume(stack, masks)
+        return [nifti.write_nifti_mask(out_dir / f"{stack.name}_mask.nii.gz", volume, stack.reference)]
+    dicom = _dicom()
+    if dicom_format == "seg":
+        return [dicom.write_dicom_seg(out_dir / f"{stack.name}_seg.dcm", stack, masks)]
+    # NIfTI voxel order (column, row, frame), as dcm2niix writes a series
+    volume = np.ascontiguousarray(masks.transpose(2, 1, 0)).astype(np.uint8)
+    affine = dicom.nifti_affine(stack.reference, len(masks))
+    return [_nifti().write_nifti_mask(out_dir / f"{stack.name}_mask.nii.gz", volume, None, affine=affine)]
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A ``.dcm``/``.dicom`` file, or one with ``DICM`` at byte 128 (the DICOM file preamble)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as file:
+            head = file.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _is_nifti(path: Path) -> bool:
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return True
+    try:
+        with path.open("rb") as file:
+            head = file.read(348)
+    except OSError:
+        return False
+    # uncompressed single-file NIfTI-1 ("n+1" at 344) or NIfTI-2 ("n+2" at 4)
+    return head[344:348] == b"n+1\0" or head[4:8] == b"n+2\0"
+
+
+def _strip_suffix(name: str, kind: str) -> str:
+    suffixes = {"nifti": (".nii.gz", ".nii"), "dicom": DICOM_SUFFIXES}.get(kind)
+    if suffixes is None:
+        return Path(name).stem
+    for suffix in suffixes:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name  # DICOM files are often named by UID ("1.2.840..."): no suffix to drop
+
+
+def _dicom():
+    try:
+        from espmedsam.data import dicom
+    except ModuleNotFoundError as error:
+        raise MissingDependencyError(f"DICOM needs {error.name}; pip install pydicom") from None
+    return dicom
+
+
+def _nifti():
+    try:
+        from espmedsam.data import nifti
+    except ModuleNotFoundError as error:
+        raise MissingDependencyError(f"NIfTI needs {error.name}; pip install nibabel") from None
+    return nifti

@@ -1,0 +1,342 @@
+"""Prediction on files: images, DICOM files and series, NIfTI volumes; what ``espmedsam predict`` runs.
+
+Files are read ahead and outputs written in background threads while the model works on the next
+batch; 2D images of one input size share a batch. A file that fails is reported and the others go on.
+Outputs follow the input (see ``espmedsam.data.stack.write_masks``), with an overlay per 2D image, a
+montage of slices per volume, and one ``predictions.csv`` row per file.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from espmedsam.data.io import IMAGE_SUFFIXES, write_png
+from espmedsam.data.stack import (
+    DICOM_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ImageStack,
+    is_dicom_file,
+    read_stack,
+    write_masks,
+)
+from espmedsam.errors import EspMedSAMError, InputError
+from espmedsam.files import write_text
+from espmedsam.predict import Predictor
+from espmedsam.visualize import montage, overlay
+
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES
+CSV_COLUMNS = (
+    "file",
+    "modality",
+    "probability",
+    "chosen_by",
+    "frames",
+    "foreground_pixels",
+    "foreground_mm2",
+    "seconds",
+    "outputs",
+    "error",
+)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How files are predicted.
+
+    ``modality``: a model modality for every file, or "auto": a file-name prefix (``xray_case1.png``),
+    else the model's classifier. ``min_confidence``: classifier probabilities below it are flagged.
+    ``dicom_format``: "nifti" or "seg" (DICOM-SEG). ``axis``: NIfTI volumes are cut along it.
+    """
+
+    modality: str = "auto"
+    min_confidence: float = 0.6
+    axis: int = 2
+    dicom_format: str = "nifti"
+    overlays: bool = True
+    read_ahead: int = 8
+    writers: int = 2
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What happened to one input file (``error`` set when it failed)."""
+
+    source: Path
+    modality: str = ""
+    probability: float | None = None  # the classifier's, when it chose the modality
+    chosen_by: str = ""  # "option", "file name" or "classifier"
+    frames: int = 0
+    foreground_pixels: int = 0
+    foreground_mm2: float | None = None
+    seconds: float = 0.0
+    outputs: tuple[Path, ...] = ()
+    error: str | None = None
+    low_confidence: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def csv_row(self) -> dict[str, object]:
+        return {
+            "file": str(self.source),
+            "modality": self.modality,
+            "probability": "" if self.probability is None else f"{self.probability:.4f}",
+            "chosen_by": self.chosen_by,
+            "frames": self.frames,
+            "foreground_pixels": self.foreground_pixels,
+            "foreground_mm2": "" if self.foreground_mm2 is None else f"{self.foreground_mm2:.2f}",
+            "seconds": f"{self.seconds:.3f}",
+            "outputs": ";".join(str(p) for p in self.outputs),
+            "error": self.error or "",
+        }
+
+
+@dataclass
+class _Job:
+    """One read file on its way through the model."""
+
+    stack: ImageStack
+    seconds: float  # spent on this file so far
+    modality: str = ""
+    probability: float | None = None
+    chosen_by: str = ""
+    masks: np.ndarray | None = field(default=None, repr=False)
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files, folders and glob patterns -> inputs: images, NIfTI and DICOM files, DICOM series folders.
+
+    A folder holding DICOM files is one series; another folder gives its images, NIfTI and DICOM files
+    (sorted) and its DICOM sub-folders.
+
+    Raises:
+        InputError: an input that matches nothing, or no input at all.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += _folder_inputs(path)
+        elif path.exists():
+            paths.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
+            if not matches:
+                raise InputError(f"{item}: no such file, folder or glob match")
+            paths += [p for p in matches if p.is_file()]
+    if not paths:
+        raise InputError(f"no input images found in {', '.join(str(i) for i in inputs)}")
+    return paths
+
+
+def _folder_inputs(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if any(is_dicom_file(p) for p in files) and not any(_suffix(p) in IMAGE_SUFFIXES for p in files):
+        return [folder]
+    found = [p for p in files if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES or is_dicom_file(p)]
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return found + [d for d in subfolders if any(is_dicom_file(p) for p in d.iterdir() if p.is_file())]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def modality_from_name(path: Path, names: Sequence[str]) -> str | None:
+    """The modality a file name starts with (``xray_case1.png`` -> ``xray``), if any."""
+    prefix = path.stem.split("_")[0].lower()
+    return prefix if prefix in names else None
+
+
+def predict_files(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    out_dir: str | Path,
+    options: PredictOptions = PredictOptions(),
+) -> Iterator[FileResult]:
+    """Predict every file and write its outputs to ``out_dir``; yields one ``FileResult`` per file as it
+    finishes, failures included (``error`` set). Writes ``predictions.csv`` at the end.
+
+    Raises:
+        InputError: an unknown ``options.modality`` or ``options.dicom_format``.
+    """
+    _check_options(predictor, options)
+    out_dir = Path(out_dir)
+    results: list[FileResult] = []
+    with ThreadPoolExecutor(max(1, options.writers), thread_name_prefix="write") as writer:
+        writes: deque[Future[FileResult]] = deque()
+        for item in _segmented(predictor, _read_ahead(paths, options), options):
+            if isinstance(item, FileResult):
+                results.append(item)
+                yield item
+                continue
+            writes.append(writer.submit(_write_outputs, item, out_dir, options))
+            while writes and (writes[0].done() or len(writes) > 2 * options.writers):
+                results.append(writes.popleft().result())
+                yield results[-1]
+        while writes:
+            results.append(writes.popleft().result())
+            yield results[-1]
+    write_csv(out_dir / "predictions.csv", results)
+
+
+def _check_options(predictor: Predictor, options: PredictOptions) -> None:
+    if options.modality != "auto" and options.modality not in predictor.modalities:
+        names = ", ".join(predictor.modalities)
+        raise InputError(f"unknown modality {options.modality!r}; expected auto or one of {names}")
+    if options.dicom_format not in ("nifti", "seg"):
+        raise InputError(f"DICOM output must be nifti or seg, got {options.dicom_format!r}")
+
+
+def _read_ahead(paths: Sequence[Path], options: PredictOptions) -> Iterator[_Job | FileResult]:
+    """Read files in a background thread, at most ``options.read_ahead`` ahead of the model."""
+
+    def read(path: Path) -> _Job | FileResult:
+        start = time.perf_counter()
+        try:
+            return _Job(read_stack(path, axis=options.axis), time.perf_counter() - start)
+        except EspMedSAMError as error:
+            return FileResult(path, error=str(error))
+        except Exception as error:  # an unexpected decoder failure must not stop the other files
+            return FileResult(path, error=f"{path}: cannot read ({type(error).__name__}: {error})")
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader:
+        window: deque[Future[_Job | FileResult]] = deque()
+        for path in paths:
+            window.append(reader.submit(read, path))
+            if len(window) > options.read_ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def _segmented(
+    predictor: Predictor, items: Iterable[_Job | FileResult], options: PredictOptions
+) -> Iterator[_Job | FileResult]:
+    """Jobs with their masks (volumes alone, 2D images in batches); failures pass through."""
+    batch: list[_Job] = []
+    for item in items:
+        if isinstance(item, FileResult):
+            yield item
+        elif item.stack.is_volume:
+            yield from _run(predictor, [item], options)
+        else:
+            batch.append(item)
+            if len(batch) >= predictor.batch_size:
+                yield from _run(predictor, batch, options)
+                batch = []
+    yield from _run(predictor, batch, options)
+
+
+def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Iterator[_Job | FileResult]:
+    """Choose the modality of each job, then segment them together; a failing batch is retried file by
+    file, so one bad file fails alone."""
+    if not jobs:
+        return
+    start = time.perf_counter()
+    try:
+        for job in jobs:
+            _choose_modality(predictor, job, options)
+        frames = [frame for job in jobs for frame in job.stack.frames]
+        names = [job.modality for job in jobs for _ in job.stack.frames]
+        masks = predictor.predict_many(frames, names)
+    except Exception as error:
+        if len(jobs) > 1:
+            for job in jobs:
+                yield from _run(predictor, [job], options)
+            return
+        yield _failure(jobs[0], error)
+        return
+    share = (time.perf_counter() - start) / len(jobs)
+    done = 0
+    for job in jobs:
+        count = len(job.stack.frames)
+        job.masks, job.seconds = np.stack(masks[done : done + count]), job.seconds + share
+        done += count
+        yield job
+
+
+def _choose_modality(predictor: Predictor, job: _Job, options: PredictOptions) -> None:
+    """``--modality NAME``, else a file-name prefix, else the classifier (on up to 3 slices of a volume).
+
+    Raises:
+        InputError: no way to tell.
+    """
+    source = job.stack.source
+    if options.modality != "auto":
+        job.modality, job.chosen_by = options.modality, "option"
+        return
+    named = modality_from_name(source, predictor.modalities)
+    if named:
+        job.modality, job.chosen_by = named, "file name"
+        return
+    if not predictor.has_classifier:
+        names = ", ".join(predictor.modalities)
+        raise InputError(f"{source}: cannot tell its modality (no classifier); pass --modality ({names})")
+    frames = job.stack.frames
+    picked = sorted({len(frames) // 4, len(frames) // 2, (3 * len(frames)) // 4})
+    guess = predictor.classify([frames[i] for i in picked])
+    job.modality, job.probability, job.chosen_by = guess.modality, guess.probability, "classifier"
+
+
+def _failure(job: _Job, error: Exception) -> FileResult:
+    message = str(error) if isinstance(error, EspMedSAMError) else f"{type(error).__name__}: {error}"
+    source = str(job.stack.source)
+    return FileResult(job.stack.source, error=message if source in message else f"{source}: {message}")
+
+
+def _write_outputs(job: _Job, out_dir: Path, options: PredictOptions) -> FileResult:
+    """Masks in the input's format, the overlay or montage; the file's ``FileResult``."""
+    start = time.perf_counter()
+    stack, masks = job.stack, job.masks
+    assert masks is not None
+    try:
+        outputs = list(write_masks(stack, masks, out_dir, dicom_format=options.dicom_format))
+        if options.overlays:
+            outputs.append(_write_picture(stack, masks, out_dir))
+    except Exception as error:
+        return _failure(job, error)
+    pixels = int(masks.sum())
+    spacing = stack.spacing
+    return FileResult(
+        source=stack.source,
+        modality=job.modality,
+        probability=job.probability,
+        chosen_by=job.chosen_by,
+        frames=len(masks),
+        foreground_pixels=pixels,
+        foreground_mm2=None if spacing is None else pixels * spacing[0] * spacing[1],
+        seconds=job.seconds + time.perf_counter() - start,
+        outputs=tuple(outputs),
+        low_confidence=job.probability is not None and job.probability < options.min_confidence,
+    )
+
+
+def _write_picture(stack: ImageStack, masks: np.ndarray, out_dir: Path) -> Path:
+    if not stack.is_volume:
+        return write_png(out_dir / f"{stack.name}_overlay.png", overlay(stack.frames[0], masks[0]))
+    picked = np.unique(np.linspace(0, len(masks) - 1, min(16, len(masks))).round().astype(int))
+    tiles = [overlay(stack.frames[i], masks[i]) for i in picked]
+    return write_png(out_dir / f"{stack.name}_montage.png", montage(tiles))
+
+
+def write_csv(path: Path, results: Sequence[FileResult]) -> Path:
+    """One row per file (``CSV_COLUMNS``), written atomically."""
+    buffer = io.StringIO()
+    table = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    table.writeheader()
+    for result in results:
+        table.writerow(result.csv_row())
+    return write_text(path, buffer.getvalue())

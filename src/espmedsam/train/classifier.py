@@ -1,0 +1,214 @@
+"""Training the modality classifier (``models/classifier.py``) on a trained model's frozen encoder.
+
+Each training image gives one or more pooled embeddings: variant 0 as prediction sees it, the others
+through :func:`classifier_augmentation` (crops, rotations, colour, blur, JPEG), so the head learns what a
+modality looks like rather than one dataset's framing, colour balance or resolution. Modalities with few
+images get more variants, so every modality contributes about ``samples_per_modality`` embeddings. Only
+the small head is trained, on those cached features: seconds, after one encoder pass per variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from espmedsam.config import ClassifierConfig
+from espmedsam.data.dataset import DatasetSource, SegmentationFolder
+from espmedsam.data.transforms import reseed
+from espmedsam.device import autocast
+from espmedsam.errors import ConfigError
+from espmedsam.models.classifier import ModalityClassifier
+from espmedsam.models.espmedsam import ESPMedSAM
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class ClassifierTraining:
+    """How the head is trained."""
+
+    input_size: int = 128
+    hidden_dim: int = 256
+    samples_per_modality: int = 600
+    max_variants: int = 40
+    epochs: int = 60
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Pooled embeddings (N, 2C) float32 and their modality ids (N,) int64."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+def classifier_augmentation(size: int, seed: int):
+    """Albumentations ``Compose`` -> (size, size, 3) uint8: a random crop of 40-100 % of the image at any
+    aspect ratio squashed to the square, flips, rotation, colour and gamma, one of blur, lower resolution
+    or noise, and JPEG re-compression."""
+    import albumentations as A
+
+    compose = A.Compose(
+        [
+            A.RandomResizedCrop(size=(size, size), scale=(0.4, 1.0), ratio=(0.6, 1.7)),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Affine(rotate=(-30, 30), scale=(0.85, 1.15), p=0.5),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+            A.OneOf(
+                [
+                    A.GaussianBlur(blur_limit=(3, 5)),
+                    A.Downscale(scale_range=(0.4, 0.8)),
+                    A.GaussNoise(std_range=(0.02, 0.08)),
+                ],
+                p=0.4,
+            ),
+            A.ImageCompression(quality_range=(40, 95), p=0.3),
+        ]
+    )
+    reseed(compose, seed)
+    return compose
+
+
+def variants_per_image(
+    counts: dict[str, int], samples_per_modality: int, max_variants: int
+) -> dict[str, int]:
+    """Modality -> embeddings per image, so each modality has about ``samples_per_modality`` in all."""
+    return {m: max(1, min(max_variants, math.ceil(samples_per_modality / n))) for m, n in counts.items() if n}
+
+
+@torch.inference_mode()
+def extract_features(
+    model: ESPMedSAM,
+    folders: Sequence[SegmentationFolder],
+    variants: dict[str, int] | int = 1,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    bfloat16: bool = True,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> FeatureSet:
+    """Pooled controller-free embeddings of every image of ``folders`` (``variants`` per image; variant 0
+    unaugmented) at ``model.config.classifier.input_size``."""
+    device = device or next(model.parameters()).device
+    side = model.config.classifier.input_size
+    jobs = [
+        (folder, i, v)
+        for folder in folders
+        for i in range(len(folder))
+        for v in range(variants if isinstance(variants, int) else variants[folder.modality])
+    ]
+    features, labels, batch = [], [], []
+    for done, (folder, index, variant) in enumerate(jobs, 1):
+        image = folder[index].image
+        if variant:
+            image = classifier_augmentation(side, seed * 1_000_003 + done)(image=image)["image"]
+        batch.append(model.classifier_input(image))
+        labels.append(model.config.modalities.index(folder.modality))
+        if len(batch) == batch_size or done == len(jobs):
+            with autocast(device, bfloat16):
+                embeddings = model.encode(torch.cat(batch).to(device), None)
+            features.append(ModalityClassifier.pool(embeddings).cpu())
+            batch = []
+        if progress:
+            progress(done, len(jobs))
+    return FeatureSet(torch.cat(features), torch.tensor(labels, dtype=torch.int64))
+
+
+def fit_head(train: FeatureSet, num_modalities: int, settings: ClassifierTraining) -> ModalityClassifier:
+    """Train a fresh head on pooled features with AdamW, cosine schedule and label smoothing."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    head = ModalityClassifier(train.features.shape[1] // 2, num_modalities, settings.hidden_dim)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(train.labels) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.epochs * steps_per_epoch)
+    head.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(train.labels), generator=generator)
+        for start in range(0, len(order), settings.batch_size):
+            picked = order[start : start + settings.batch_size]
+            logits = head.head(train.features[picked])
+            loss = F.cross_entropy(logits, train.labels[picked], label_smoothing=settings.label_smoothing)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return head.eval()
+
+
+def confusion_matrix(head: ModalityClassifier, data: FeatureSet, num_modalities: int) -> np.ndarray:
+    """(M, M) int counts: row = true modality, column = predicted."""
+    with torch.inference_mode():
+        predicted = head.head(data.features).argmax(1)
+    matrix = np.zeros((num_modalities, num_modalities), dtype=np.int64)
+    np.add.at(matrix, (data.labels.numpy(), predicted.numpy()), 1)
+    return matrix
+
+
+def attach_classifier(model: ESPMedSAM, head: ModalityClassifier, input_size: int) -> ESPMedSAM:
+    """``model`` with ``head`` as its classifier and the classifier config recorded (in place)."""
+    model.config = dataclasses.replace(
+        model.config,
+        classifier=ClassifierConfig(enabled=True, input_size=input_size, hidden_dim=head.fc1.out_features),
+    )
+    model.classifier = head.to(next(model.parameters()).device)
+    return model
+
+
+def train_classifier(
+    model: ESPMedSAM,
+    sources: Sequence[DatasetSource],
+    settings: ClassifierTraining = ClassifierTraining(),
+    *,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> tuple[ESPMedSAM, np.ndarray | None]:
+    """Give ``model`` a classifier trained on the sources' train splits; returns it and the confusion
+    matrix on their val splits (None when no source has one).
+
+    Raises:
+        ConfigError: a modality the model does not know, or a model modality with no training images.
+    """
+    unknown = sorted({s.modality for s in sources} - set(model.config.modalities))
+    if unknown:
+        raise ConfigError(f"the model has no modality {', '.join(unknown)}")
+    train_folders = [SegmentationFolder(s, "train", cache=True) for s in sources]
+    counts = {m: sum(len(f) for f in train_folders if f.modality == m) for m in model.config.modalities}
+    missing = [m for m, n in counts.items() if not n]
+    if missing:
+        raise ConfigError(f"no training images for modality {', '.join(missing)}")
+    # extraction runs at the head's input size, so record it before the encoder passes
+    model.config = dataclasses.replace(
+        model.config, classifier=dataclasses.replace(model.config.classifier, input_size=settings.input_size)
+    )
+    variants = variants_per_image(counts, settings.samples_per_modality, settings.max_variants)
+    train = extract_features(
+        model, train_folders, variants, seed=settings.seed, device=device, progress=progress
+    )
+    head = fit_head(train, len(model.config.modalities), settings)
+    model = attach_classifier(model, head, settings.input_size)
+    val_folders = [SegmentationFolder(s, "val") for s in sources if _has_split(s, "val")]
+    if not val_folders:
+        return model, None
+    val = extract_features(model, val_folders, 1, device=device)
+    return model, confusion_matrix(head, val, len(model.config.modalities))
+
+
+def _has_split(source: DatasetSource, split: str) -> bool:
+    from espmedsam.data.dataset import read_split
+
+    return (source.root / "split.json").is_file() and split in read_split(source.root)

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import csv
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from espmedsam import Predictor, build_model
+from espmedsam.checkpoints.native import save_model
+from espmedsam.errors import InputError
+from espmedsam.models.registry import get_config
+from espmedsam.predict_files import PredictOptions, expand_inputs, predict_files
+
+nib = pytest.importorskip("nibabel")
+
+
+def _png(path: Path, shape=(30, 40, 3), seed=0) -> Path:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def _predictor(**options) -> Predictor:
+    return Predictor(build_model("tiny"), size=64, **options)
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "predictions.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_bad_file_fails_alone_and_is_listed(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = [_png(folder / f"xray_{i}.png", seed=i) for i in range(3)]
+    (folder / "xray_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    results = list(predict_files(_predictor(batch_size=2), expand_inputs([folder]), out))
+    failed = [r for r in results if not r.ok]
+    assert len(results) == 4 and [r.source.name for r in failed] == ["xray_broken.png"]
+    assert "xray_broken.png" in failed[0].error
+    for path in good:
+        assert (out / f"{path.stem}_mask.png").is_file() and (out / f"{path.stem}_overlay.png").is_file()
+    rows = _rows(out)
+    assert len(rows) == 4 and sum(bool(r["error"]) for r in rows) == 1
+    assert {r["modality"] for r in rows if not r["error"]} == {"xray"}
+
+
+def test_the_cli_summarises_failures_with_a_non_zero_exit(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _png(folder / "xray_good.png")
+    (folder / "xray_text.png").write_text("<html>not an image</html>")
+    checkpoint = save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    args = ["predict", str(folder), "-o", str(out), "-c", str(checkpoint), "--size", "64"]
+    result = subprocess.run([sys.executable, "-m", "espmedsam", *args], capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr
+    assert "1 of 2 inputs failed" in result.stderr and "xray_text.png" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "xray_good_mask.png").is_file() and not (out / "xray_text_mask.png").exists()
+
+
+def test_without_classifier_or_prefix_the_file_fails_with_advice(tmp_path):
+    path = _png(tmp_path / "case.png")
+    [result] = predict_files(_predictor(), [path], tmp_path / "out")
+    assert not result.ok and "--modality" in result.error
+    [result] = predict_files(_predictor(), [path], tmp_path / "out", PredictOptions(modality="fundus"))
+    assert result.ok and result.modality == "fundus" and result.chosen_by == "option"
+
+
+def test_unknown_modality_is_refused_up_front(tmp_path):
+    with pytest.raises(InputError, match="unknown modality 'bone'"):
+        list(
+            predict_files(_predictor(), [_png(tmp_path / "a.png")], tmp_path, PredictOptions(modality="bone"))
+        )
+
+
+def test_the_classifier_chooses_when_nothing_else_says(tmp_path):
+    config = get_config("tiny")
+    config = dataclasses.replace(
+        config, classifier=dataclasses.replace(config.classifier, enabled=True, input_size=32)
+    )
+    predictor = Predictor(build_model(config), size=64)
+    [result] = predict_files(predictor, [_png(tmp_path / "case.png")], tmp_path / "out")
+    assert result.ok and result.chosen_by == "classifier" and result.modality in config.modalities
+    assert 0 < result.probability <= 1
+    assert _rows(tmp_path / "out")[0]["probability"] == f"{result.probability:.4f}"
+
+
+def test_a_nifti_volume_gives_a_nifti_mask_with_its_affine_and_a_montage(tmp_path):
+    volume = np.random.default_rng(0).normal(100, 20, (24, 20, 6)).astype(np.float32)
+    affine = np.diag([0.5, 0.7, 2.0, 1.0])
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, affine), path)
+    [result] = predict_files(_predictor(), [path], tmp_path / "out", PredictOptions(modality="xray"))
+    assert result.ok and result.frames == 6
+    written = nib.load(tmp_path / "out" / "scan_mask.nii.gz")
+    assert written.shape == volume.shape and np.allclose(written.affine, affine)
+    assert int(np.asarray(written.dataobj).sum()) == result.foreground_pixels
+    assert result.foreground_mm2 == pytest.approx(result.foreground_pixels * 0.5 * 0.7)
+    assert (tmp_path / "out" / "scan_montage.png").is_file()
+
+
+def test_folders_list_images_volumes_and_dicom_series(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    del pydicom
+    _png(tmp_path / "a.png")
+    (tmp_path / "b.nii.gz").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"\0" * 128 + b"DICM")
+    assert expand_inputs([tmp_path]) == [tmp_path / "a.png", tmp_path / "b.nii.gz", series]
+    assert expand_inputs([series]) == [series]

@@ -20,7 +20,8 @@ import torch
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
 from espmedsam.models.registry import build_model
-from espmedsam.predict import EXAMPLES_DIR, Predictor, predict_paths
+from espmedsam.predict import EXAMPLES_DIR, Predictor
+from espmedsam.predict_files import PredictOptions, predict_files
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
         times = []
         for _ in range(args.runs + 1):
             start = time.perf_counter()
-            list(predict_paths(predictor, [args.image], out, modality=args.modality))
+            list(predict_files(predictor, [args.image], out, PredictOptions(modality=args.modality)))
             times.append(time.perf_counter() - start)
         command = [sys.executable, "-m", "espmedsam", "predict", str(args.image), "-m", args.modality]
         command += ["--out", out]

@@ -3,7 +3,7 @@
 Usage: python benchmarks/predict_sizes.py [--checkpoint CKPT] [--runs 5] [--out FILE]
 
 1. In process, for a 512 x 512 image of each modality: read the file, preprocess, forward (bf16 autocast),
-   postprocess, write mask and overlay PNGs (``predict_paths``, the path ``espmedsam predict`` takes).
+   postprocess, write mask and overlay PNGs (``predict_files``, the path ``espmedsam predict`` takes).
    The bundled examples are timed too, at their own sizes.
 2. In the same run, the full forward pass alone in fp32 (batch 1): this model at each modality's size,
    and the official-layout ESP-MedSAM (MobileSAM's stem) at the paper's 1024².
@@ -22,12 +22,15 @@ from PIL import Image
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
 from espmedsam.models.registry import build_model
-from espmedsam.predict import EXAMPLES_DIR, Predictor, predict_paths
+from espmedsam.predict import EXAMPLES_DIR, Predictor
+from espmedsam.predict_files import PredictOptions, predict_files
 
 
 def predict_seconds(predictor: Predictor, image: Path, modality: str, runs: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        return median_seconds(lambda: list(predict_paths(predictor, [image], out, modality=modality)), runs)
+        return median_seconds(
+            lambda: list(predict_files(predictor, [image], out, PredictOptions(modality=modality))), runs
+        )
 
 
 def forward_seconds(model, modality: str, size: int, runs: int) -> float:

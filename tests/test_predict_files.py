@@ -117,3 +117,17 @@ def test_folders_list_images_volumes_and_dicom_series(tmp_path):
     (series / "1.dcm").write_bytes(b"\0" * 128 + b"DICM")
     assert expand_inputs([tmp_path]) == [tmp_path / "a.png", tmp_path / "b.nii.gz", series]
     assert expand_inputs([series]) == [series]
+
+
+def test_the_bundled_classifier_recognises_the_bundled_examples():
+    from espmedsam.checkpoints.native import default_checkpoint, load_model
+    from espmedsam.data.io import read_image
+    from espmedsam.predict import EXAMPLES_DIR
+
+    predictor = Predictor(load_model(default_checkpoint()), device="cpu")
+    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    assert len(examples) >= 4
+    for path in examples:
+        guess = predictor.classify(read_image(path))
+        assert guess.modality == path.name.split("_")[0], (path.name, guess)
+        assert guess.probability > 0.6

@@ -49,6 +49,8 @@ distill_app = typer.Typer(
     help="MMDKD: distil a SAM ViT teacher into the shared encoder (common) or into controllers (modality)."
 )
 app.add_typer(distill_app, name="distill")
+classifier_app = typer.Typer(help="The modality classifier behind --modality auto.")
+app.add_typer(classifier_app, name="classifier")
 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N.")
@@ -112,6 +114,8 @@ def info(
         f"windows {list(enc.window_sizes)}, {enc.stem} stem (output stride {enc.output_stride}); "
         f"controllers {_controller_count(cfg)}"
     )
+    if cfg.classifier.enabled:
+        out.print(f"modality classifier: --modality auto (input {cfg.classifier.input_size}², whole image)")
     table = Table(title="Parameters")
     table.add_column("component")
     table.add_column("parameters", justify="right")
@@ -226,47 +230,134 @@ def predict(
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Image files, folders or glob patterns (PNG, JPEG, TIFF, BMP); default: bundled examples."
+            help="Images (PNG, JPEG, TIFF, BMP), DICOM files or series folders, NIfTI files, folders or "
+            "globs; default: the bundled examples."
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for masks and overlays.")] = Path(
         "predictions"
     ),
     modality: Annotated[
-        str | None,
-        typer.Option("--modality", "-m", help=f"One of {', '.join(MODALITIES)}; else from file names."),
+        str,
+        typer.Option(
+            "--modality",
+            "-m",
+            help=f"auto (a file-name prefix such as xray_..., else the classifier) or one of "
+            f"{', '.join(MODALITIES)}.",
+        ),
+    ] = "auto",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", "-c", help="Native .safetensors, or .onnx with --backend onnxruntime."),
     ] = None,
-    checkpoint: CheckpointOpt = None,
+    backend: Annotated[str, typer.Option(help="torch, or onnxruntime (an exported .onnx file).")] = "torch",
     size: Annotated[
         int | None,
         typer.Option(
             help="Model input side (multiple of 32, or 8 for LiteMedSAM's stem); default: per modality."
         ),
     ] = None,
+    axis: Annotated[int, typer.Option(help="NIfTI volumes: segment slice by slice along this axis.")] = 2,
+    dicom_output: Annotated[
+        str, typer.Option(help="Masks of DICOM inputs: nifti, or seg (DICOM-SEG, needs highdicom).")
+    ] = "nifti",
+    min_confidence: Annotated[
+        float, typer.Option(help="Warn when the classifier's probability is below this.")
+    ] = 0.6,
+    batch_size: Annotated[int, typer.Option(help="Images of one input size per forward pass.")] = 8,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for the model (default: all cores).")
+    ] = None,
+    overlays: Annotated[bool, typer.Option(help="Write an overlay (2D) or a montage (volumes).")] = True,
     device: DeviceOpt = "auto",
-    fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast (torch backend).")] = False,
 ) -> None:
-    """Segment images: writes <name>_mask.png (original size) and <name>_overlay.png per image."""
-    from espmedsam.predict import EXAMPLES_DIR, Predictor, expand_inputs, predict_paths
+    """Segment images and volumes: masks in the input's format (PNG, NIfTI; DICOM -> NIfTI or DICOM-SEG),
+    an overlay or montage per file, and predictions.csv."""
+    from rich.markup import escape
+
+    from espmedsam.errors import DataError
+    from espmedsam.predict import EXAMPLES_DIR
+    from espmedsam.predict_files import PredictOptions, expand_inputs, predict_files
 
     paths = expand_inputs(inputs or [str(EXAMPLES_DIR)])
-    predictor = Predictor(_load(checkpoint, "default"), device=device, size=size, bfloat16=not fp32)
+    predictor = _predictor(checkpoint, backend, device, size, not fp32, batch_size, threads)
+    options = PredictOptions(
+        modality=modality,
+        min_confidence=min_confidence,
+        axis=axis,
+        dicom_format=dicom_output,
+        overlays=overlays,
+    )
+    failures = []
     with _progress() as progress:
         task = progress.add_task("predicting", total=len(paths))
-        for result in predict_paths(predictor, paths, out, modality=modality):
+        for result in predict_files(predictor, paths, out, options):
             progress.advance(task)
-            progress.console.print(
-                f"{result.source.name} ({result.modality}): "
-                f"{100 * result.foreground_fraction:.1f} % foreground"
-                f" -> {result.mask_path}"
+            if not result.ok:
+                failures.append(result)
+                message = escape(result.error or "")
+                progress.console.print(f"[red]failed[/red] {message}", highlight=False, soft_wrap=True)
+                continue
+            progress.console.print(_result_line(result), highlight=False, soft_wrap=True)
+    console.print(f"wrote {len(paths) - len(failures)} of {len(paths)} inputs to {out} (predictions.csv)")
+    if failures:
+        console.print(f"[red]{len(failures)} failed:[/red]", highlight=False)
+        for result in failures:
+            console.print(f"  {escape(result.error or '')}", highlight=False, soft_wrap=True)
+        raise DataError(f"{len(failures)} of {len(paths)} inputs failed")
+
+
+def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batch_size: int, threads):
+    from espmedsam.predict import Predictor
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if backend == "onnxruntime":
+        from espmedsam.onnx_backend import OnnxBackend
+
+        if checkpoint is None or checkpoint.suffix.lower() != ".onnx":
+            raise typer.BadParameter(
+                "--backend onnxruntime needs --checkpoint MODEL.onnx (espmedsam export CKPT --format onnx)"
             )
-    console.print(f"wrote {len(paths)} masks and overlays to {out}")
+        model = OnnxBackend(checkpoint, threads=threads)
+    elif backend == "torch":
+        model = _load(checkpoint, "default")
+    else:
+        raise typer.BadParameter(f"--backend must be torch or onnxruntime, got {backend!r}")
+    return Predictor(model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size)
+
+
+def _result_line(result) -> str:
+    from rich.markup import escape
+
+    chosen = result.chosen_by
+    if result.probability is not None:
+        chosen = f"classifier p={result.probability:.2f}"
+        if result.low_confidence:
+            chosen += " [yellow]low confidence: check it, or pass --modality[/yellow]"
+    area = f"{result.foreground_pixels} px"
+    if result.foreground_mm2 is not None:
+        area += f" = {result.foreground_mm2:.1f} mm²"
+    frames = f", {result.frames} slices" if result.frames > 1 else ""
+    name, output = escape(result.source.name), escape(str(result.outputs[0]))
+    return f"{name} ({result.modality}, {chosen}{frames}): {area} -> {output}"
 
 
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="ESP-MedSAM or U-Net baseline .safetensors checkpoint.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (or .onnx) file.")],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="safetensors, or onnx (one self-contained file for onnxruntime)."),
+    ] = "safetensors",
+    size: Annotated[
+        int | None,
+        typer.Option("--size", help="onnx: a graph fixed at this input side; default: the side is dynamic."),
+    ] = None,
     fp16: Annotated[
         bool, typer.Option("--fp16", help="Store floating tensors as float16 (half the size).")
     ] = False,
@@ -288,18 +379,48 @@ def export(
         ),
     ] = False,
 ) -> None:
-    """Rewrite a checkpoint to ship it: float16, and per-modality input sizes chosen on validation data."""
+    """Rewrite a checkpoint to ship it: float16, and per-modality input sizes chosen on validation data;
+    or export it to ONNX (``--format onnx``) for ``predict --backend onnxruntime``."""
+    import tempfile
+
     import torch
 
     from espmedsam.checkpoints.native import export_checkpoint
+    from espmedsam.errors import InputError
 
+    if fmt not in ("safetensors", "onnx"):
+        raise InputError(f"--format must be safetensors or onnx, got {fmt!r}")
+    if fmt == "safetensors" and size is not None:
+        raise InputError("--size applies to --format onnx only")
+    if fmt == "onnx" and fp16:
+        raise InputError("--fp16 applies to --format safetensors only (the ONNX graph is float32)")
     sizes = _parse_input_sizes(input_size or [])
     if choose_on:
         sizes = {**_choose_sizes(checkpoint, choose_on, candidates, device), **sizes}
-    dtype = torch.float16 if fp16 else None
-    path = export_checkpoint(
-        checkpoint, out, dtype=dtype, inference_sizes=sizes, drop_controllers=drop_controllers
-    )
+    if fmt == "safetensors":
+        dtype = torch.float16 if fp16 else None
+        path = export_checkpoint(
+            checkpoint, out, dtype=dtype, inference_sizes=sizes, drop_controllers=drop_controllers
+        )
+        console.print(f"wrote {path}")
+        return
+    from espmedsam.checkpoints.native import load_checkpoint
+    from espmedsam.checkpoints.onnx_export import export_onnx
+    from espmedsam.models.espmedsam import ESPMedSAM
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = checkpoint
+        if sizes or drop_controllers:  # the same rewrite as for safetensors, then the export
+            rewritten = Path(folder) / "model.safetensors"
+            source = export_checkpoint(
+                checkpoint, rewritten, inference_sizes=sizes, drop_controllers=drop_controllers
+            )
+        model = load_checkpoint(source)
+    if not isinstance(model, ESPMedSAM):
+        raise InputError("--format onnx needs an ESP-MedSAM checkpoint, not a U-Net baseline")
+    with _progress() as progress:
+        progress.add_task("exporting to ONNX (a few minutes for a dynamic input side)", total=None)
+        path = export_onnx(model, out, size=size)
     console.print(f"wrote {path}")
 
 
@@ -509,6 +630,61 @@ def distill_modality(
     found = [image for s in sources for image in list_images(s.root, s.modality)]
     overrides = [f"device={device}", *(overrides or [])]
     _distill(load_model(path), teacher, found, "modality", config, overrides, out)
+
+
+@classifier_app.command("train")
+def classifier_train(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint to add the head to.")
+    ],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with a train split.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + head).")],
+    input_size: Annotated[int, typer.Option(help="Classifier input side (the whole image squashed).")] = 128,
+    samples: Annotated[
+        int, typer.Option("--samples-per-modality", help="Embeddings per modality (augmented variants).")
+    ] = 600,
+    seed: Annotated[int, typer.Option(help="Augmentation and training seed.")] = 0,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store floating tensors as float16.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train the modality classifier on a checkpoint's frozen encoder and write the checkpoint with it."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.device import resolve_device
+    from espmedsam.train.classifier import ClassifierTraining, train_classifier
+
+    sources = [parse_dataset_arg(item) for item in data]
+    target = resolve_device(device)
+    model = load_model(checkpoint).float().to(target)
+    settings = ClassifierTraining(input_size=input_size, samples_per_modality=samples, seed=seed)
+    with _progress() as progress:
+        task = progress.add_task("encoder features", total=None)
+        model, confusion = train_classifier(
+            model,
+            sources,
+            settings,
+            device=target,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if confusion is not None:
+        console.print(_confusion_table(confusion, model.config.modalities, "val splits"))
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    console.print(f"wrote {path}")
+
+
+def _confusion_table(matrix, names, title: str) -> Table:
+    accuracy = matrix.trace() / max(1, matrix.sum())
+    table = Table(title=f"modality classifier on the {title}: accuracy {100 * accuracy:.2f} %")
+    table.add_column("true \\ predicted")
+    for name in names:
+        table.add_column(name, justify="right")
+    for name, row in zip(names, matrix, strict=True):
+        table.add_row(name, *(str(v) for v in row))
+    return table
 
 
 def _distill(student, teacher_path, images, stage, config, overrides, out) -> None:

@@ -75,3 +75,17 @@ def test_classifier_input_squashes_the_whole_image():
 def test_classify_without_a_classifier_is_a_clear_error():
     with pytest.raises(InputError, match="no modality classifier"):
         build_model("tiny").classify(torch.zeros(1, 3, 64, 64))
+
+
+def test_classifier_train_command_writes_a_checkpoint_with_the_head(datasets, tmp_path):
+    from typer.testing import CliRunner
+
+    from espmedsam.cli import app
+
+    source = save_model(_two_modality_model(), tmp_path / "in.safetensors")
+    out = tmp_path / "out.safetensors"
+    args = ["classifier", "train", str(source), "--out", str(out), "--input-size", "32"]
+    args += ["--samples-per-modality", "4", *[a for d in datasets for a in ("--data", d)]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and load_model(out).classifier is not None

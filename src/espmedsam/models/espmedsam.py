@@ -16,7 +16,8 @@ from torch import nn
 from espmedsam.config import ModelConfig
 from espmedsam.errors import InputError
 from espmedsam.modalities import modality_ids
-from espmedsam.models.controller import ControllerRoute
+from espmedsam.models.classifier import ModalityClassifier
+from espmedsam.models.controller import ControllerRoute, trace_safe_routing
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.qdmd import QueryDecoupledDecoder
 from espmedsam.models.refiner import EmbeddingRefiner
@@ -45,6 +46,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         sppg: SelfPatchPromptGenerator,
         decoder: QueryDecoupledDecoder,
         refiner: EmbeddingRefiner | None = None,
+        classifier: ModalityClassifier | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -52,6 +54,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         self.refiner = refiner if refiner is not None else EmbeddingRefiner(config.encoder.out_chans)
         self.sppg = sppg
         self.decoder = decoder
+        self.classifier = classifier  # None: the modality must be given
         self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 
     def forward(self, images: torch.Tensor, modality: ModalityLike) -> ESPOutput:
@@ -99,16 +102,31 @@ class ESPMedSAM(RawImageIO, nn.Module):
         ids = self.modality_ids(modality, images.shape[0]).to(images.device)
         return self.image_encoder(images, self.route(ids))
 
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s, s) classifier inputs (see ``classifier_input``) -> (B, M) modality logits.
+
+        Raises:
+            InputError: a model without a classifier, or a wrong image shape.
+        """
+        if self.classifier is None:
+            raise InputError("this checkpoint has no modality classifier; pass the modality")
+        return self.classifier(self.encode(images, None))
+
     def modality_ids(self, modality: ModalityLike, batch_size: int) -> torch.Tensor:
-        """(B,) int64 ids of ``modality`` in this model's modality list."""
+        """(B,) int64 ids of ``modality`` in this model's modality list; a tensor is not range-checked
+        while exporting (the check reads its values)."""
+        if isinstance(modality, torch.Tensor) and trace_safe_routing():
+            return modality.to(torch.int64).reshape(-1)
         return modality_ids(modality, self.modalities, batch_size=batch_size)
 
     def route(self, ids: torch.Tensor) -> ControllerRoute | None:
         """Controller of each image: its modality's, the single shared one of the official layout, or none
-        in a model without controllers."""
+        in a model without controllers. While exporting, the route gathers each image's controller
+        parameters by its id instead of grouping the batch with Python ints (``ControllerRoute.gathered``)."""
         if not self.config.controller.enabled:
             return None
-        return ControllerRoute.from_index(torch.zeros_like(ids) if self.config.controller.shared else ids)
+        index = torch.zeros_like(ids) if self.config.controller.shared else ids
+        return ControllerRoute.gathered(index) if trace_safe_routing() else ControllerRoute.from_index(index)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:

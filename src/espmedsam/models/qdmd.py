@@ -13,6 +13,7 @@ from torch import nn
 
 from espmedsam.config import DecoderConfig
 from espmedsam.models.common import HyperMLP, LayerNorm2d
+from espmedsam.models.controller import gathered_linear, trace_safe_routing
 from espmedsam.models.transformer import PositionEmbeddingRandom, TwoWayTransformer
 
 
@@ -74,7 +75,19 @@ class QueryDecoupledDecoder(nn.Module):
         mlps = self.output_hypernetworks_mlps
         if len(mlps) == 1:
             return mlps[0](query)
+        if trace_safe_routing():
+            return self._hypernetwork_gathered(query, modality)
         ids = modality.tolist()
         if len(set(ids)) == 1:
             return mlps[ids[0]](query)
         return torch.stack([mlps[m](query[i]) for i, m in enumerate(ids)])
+
+    def _hypernetwork_gathered(self, query: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``_hypernetwork`` without Python ints: each image's MLP weights gathered by its modality."""
+        mlps = self.output_hypernetworks_mlps
+        x = query.unsqueeze(1)  # (B, 1, C)
+        depth = len(mlps[0].layers)
+        for i in range(depth):
+            x = gathered_linear(x, [mlp.layers[i] for mlp in mlps], modality)
+            x = x if i == depth - 1 else torch.relu(x)
+        return x.squeeze(1)

@@ -16,7 +16,7 @@ class ComponentCount:
 
 
 def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
-    """Shared TinyViT, each controller, SPPG, QDMD and the total, in that order."""
+    """Shared TinyViT, each controller, refiner, SPPG, QDMD, classifier and the total, in that order."""
     controller_names = model.modalities if not model.config.controller.shared else ("all modalities",)
     controller_names = controller_names if model.config.controller.enabled else ()
     shared = 0
@@ -33,6 +33,8 @@ def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
         rows.append(ComponentCount("embedding refiner", _count(model.refiner)))
     rows.append(ComponentCount("SPPG (self-patch prompt generator)", _count(model.sppg)))
     rows.append(ComponentCount("QDMD (query-decoupled modality decoder)", _count(model.decoder)))
+    if model.classifier is not None:
+        rows.append(ComponentCount("modality classifier", _count(model.classifier)))
     rows.append(ComponentCount("total", _count(model)))
     return rows
 

@@ -92,7 +92,8 @@ class WindowAttention(nn.Module):
             with torch.inference_mode(False):
                 rows = torch.arange(wh).repeat_interleave(ww)
                 cols = torch.arange(ww).repeat(wh)
-                index = (rows[:, None] - rows[None]).abs() * self.window_size + (cols[:, None] - cols[None]).abs()
+                index = (rows[:, None] - rows[None]).abs() * self.window_size
+                index = index + (cols[:, None] - cols[None]).abs()
             self._bias_index[key] = index
         index = self._bias_index[key].to(self.attention_biases.device)
         return self.attention_biases[:, index]

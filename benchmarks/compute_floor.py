@@ -1,0 +1,119 @@
+"""The bundled model's forward against this CPU's compute floor, per modality at its own input size.
+
+Usage: python benchmarks/compute_floor.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--runs 5] [--profile]
+       [--out FILE]
+
+Floor = the forward's matmul/conv FLOPs (torch's FlopCounterMode) / this CPU's bf16 matmul rate, measured
+in the same run on a large (4096²) bf16 matmul. Each backend's forward (batch 1, one image per modality) is
+timed and divided by the floor. ``--profile`` adds the top operators by self CPU time (torch bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from _report import median_seconds, report
+from torch.utils.flop_counter import FlopCounterMode
+
+from espmedsam.checkpoints.native import default_checkpoint, load_model
+
+
+def matmul_rate(side: int = 4096, runs: int = 5) -> float:
+    """FLOP/s of a side x side bf16 matmul."""
+    a, b = torch.randn(side, side, dtype=torch.bfloat16), torch.randn(side, side, dtype=torch.bfloat16)
+    return 2 * side**3 / median_seconds(lambda: a @ b, runs)
+
+
+def forward_flops(model, size: int, modality: str) -> int:
+    x = torch.randn(1, 3, size, size)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x, modality)
+    return counter.get_total_flops()
+
+
+def torch_seconds(model, size: int, modality: str, runs: int, bfloat16: bool) -> float:
+    x = torch.randn(1, 3, size, size)
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+            model(x, modality)
+
+    return median_seconds(run, runs)
+
+
+def onnx_seconds(backend, size: int, modality_id: int, runs: int) -> float:
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    ids = np.array([modality_id], dtype=np.int64)
+    return median_seconds(lambda: backend.segment(x, ids), runs)
+
+
+def profile_table(model, size: int, modality: str, rows: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(1, 3, size, size)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, modality)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, modality)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--onnx", type=Path, default=None, help="Exported model for the onnxruntime column.")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint or default_checkpoint())
+    backend = None
+    if args.onnx:
+        from espmedsam.onnx_backend import OnnxBackend
+
+        backend = OnnxBackend(args.onnx, threads=args.threads)
+    rate = matmul_rate()
+    columns = ["torch fp32", "torch bf16"] + (["onnxruntime fp32"] if backend else [])
+    lines = [
+        f"{args.threads} threads; bf16 matmul rate {rate / 1e12:.3f} TFLOP/s (4096², median of 5)",
+        f"median of {args.runs} forwards after one warm-up, batch 1; ratio = time / floor",
+        "",
+        "| modality | input | GFLOP | floor (s) | " + " | ".join(f"{c} s (×floor)" for c in columns) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(columns),
+    ]
+    best_total, floor_total = 0.0, 0.0
+    for index, modality in enumerate(model.config.modalities):
+        size = model.input_size(modality)
+        flops = forward_flops(model, size, modality)
+        floor = flops / rate
+        times = [torch_seconds(model, size, modality, args.runs, bf16) for bf16 in (False, True)]
+        if backend:
+            times.append(onnx_seconds(backend, size, index, args.runs))
+        best_total += min(times)
+        floor_total += floor
+        cells = " | ".join(f"{t:.3f} ({t / floor:.1f}×)" for t in times)
+        lines.append(f"| {modality} | {size}² | {flops / 1e9:.2f} | {floor:.4f} | {cells} |")
+    lines += [
+        "",
+        f"fastest backend per modality, summed: {best_total:.3f} s = {best_total / floor_total:.1f}× floor",
+    ]
+    if args.profile:
+        modality = model.config.modalities[0]
+        lines += [
+            "",
+            f"top operators, torch bf16, {modality}:",
+            "```",
+            profile_table(model, 192, modality),
+            "```",
+        ]
+    report("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()

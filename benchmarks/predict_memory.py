@@ -1,0 +1,72 @@
+"""Resident memory while ``predict_files`` runs over a folder of 1,000 images (the six test splits, cycled).
+
+Usage: python benchmarks/predict_memory.py [--checkpoint CKPT] [--images 1000] [--out FILE]
+
+RSS is read from /proc/self/status (VmRSS now, VmHWM = peak) before the model loads, after it loads, and
+after every 100 files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _data import IN_DOMAIN, split_images
+from _report import report
+
+from espmedsam.checkpoints.native import default_checkpoint, load_model
+from espmedsam.predict import Predictor
+from espmedsam.predict_files import predict_files
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident set size in MB."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start_rss = rss_mb()[0]
+    predictor = Predictor(load_model(args.checkpoint or default_checkpoint()), device="cpu")
+    loaded_rss = rss_mb()[0]
+    sources = [path for path, _ in split_images(IN_DOMAIN, "test")]
+    rows = ["| files done | RSS (MB) | peak RSS (MB) | elapsed (s) |", "|---:|---:|---:|---:|"]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "inputs"
+        inputs.mkdir()
+        paths = []
+        for i in range(args.images):  # links, so the folder holds 1,000 distinct names
+            source = sources[i % len(sources)]
+            link = inputs / f"{i:04d}_{source.name}"
+            link.symlink_to(source.resolve())
+            paths.append(link)
+        for done, result in enumerate(predict_files(predictor, paths, Path(folder) / "out"), 1):
+            if not result.ok:
+                raise SystemExit(result.error)
+            if done % 100 == 0:
+                now, peak = rss_mb()
+                elapsed = time.perf_counter() - start
+                rows.append(f"| {done} | {now:.0f} | {peak:.0f} | {elapsed:.0f} |")
+    lines = [
+        f"{args.images} images (the {len(sources)} in-domain test images, cycled), torch bf16, "
+        f"--modality auto, {args.threads} threads",
+        f"RSS before loading the model {start_rss:.0f} MB, after {loaded_rss:.0f} MB",
+        "",
+        *rows,
+    ]
+    report("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()

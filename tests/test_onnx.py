@@ -212,3 +212,28 @@ def test_input_side_is_dynamic(tmp_path):
         masks = backend.segment(images.numpy(), ids.numpy())
         assert masks.shape == (batch, 1, size, size)
         assert np.abs(masks - _eager_masks(model, images, ids)).max() <= 1e-3, size
+
+
+def test_predict_with_onnxruntime_writes_the_masks_torch_writes(model, exported, tmp_path):
+    from PIL import Image
+
+    from espmedsam.predict import Predictor
+    from espmedsam.predict_files import predict_files
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, shape in enumerate(((40, 64, 3), (64, 30), (50, 50, 3))):
+        paths.append(tmp_path / f"case{i}.png")
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(paths[-1])
+    runs = {
+        "torch": Predictor(model, device="cpu", size=SIZE, bfloat16=False),
+        "onnxruntime": Predictor(OnnxBackend(exported[0], threads=1)),
+    }
+    for name, predictor in runs.items():
+        results = list(predict_files(predictor, paths, tmp_path / name))  # --modality auto: the classifier
+        assert all(r.ok and r.chosen_by == "classifier" for r in results), results
+    for path in paths:
+        masks = [np.asarray(Image.open(tmp_path / name / f"{path.stem}_mask.png")) for name in runs]
+        assert masks[0].shape == masks[1].shape and (masks[0] == masks[1]).mean() > 0.999
+    rows = [(tmp_path / name / "predictions.csv").read_text().splitlines() for name in runs]
+    assert [r.split(",")[1] for r in rows[0]] == [r.split(",")[1] for r in rows[1]]  # same modalities

@@ -9,12 +9,12 @@ segmentation graph (``images``, ``modality`` -> ``masks``) and the classifier's 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from espmedsam.checkpoints.native import config_from_metadata
 from espmedsam.checkpoints.onnx_export import (
     CLASSIFIER_INPUT,
     CLASSIFIER_OUTPUT,
@@ -24,8 +24,8 @@ from espmedsam.checkpoints.onnx_export import (
     OUTPUTS,
     require_onnx,
 )
-from espmedsam.config import ModelConfig, from_dict
-from espmedsam.errors import CheckpointError, ConfigError, InputError
+from espmedsam.config import ModelConfig
+from espmedsam.errors import CheckpointError, InputError
 
 
 class OnnxBackend:
@@ -163,11 +163,4 @@ def _config(path: Path, metadata: dict[str, str]) -> ModelConfig:
     if metadata.get("format_version") != FORMAT_VERSION:
         version = metadata.get("format_version")
         raise CheckpointError(f"{path} has espmedsam ONNX version {version!r}; this reads {FORMAT_VERSION!r}")
-    try:
-        return from_dict(ModelConfig, json.loads(metadata["config"]))
-    except KeyError:
-        raise CheckpointError(f"{path} has no model config in its metadata") from None
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} has an unreadable model config: {error}") from None
-    except ConfigError as error:
-        raise CheckpointError(f"{path} has an invalid model config: {error}") from None
+    return config_from_metadata(path, metadata, ModelConfig)

@@ -146,7 +146,7 @@ class Predictor:
         return np.stack(self.predict_many(list(frames), modality))
 
     def classify(self, image: np.ndarray | Sequence[np.ndarray]) -> ModalityGuess:
-        """The modality of an (H, W[, C]) uint8 image, or of a volume from some of its slices (their
+        """The modality of an (H, W[, C]) uint8 image, or of a volume from a list of its slices (their
         probabilities averaged).
 
         Raises:

@@ -207,6 +207,15 @@ def _config(path: Path, metadata: dict[str, str], fmt: str, config_cls: type[T])
         raise CheckpointError(
             f"{path} has espmedsam format version {version!r}; this version reads {FORMAT_VERSION!r}"
         )
+    return config_from_metadata(path, metadata, config_cls)
+
+
+def config_from_metadata(path: Path, metadata: dict[str, str], config_cls: type[T]) -> T:
+    """The ``config`` JSON of a file's metadata (a checkpoint's or an ONNX export's) as ``config_cls``.
+
+    Raises:
+        CheckpointError: no config, unreadable JSON, or an invalid config.
+    """
     try:
         return from_dict(config_cls, json.loads(metadata["config"]))
     except KeyError:

@@ -108,7 +108,7 @@ def test_summary_json_structure(tmp_path, fake_dataset):
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert set(summary) == {
         "protocol", "split", "checkpoint", "resolution", "hausdorff_percentile", "nsd_tolerance_px",
-        "empty_rule", "datasets", "modalities", "overall",
+        "empty_rule", "datasets", "modalities", "overall", "failed",
     }  # fmt: skip
     assert (summary["protocol"], summary["split"], summary["checkpoint"]) == (
         "native",

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from espmedsam.errors import EspMedSAMError
+from espmedsam.errors import ConfigError, EspMedSAMError
 from espmedsam.modalities import MODALITIES
 
 console = Console(stderr=True)
@@ -28,8 +28,44 @@ class _App(typer.Typer):
         except EspMedSAMError as error:
             if _state["debug"]:
                 raise
-            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            # under torchrun every rank reads the same config: rank 0 alone reports its errors
+            if _is_main() or not isinstance(error, ConfigError):
+                _print_error(str(error))
             sys.exit(error.exit_code)
+        except OSError as error:  # a failed read or write that no library code named: still one line
+            if _state["debug"]:
+                raise
+            message, code = _os_error(error)
+            _print_error(message)
+            sys.exit(code)
+
+
+def _is_main() -> bool:
+    """Rank 0 under torchrun (its RANK; no torch import), or a process started without it."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    # escaped: a "[...]" in a file name or message is text, not rich markup
+    console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def _os_error(error: OSError) -> tuple[str, int]:
+    """The one line and exit code of an OSError: ``cannot write FILE: REASON`` (the output error's code)
+    for a full or read-only disk, else ``FILE: REASON`` and 1."""
+    import errno
+
+    from espmedsam.errors import OutputError
+
+    reason = error.strerror or str(error) or type(error).__name__
+    where = f"{error.filename}: " if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        return f"cannot write {where}{reason}", OutputError.exit_code
+    return f"{where}{reason}", 1
 
 
 app = _App(
@@ -76,8 +112,9 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(  # under torchrun only rank 0 logs progress details
+        level=logging.INFO if verbose and _is_main() else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
     )
 
 
@@ -160,7 +197,8 @@ def train(
     cfg = dataclasses.replace(cfg, device=device) if device else cfg
     stats = TextColumn("{task.fields[stats]}")
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), stats)
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+    main = _is_main()  # under torchrun: one bar and one summary, rank 0's
+    with Progress(*columns, console=console, disable=not (console.is_terminal and main)) as bar:
         task = bar.add_task("training", total=cfg.total_steps, stats="")
 
         def show(p) -> None:
@@ -173,7 +211,8 @@ def train(
     scores = ", ".join(f"{name} {dice:.3f}" for name, dice in result.val_dice.items()) or "none"
     best = "-" if result.best_dice is None else f"{result.best_dice:.4f} (step {result.best_step})"
     stop = " (time budget spent)" if result.stopped_early else ""
-    console.print(f"{result.steps} steps{stop}; val Dice {scores}; best {best}; wrote {result.out_dir}")
+    if main:
+        console.print(f"{result.steps} steps{stop}; val Dice {scores}; best {best}; wrote {result.out_dir}")
 
 
 @app.command()
@@ -201,12 +240,17 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a model on dataset folders: per-image CSV, summary (JSON and Markdown) and overlays."""
+    from rich.markup import escape
+
     from espmedsam.checkpoints.native import default_checkpoint
     from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.errors import DataError
     from espmedsam.evaluate import evaluate as evaluate_folders
+    from espmedsam.files import check_output_folder
     from espmedsam.predict import Predictor
 
     sources = [parse_dataset_arg(item) for item in data]
+    check_output_folder(out)
     predictor = Predictor(_load(checkpoint, "default"), device=device, size=size, bfloat16=not fp32)
     with _progress() as progress:
         task = progress.add_task("evaluating", total=None)
@@ -223,6 +267,12 @@ def evaluate(
         )
     Console().print(_summary_table(report.summary))
     console.print(f"wrote {report.per_image_csv}, {report.summary_json.name}, {report.summary_md.name}")
+    if report.failures:  # scored without them; listed in summary.json and summary.md too
+        console.print(f"[red]{len(report.failures)} not scored:[/red]", highlight=False)
+        for line in report.failures:
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+        total = len(report.rows) + len(report.failures)
+        raise DataError(f"{len(report.failures)} of {total} images failed")
 
 
 @app.command()
@@ -277,10 +327,12 @@ def predict(
     from rich.markup import escape
 
     from espmedsam.errors import DataError
+    from espmedsam.files import check_output_folder
     from espmedsam.predict import EXAMPLES_DIR
     from espmedsam.predict_files import PredictOptions, expand_inputs, predict_files
 
     paths = expand_inputs(inputs or [str(EXAMPLES_DIR)])
+    check_output_folder(out)
     predictor = _predictor(checkpoint, backend, device, size, not fp32, batch_size, threads)
     options = PredictOptions(
         modality=modality,
@@ -296,10 +348,13 @@ def predict(
             progress.advance(task)
             if not result.ok:
                 failures.append(result)
-                message = escape(result.error or "")
-                progress.console.print(f"[red]failed[/red] {message}", highlight=False, soft_wrap=True)
+                if len(paths) > 1:  # one input: its error is the command's one line
+                    message = escape(result.error or "")
+                    progress.console.print(f"[red]failed[/red] {message}", highlight=False, soft_wrap=True)
                 continue
             progress.console.print(_result_line(result), highlight=False, soft_wrap=True)
+    if failures and len(paths) == 1:
+        raise DataError(failures[0].error or f"{paths[0]}: failed")
     console.print(f"wrote {len(paths) - len(failures)} of {len(paths)} inputs to {out} (predictions.csv)")
     if failures:
         console.print(f"[red]{len(failures)} failed:[/red]", highlight=False)
@@ -309,8 +364,11 @@ def predict(
 
 
 def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batch_size: int, threads):
+    from espmedsam.errors import InputError
     from espmedsam.predict import Predictor
 
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
     if threads:
         import torch
 
@@ -319,14 +377,14 @@ def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batc
         from espmedsam.onnx_backend import OnnxBackend
 
         if checkpoint is None or checkpoint.suffix.lower() != ".onnx":
-            raise typer.BadParameter(
+            raise InputError(
                 "--backend onnxruntime needs --checkpoint MODEL.onnx (espmedsam export CKPT --format onnx)"
             )
         model = OnnxBackend(checkpoint, threads=threads)
     elif backend == "torch":
         model = _load(checkpoint, "default")
     else:
-        raise typer.BadParameter(f"--backend must be torch or onnxruntime, got {backend!r}")
+        raise InputError(f"--backend must be torch or onnxruntime, got {backend!r}")
     return Predictor(model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size)
 
 
@@ -387,6 +445,7 @@ def export(
 
     from espmedsam.checkpoints.native import export_checkpoint
     from espmedsam.errors import InputError
+    from espmedsam.files import check_output_file
 
     if fmt not in ("safetensors", "onnx"):
         raise InputError(f"--format must be safetensors or onnx, got {fmt!r}")
@@ -394,6 +453,7 @@ def export(
         raise InputError("--size applies to --format onnx only")
     if fmt == "onnx" and fp16:
         raise InputError("--fp16 applies to --format safetensors only (the ONNX graph is float32)")
+    check_output_file(out)  # before an export that may take minutes
     sizes = _parse_input_sizes(input_size or [])
     if choose_on:
         sizes = {**_choose_sizes(checkpoint, choose_on, candidates, device), **sizes}
@@ -598,7 +658,9 @@ def distill_common(
     from espmedsam.models.registry import build_model
 
     if student and init_from:
-        raise typer.BadParameter("give --student or --init-from, not both")
+        from espmedsam.errors import InputError
+
+        raise InputError("give --student or --init-from, not both")
     net = load_model(student) if student else import_mobilesam(init_from) if init_from else build_model(model)
     found = [image for folder in images for image in list_images(folder)]
     _distill(net, teacher, found, "common", config, [f"device={device}", *(overrides or [])], out)
@@ -625,7 +687,9 @@ def distill_modality(
 
     path = student or default_checkpoint()
     if path is None:
-        raise typer.BadParameter("no bundled weights; pass --student CKPT")
+        from espmedsam.errors import InputError
+
+        raise InputError("no bundled weights; pass --student CKPT")
     sources = [parse_dataset_arg(item) for item in data]
     found = [image for s in sources for image in list_images(s.root, s.modality)]
     overrides = [f"device={device}", *(overrides or [])]
@@ -709,6 +773,8 @@ def _distill(student, teacher_path, images, stage, config, overrides, out) -> No
             progress.update(task, description=f"{label}{loss}", completed=p.done, total=p.total)
 
         result = distill(student, teacher, images, cfg, stage=stage, progress=show)
+    if not _is_main():  # under torchrun rank 0 reports
+        return
     first, last = result.records[0], result.records[-1]
     if "held_out_mse" in first:
         console.print(
@@ -777,5 +843,5 @@ def _progress() -> Progress:
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not console.is_terminal,
+        disable=not (console.is_terminal and _is_main()),
     )

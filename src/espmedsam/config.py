@@ -483,6 +483,15 @@ def _scalar(hint: Any, value: Any, path: str) -> Any:
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"cannot read config {path}: {error}") from None
+    except yaml.YAMLError as error:  # PyYAML's own message spans several lines: its problem and place
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"{path}: invalid YAML ({problem}{where})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise ConfigError(f"cannot read config {path}: {reason}") from None
+    if data is not None and not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values, not a {kind}")
     return data or {}

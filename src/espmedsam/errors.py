@@ -37,3 +37,12 @@ class MissingDependencyError(EspMedSAMError):
     """An optional package needed for this feature is not installed."""
 
     exit_code = 5
+
+
+class OutputError(EspMedSAMError, OSError):
+    """An output cannot be written: its folder cannot be made, it is a folder, no permission, disk full.
+
+    An ``OSError`` too (with the ``errno`` of its cause), so code that handles failed writes still does.
+    """
+
+    exit_code = 6

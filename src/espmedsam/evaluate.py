@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from espmedsam.data.dataset import DatasetSource, Sample, SegmentationFolder
 from espmedsam.data.io import write_png
-from espmedsam.errors import InputError
-from espmedsam.files import write_text
+from espmedsam.errors import DataError, InputError
+from espmedsam.files import make_folder, write_text
 from espmedsam.metrics import METRIC_NAMES, dice, segmentation_metrics, summarise
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.predict import Predictor
@@ -75,6 +75,7 @@ class EvaluationReport:
     rows: tuple[ImageResult, ...]
     summary: dict[str, Any]
     out_dir: Path
+    failures: tuple[str, ...] = ()  # one line per image that could not be read (naming its file)
 
     @property
     def per_image_csv(self) -> Path:
@@ -117,10 +118,12 @@ def evaluate(
         workers: processes that read and decode images ahead of the model; None: 4 on a GPU, 0 (read
             in the main process) on the CPU, whose cores the model already uses.
     Returns:
-        The per-image rows, the summary and the output folder.
+        The per-image rows, the summary and the output folder, and a line per image that could not be
+        read: it is left out of the scores (and listed under "failed" in summary.json), the others go on.
     Raises:
         InputError: an unknown protocol, no or duplicate dataset names, or a dataset whose modality the
-            model does not have. DataError: from reading the datasets.
+            model does not have. DataError: a folder that is not a dataset (missing files of a stem, a
+            malformed split.json), or no image at all to evaluate.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -129,34 +132,68 @@ def evaluate(
     out_dir = Path(out_dir)
     folders = [SegmentationFolder(source, split=split) for source in sources]
     total, done = sum(len(folder) for folder in folders), 0
+    if total == 0:
+        where = ", ".join(str(source.root) for source in sources)
+        raise DataError(f"no images to evaluate in {where} (split {split or 'all'})")
     rows: list[ImageResult] = []
+    failures: list[str] = []
     if workers is None:
         workers = 4 if predictor.device.type == "cuda" else 0
     for source, folder in zip(sources, folders, strict=True):
         for index, sample in enumerate(read_ahead(folder, workers)):
-            _check_modality(predictor, source, sample)
-            rows.append(_score(predictor, sample, source.name, protocol, out_dir, index < overlays))
+            if isinstance(sample, Unreadable):
+                logger.warning("%s", sample.message)
+                failures.append(sample.message)
+            else:
+                _check_modality(predictor, source, sample)
+                rows.append(_score(predictor, sample, source.name, protocol, out_dir, index < overlays))
             done += 1
             if progress is not None:
                 progress(done, total)
     _log_skipped(rows)
     summary = summarise_rows(rows, protocol=protocol, split=split, checkpoint=checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    summary["failed"] = failures
+    make_folder(out_dir)
     write_text(out_dir / "per_image.csv", rows_to_csv(rows))
     write_text(out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
     write_text(out_dir / "summary.md", summary_markdown(summary))
-    return EvaluationReport(tuple(rows), summary, out_dir)
+    return EvaluationReport(tuple(rows), summary, out_dir, tuple(failures))
 
 
-def read_ahead(folder: SegmentationFolder, workers: int) -> Iterator[Sample]:
-    """The folder's samples in order; with ``workers`` > 0 read and decoded in that many processes."""
+@dataclass(frozen=True)
+class Unreadable:
+    """An image (or its mask) that could not be read: the one-line reason, naming the file."""
+
+    message: str
+
+
+def read_ahead(folder: SegmentationFolder, workers: int) -> Iterator[Sample | Unreadable]:
+    """The folder's samples in order, an ``Unreadable`` in place of each that fails to read; with
+    ``workers`` > 0 read and decoded in that many processes."""
+    guarded = _Guarded(folder)
     if workers <= 0:
-        yield from (folder[index] for index in range(len(folder)))
+        yield from (guarded[index] for index in range(len(guarded)))
         return
-    yield from DataLoader(folder, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    yield from DataLoader(guarded, batch_size=None, num_workers=workers, collate_fn=_as_is)
 
 
-def _as_is(sample: Sample) -> Sample:
+class _Guarded(torch.utils.data.Dataset):
+    """A folder whose unreadable items come out as ``Unreadable``: one bad file must not end the run."""
+
+    def __init__(self, folder: SegmentationFolder) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> Sample | Unreadable:
+        try:
+            return self.folder[index]
+        except DataError as error:
+            return Unreadable(str(error))
+
+
+def _as_is(sample: Sample | Unreadable) -> Sample | Unreadable:
     return sample
 
 
@@ -296,6 +333,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Overall", "", header.format("aggregation"), "|---|---:|---:|---:|---:|---:|"]
     lines.append(_md_row(f"mean of {overall['n_datasets']} dataset means", overall, n=overall["n_datasets"]))
     lines.append(_md_row("images pooled", overall["pooled"], n=overall["n"]))
+    failed = summary.get("failed") or []
+    if failed:
+        lines += ["", f"## Not scored: {len(failed)} unreadable", "", *(f"- {line}" for line in failed)]
     return "\n".join(lines) + "\n"
 
 

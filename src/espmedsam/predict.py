@@ -18,6 +18,7 @@ import torch
 
 from espmedsam.device import resolve_device
 from espmedsam.errors import InputError
+from espmedsam.memory import release_freed_memory
 from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.models.image_io import RawImageIO
@@ -174,10 +175,12 @@ class Predictor:
         """Same-size inputs in one forward pass -> one (H, W) bool mask per image."""
         prepared = [self.io.preprocess(image, size) for image in images]
         logits = self._segment(torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names)))
-        return [
+        masks = [
             self.io.postprocess(logits[i : i + 1], meta)[0, 0].numpy() > 0
             for i, (_, meta) in enumerate(prepared)
         ]
+        release_freed_memory()  # the forward's activations are freed: give their pages back
+        return masks
 
     @torch.inference_mode()
     def _segment(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -121,15 +121,21 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     (sorted) and its DICOM sub-folders.
 
     Raises:
-        InputError: an input that matches nothing, or no input at all.
+        InputError: an input that matches nothing, a broken symbolic link, a folder with nothing to
+            predict in it, or no input at all.
     """
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += _folder_inputs(path)
+            found = _folder_inputs(path)
+            if not found:
+                raise InputError(f"{item}: a folder with no images, NIfTI or DICOM files in it")
+            paths += found
         elif path.exists():
             paths.append(path)
+        elif path.is_symlink():
+            raise InputError(f"{item}: broken symbolic link (its target {path.readlink()} does not exist)")
         else:
             matches = sorted(Path(p) for p in glob.glob(str(item), recursive=True))
             if not matches:
@@ -145,6 +151,9 @@ def _folder_inputs(folder: Path) -> list[Path]:
     if any(is_dicom_file(p) for p in files) and not any(_suffix(p) in IMAGE_SUFFIXES for p in files):
         return [folder]
     found = [p for p in files if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES or is_dicom_file(p)]
+    # a broken link named like an input is one the user meant: it fails as such rather than vanish
+    broken = [p for p in folder.iterdir() if p.is_symlink() and not p.exists() and p.name[0] != "."]
+    found = sorted(found + [p for p in broken if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES])
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     return found + [d for d in subfolders if any(is_dicom_file(p) for p in d.iterdir() if p.is_file())]
 
@@ -198,6 +207,8 @@ def _check_options(predictor: Predictor, options: PredictOptions) -> None:
         raise InputError(f"unknown modality {options.modality!r}; expected auto or one of {names}")
     if options.dicom_format not in ("nifti", "seg"):
         raise InputError(f"DICOM output must be nifti or seg, got {options.dicom_format!r}")
+    if options.axis not in (0, 1, 2):
+        raise InputError(f"NIfTI slicing axis must be 0, 1 or 2, got {options.axis}")
 
 
 def _read_ahead(paths: Sequence[Path], options: PredictOptions) -> Iterator[_Job | FileResult]:
@@ -208,9 +219,9 @@ def _read_ahead(paths: Sequence[Path], options: PredictOptions) -> Iterator[_Job
         try:
             return _Job(read_stack(path, axis=options.axis), time.perf_counter() - start)
         except EspMedSAMError as error:
-            return FileResult(path, error=str(error))
+            return FileResult(path, error=_about(path, str(error)))
         except Exception as error:  # an unexpected decoder failure must not stop the other files
-            return FileResult(path, error=f"{path}: cannot read ({type(error).__name__}: {error})")
+            return FileResult(path, error=_about(path, f"cannot read ({type(error).__name__}: {error})"))
 
     with ThreadPoolExecutor(1, thread_name_prefix="read") as reader:
         window: deque[Future[_Job | FileResult]] = deque()
@@ -293,8 +304,13 @@ def _choose_modality(predictor: Predictor, job: _Job, options: PredictOptions) -
 
 def _failure(job: _Job, error: Exception) -> FileResult:
     message = str(error) if isinstance(error, EspMedSAMError) else f"{type(error).__name__}: {error}"
-    source = str(job.stack.source)
-    return FileResult(job.stack.source, error=message if source in message else f"{source}: {message}")
+    return FileResult(job.stack.source, error=_about(job.stack.source, message))
+
+
+def _about(path: Path, message: str) -> str:
+    """``message`` as one line that names ``path``."""
+    message = " ".join(message.split())
+    return message if str(path) in message else f"{path}: {message}"
 
 
 def _write_outputs(job: _Job, out_dir: Path, options: PredictOptions) -> FileResult:

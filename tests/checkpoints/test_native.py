@@ -164,11 +164,18 @@ def test_truncated_file(tiny, tmp_path):
     assert "cut.safetensors" in str(info.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x01\x02", b"\x07" * 64 + b"x" * 1000])
-def test_garbage_bytes(tmp_path, content):
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "junk.bin is an empty file"),
+        (b"\x01\x02", "junk.bin is not a safetensors file"),
+        (b"\x07" * 64 + b"x" * 1000, "junk.bin is not a safetensors file"),
+    ],
+)
+def test_garbage_bytes(tmp_path, content, message):
     path = tmp_path / "junk.bin"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="junk.bin is not a safetensors file"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 

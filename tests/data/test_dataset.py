@@ -82,6 +82,15 @@ def test_cache_keeps_arrays(make_dataset):
     assert folder[0].image is first.image
 
 
+def test_released_cache_reads_the_file_again(make_dataset):
+    root = make_dataset()
+    folder = SegmentationFolder(DatasetSource(root, "fundus", "fake"), "test", cache=True)
+    first = folder[0]
+    folder.release_cache()
+    again = folder[0]  # decoded again from the file
+    assert again.image is not first.image and np.array_equal(again.image, first.image)
+
+
 def test_mask_with_other_suffix(make_dataset):
     root = make_dataset()
     Image.open(root / "masks" / "a.png").save(root / "masks" / "a.bmp")

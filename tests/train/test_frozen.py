@@ -102,3 +102,13 @@ def test_input_sizes_need_one_size_per_modality(tiny_config, tmp_path):
     config = dataclasses.replace(_frozen(tiny_config, tmp_path), input_sizes=(64, 64))
     with pytest.raises(ConfigError, match="one size per model modality"):
         train(config)
+
+
+def test_frozen_datasets_keep_no_decoded_images_once_embedded(tiny_config, tmp_path):
+    from espmedsam.train.loop import build_datasets, build_network
+
+    config = _frozen(tiny_config, tmp_path)
+    train_set, val_set, _ = build_datasets(config, build_network(config))
+    folders = [*train_set.folders, *val_set.folders]
+    assert folders and all(not folder._cache for folder in folders)  # the embeddings are on disk
+    assert train_set[0]["embedding"].ndim == 3

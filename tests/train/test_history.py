@@ -48,6 +48,16 @@ def test_resumed_history_drops_records_after_the_checkpoint(tmp_path):
     assert History(tmp_path / "log.jsonl").records == []
 
 
+def test_resumed_history_drops_a_line_cut_short_by_a_kill(tmp_path):
+    history = History(tmp_path / "log.jsonl")
+    history.append(_train_record(1))
+    with (tmp_path / "log.jsonl").open("a") as file:
+        file.write('{"kind": "train", "step": 2, "lo')  # killed while appending
+    resumed = History(tmp_path / "log.jsonl", resume_step=5)
+    assert [r["step"] for r in resumed.records] == [1]
+    assert (tmp_path / "log.jsonl").read_text().count("\n") == 1
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     history = History(tmp_path / "log.jsonl")

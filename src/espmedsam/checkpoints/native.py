@@ -155,6 +155,8 @@ def read_safetensors(path: Path, fmt: str, config_cls: type[T]) -> tuple[T, dict
     """
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is an empty file (0 bytes)")
     try:
         with safe_open(str(path), framework="pt") as file:
             config = _config(path, file.metadata() or {}, fmt, config_cls)

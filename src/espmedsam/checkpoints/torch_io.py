@@ -32,10 +32,13 @@ def read_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is an empty file (0 bytes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        # torch's wording: "Unsupported global: GLOBAL x.y" (< 2.10), "unsupported GLOBAL x.y whose ..."
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(error))
         if found:
             reason = f"it holds Python objects ({found.group(1)}) that would need code to load"
         else:

@@ -54,7 +54,8 @@ class DatasetReport:
 def check_dataset(root: str | Path) -> DatasetReport:
     """Check a dataset folder: pairs, readability, sizes, binary masks and the split.
 
-    Errors: an image without mask or the reverse, several files for one stem, an unreadable file, an image
+    Errors: no pair at all, an image without mask or the reverse, several files for one stem, an unreadable
+    file (empty, truncated, not an image, over ``MAX_IMAGE_PIXELS``, several frames, NaN pixels), an image
     and mask of different sizes, a stem in ``split.json`` without files or in several splits, a malformed
     ``split.json``. Warnings: a mask with more than one foreground value (masks are binarised at > 0
     anyway), an empty mask, files in no split, a missing ``split.json``, a split name other than
@@ -70,6 +71,8 @@ def check_dataset(root: str | Path) -> DatasetReport:
     images, masks = _listing(root, "images", problems), _listing(root, "masks", problems)
     problems += _pairing(images, masks)
     pairs = sorted(set(images) & set(masks))
+    if not pairs and (root / "images").is_dir() and (root / "masks").is_dir():
+        problems.append(Problem("error", "images/", "no image/mask pairs found"))
     for stem in pairs:
         if len(images[stem]) == 1 and len(masks[stem]) == 1:
             problems += _check_pair(stem, images[stem][0], masks[stem][0])

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from espmedsam.data.io import IMAGE_SUFFIXES, read_image, read_json_object, read_mask, write_png
-from espmedsam.errors import DataError, InputError
+from espmedsam.errors import DataError, InputError, OutputError
+from espmedsam.files import atomic_write, check_output_folder, make_folder, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def convert_dataset(
     Raises:
         InputError: an unknown format or a ``max_side`` below 1.
         DataError: a missing source, a non-empty ``dst``, no case found, duplicate stems, unreadable files.
+        OutputError: ``dst`` is a file or cannot be created, or writing fails.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown dataset format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -87,8 +89,11 @@ def convert_dataset(
     layout, src, dst = FORMATS[fmt], Path(src), Path(dst)
     if not src.is_dir():
         raise DataError(f"{src}: source folder not found")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+    if dst.exists() and not dst.is_dir():
+        raise OutputError(f"{dst}: not a folder (a file of that name exists)")
+    if dst.exists() and any(dst.iterdir()):
         raise DataError(f"{dst}: output folder exists and is not empty")
+    check_output_folder(dst, "output folder")
     skipped: list[str] = []
     cases = [c for c in layout.find(src, skipped) if not (skip_normal and c.group == "normal")]
     if not cases:
@@ -103,8 +108,10 @@ def convert_dataset(
         if dst.exists():
             dst.rmdir()
         tmp.rename(dst)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OutputError):  # named where the file was going, not by the folder now gone
+            raise OutputError(str(error).replace(str(tmp), str(dst))) from error
         raise
     if skipped:
         logger.warning("%s: skipped %d items (see SOURCE.md)", src, len(skipped))
@@ -165,8 +172,8 @@ def _write_case(case: Case, out: Path, max_side: int | None, skipped: list[str])
     if resized:
         image, mask = _shrink(image, mask, max_side)
     if case.image.suffix.lower() in (".jpg", ".jpeg") and not resized:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(case.image, out / "images" / f"{case.stem}.jpg")
+        data = case.image.read_bytes()  # copied as is: no second JPEG compression
+        atomic_write(out / "images" / f"{case.stem}.jpg", lambda file: file.write(data))
     else:
         write_png(out / "images" / f"{case.stem}.png", image)
     write_png(out / "masks" / f"{case.stem}.png", mask.astype(np.uint8) * 255)
@@ -203,12 +210,12 @@ def _write_metadata(
     from espmedsam import __version__
 
     layout = FORMATS[fmt]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps(splits, indent=1) + "\n")
+    make_folder(out)
+    write_text(out / "split.json", json.dumps(splits, indent=1) + "\n")
     info = {"name": name, "format": fmt, "source": str(src)}
     if layout.modality:
         info["modality"] = layout.modality
-    (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
+    write_text(out / "dataset.json", json.dumps(info, indent=1) + "\n")
     counts = " / ".join(f"{name} {len(members)}" for name, members in splits.items())
     lines = [
         f"# {info['name']} (converted from the {fmt} layout)",
@@ -225,7 +232,7 @@ def _write_metadata(
         *[f"  - {item}" for item in skipped[:50]],
         *([f"  - ... and {len(skipped) - 50} more"] if len(skipped) > 50 else []),
     ]
-    (out / "SOURCE.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "SOURCE.md", "\n".join(lines) + "\n")
 
 
 def _split_note(fmt: str) -> str:

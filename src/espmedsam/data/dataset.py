@@ -76,7 +76,11 @@ def parse_dataset_arg(text: str) -> DatasetSource:
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     if modality:
-        return DatasetSource(root=root, modality=_modality_name(modality), name=root.name)
+        try:
+            name = _modality_name(modality)
+        except InputError as error:
+            raise InputError(f"{text}: {error}") from None
+        return DatasetSource(root=root, modality=name, name=root.name)
     return DatasetSource(root=root, modality=_infer_modality(root), name=root.name)
 
 
@@ -193,6 +197,11 @@ class SegmentationFolder(Dataset):
             if self._cache is not None:
                 self._cache[index] = (image, mask)
         return Sample(image, mask, self.source.modality, self.source.name, self.stems[index])
+
+    def release_cache(self) -> None:
+        """Forget the decoded arrays kept so far (a later read decodes and keeps them again)."""
+        if self._cache is not None:
+            self._cache.clear()
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self._pairs[index]

@@ -22,6 +22,9 @@ from espmedsam.files import atomic_write
 # CT (Hounsfield units) and MR (arbitrary units) have no 8-bit range: the volume's own 0.5 and 99.5
 # percentiles, shared by all its slices, clip outliers (metal, fat-saturation spikes) and keep tissue contrast
 WINDOW_PERCENTILES = (0.5, 99.5)
+# The most voxels a volume may have, checked on its header before its data are read: a CT of 2048 slices of
+# 512² (2 GB as float32). A .nii.gz of zeros compresses a thousandfold, so a small file could claim far more.
+MAX_VOLUME_VOXELS = 512 * 512 * 2048
 
 
 def read_nifti(path: str | Path, *, axis: int = 2) -> ImageStack:
@@ -33,16 +36,26 @@ def read_nifti(path: str | Path, *, axis: int = 2) -> ImageStack:
 
     Raises:
         InputError: ``axis`` not 0, 1 or 2.
-        DataError: an unreadable file, more than one volume (4D), more than 3 spatial axes, or NaN/inf.
+        DataError: an unreadable file, more than ``MAX_VOLUME_VOXELS`` voxels, more than one volume (4D),
+            more than 3 spatial axes, or NaN/inf.
     """
     path = Path(path)
     if axis not in (0, 1, 2):
         raise InputError(f"NIfTI slicing axis must be 0, 1 or 2, got {axis}")
     try:
         image = nib.load(path)
+        claimed = tuple(int(n) for n in image.header.get_data_shape())
+        if np.prod(claimed, dtype=np.float64) > MAX_VOLUME_VOXELS:
+            size = "x".join(map(str, claimed))
+            raise DataError(
+                f"{path}: volume too large: its header claims {size} voxels, "
+                f"over the limit of {MAX_VOLUME_VOXELS:,}"
+            )
         raw = np.asanyarray(image.dataobj)
+    except DataError:
+        raise
     except Exception as error:  # nibabel raises many types (ImageFileError, OSError, EOFError, ValueError)
-        raise DataError(f"{path}: cannot read NIfTI ({error})") from None
+        raise DataError(f"{path}: cannot read NIfTI ({error or type(error).__name__})") from None
     shape = raw.shape
     # trailing singleton axes (a 4D file of one volume, a 2D image stored as X x Y x 1 x 1) are no axes at all
     while len(shape) > 3 and shape[-1] == 1:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmedsam.data.io import IMAGE_SUFFIXES, read_image, write_png
+from espmedsam.data.io import IMAGE_SUFFIXES, check_input_file, read_image, write_png
 from espmedsam.errors import DataError, InputError, MissingDependencyError
 
 KINDS = ("image", "nifti", "dicom")
@@ -80,8 +80,7 @@ def read_stack(path: str | Path, *, axis: int = 2) -> ImageStack:
         raise InputError(f"NIfTI slicing axis must be 0, 1 or 2, got {axis}")
     if path.is_dir():
         return _dicom().read_dicom_series(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file or folder")
+    check_input_file(path)  # missing, a broken link or empty: said once for every format
     if is_dicom_file(path):
         return _dicom().read_dicom_file(path)
     if _is_nifti(path):

@@ -71,17 +71,37 @@ def fill(
 ) -> int:
     """Embed and store every job whose key is missing; returns how many were computed.
 
+    Under torchrun every rank calls this with the same jobs and embeds every N-th batch of the missing
+    ones (the batches of one process, so the same stored values); all return once every entry is written.
+
     Args:
         jobs: (key, function returning the (3, S, S) input) pairs; inputs are built only when missing.
         embed: the teacher, (B, 3, S, S) -> (B, C, h, w).
-        progress: called with (done, total missing) after each batch.
+        progress: called with (done, total missing) after each batch (this rank's share under torchrun).
     """
+    from espmedsam.train import distributed  # here: the training package imports this module
+
     todo = list({key: make for key, make in jobs if key not in cache}.items())  # each key once
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        embeddings = embed(torch.stack([make() for _, make in chunk]))
-        for (key, _), embedding in zip(chunk, embeddings, strict=True):
-            cache.put(key, embedding)
+    chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    distributed.barrier()  # every rank has listed the missing keys before any rank writes one
+    mine = distributed.strided_share(chunks)
+    total, done = sum(map(len, mine)), 0
+    for chunk in mine:
+        _store(cache, chunk, embed)
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + batch_size, len(todo)), len(todo))
+            progress(done, total)
+    if distributed.is_distributed():
+        distributed.barrier()
+        # where the cache folder is not shared between machines, the other machines' entries: here too
+        left = [(key, make) for key, make in todo if key not in cache]
+        for start in range(0, len(left), batch_size):
+            _store(cache, left[start : start + batch_size], embed)
     return len(todo)
+
+
+def _store(cache: EmbeddingCache, chunk: list, embed: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Embed one batch of (key, input function) jobs and store each entry."""
+    embeddings = embed(torch.stack([make() for _, make in chunk]))
+    for (key, _), embedding in zip(chunk, embeddings, strict=True):
+        cache.put(key, embedding)

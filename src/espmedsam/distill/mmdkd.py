@@ -9,6 +9,11 @@ Two stages, each an MSE between the student's and the teacher's (256, S/16, S/16
 
 Teacher embeddings come from an :class:`EmbeddingCache` (computed once per image and variant) or, with
 ``use_cache: false``, from the teacher in every step as in the official script.
+
+Under ``torchrun`` (see ``train.distributed``) the ranks share the teacher's cache work, then each step's
+batch (``batch_size`` stays the global batch) is split across them under DistributedDataParallel, with
+batch norm statistics spanning the shares; held-out scores are reduced over the ranks, and rank 0 alone
+writes ``student.safetensors``, ``log.jsonl`` and ``curves.png``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from espmedsam.distill.teacher import fingerprint
 from espmedsam.errors import InputError
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.normalisation import normalise
+from espmedsam.train import distributed
 from espmedsam.train.history import History
+from espmedsam.train.sync_batchnorm import sync_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +96,19 @@ def distill(
     images = unique(images)
     if not images:
         raise InputError("no images to distil on")
-    config = dataclasses.replace(config, device=str(resolve_device(config.device)))
+    resolve_device(config.device)  # an unknown device fails before anything else
     check_teacher_fits(teacher, student)
-    student.to(config.device)
-    try:
-        trainable = freeze_for_stage(student, stage, {image.modality for image in images})
-        return _run(student, teacher, images, config, stage, trainable, progress)
-    finally:
-        student.eval().requires_grad_(True)  # as ``build_model`` gives it, also after an error
+    with distributed.process_group(config.device) as device:
+        config = dataclasses.replace(config, device=str(device))
+        student.to(config.device)
+        unsync = sync_batchnorm(student) if distributed.is_distributed() else None
+        try:
+            trainable = freeze_for_stage(student, stage, {image.modality for image in images})
+            return _run(student, teacher, images, config, stage, trainable, progress)
+        finally:
+            if unsync is not None:
+                unsync()  # the student goes back with plain BatchNorm2d modules
+            student.eval().requires_grad_(True)  # as ``build_model`` gives it, also after an error
 
 
 def _run(
@@ -114,22 +126,41 @@ def _run(
     inputs = InputStore(student.preprocess, config.image_size, config.input_memory_mb * 2**20)
     targets = _targets(counting, inputs, config, train_set, held_out, progress)
     out_dir = Path(config.out_dir or f"runs/distill_{stage}")
-    history = History(out_dir / "log.jsonl")
+    history = History(out_dir / "log.jsonl") if distributed.is_main() else None  # rank 0 writes
+    records: list[dict[str, Any]] = []
+
+    def log(record: dict[str, Any]) -> None:
+        records.append(record)
+        if history is not None:
+            history.append(record)
+
     optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    rng = random.Random(config.seed)
-    history.append({"epoch": 0, **held_out_scores(student, held_out, inputs, targets, config)})
+    # unused parameters: the modality stage trains one controller per step, and a rank whose share of a
+    # small batch is a zero-image input gets no gradient for some parameters (the common stage's batches
+    # are full but for the last, of len(train_set) % batch_size images)
+    last = len(train_set) % config.batch_size or config.batch_size
+    unused = stage == "modality" or last < distributed.world_size()
+    encoder, device = _StudentEncoder(student), torch.device(config.device)
+    encode = distributed.data_parallel(encoder, device, unused_parameters=unused)
+    rng = random.Random(config.seed)  # the same draws on every rank: batches and variants agree
+    log({"epoch": 0, **held_out_scores(student, held_out, inputs, targets, config)})
     seconds = []
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        loss = train_epoch(student, stage, train_set, inputs, targets, optimizer, config, rng, progress)
+        loss = train_epoch(
+            student, stage, train_set, inputs, targets, optimizer, config, rng, progress, encode=encode
+        )
         seconds.append(time.perf_counter() - start)
         schedule.step()
         scores = held_out_scores(student, held_out, inputs, targets, config)
-        history.append({"epoch": epoch, "train_mse": loss, "epoch_s": seconds[-1], **scores})
-        save_model(student, out_dir / "student.safetensors")
-        plot_curves(history.records, out_dir / "curves.png")
-    return DistillResult(out_dir / "student.safetensors", history.records, counting.images, seconds)
+        log({"epoch": epoch, "train_mse": loss, "epoch_s": seconds[-1], **scores})
+        if history is not None:
+            save_model(student, out_dir / "student.safetensors")
+            plot_curves(records, out_dir / "curves.png")
+    embedded = int(distributed.all_reduce_sum(torch.tensor(counting.images)))  # every rank's share
+    distributed.barrier()  # every rank returns once rank 0's files are written
+    return DistillResult(out_dir / "student.safetensors", records, embedded, seconds)
 
 
 def check_teacher_fits(teacher: nn.Module, student: ESPMedSAM) -> None:
@@ -223,17 +254,29 @@ def train_epoch(
     config: DistillConfig,
     rng: random.Random,
     progress: Callable[[DistillProgress], None] | None = None,
+    *,
+    encode: Callable[[torch.Tensor, str | None], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over ``images`` in single-modality batches (a random variant each); the mean MSE."""
+    """One pass over ``images`` in single-modality batches (a random variant each); the mean MSE.
+
+    ``encode``: the student's encoder as DDP wraps it under torchrun (default ``student.encode``).
+    """
     batches = epoch_batches(images, config.batch_size, rng)
+    encode = encode or student.encode
     total, count = 0.0, 0
     for step, batch in enumerate(batches, 1):
         variants = [rng.randrange(config.variants) for _ in batch]
+        modality = batch[0].modality if stage == "modality" else None
+        if distributed.is_distributed():
+            value = _shared_step(encode, batch, variants, modality, inputs, targets, optimizer, config)
+            total, count = total + value * len(batch), count + len(batch)
+            if progress is not None:
+                progress(DistillProgress("train", step, len(batches), total / count))
+            continue
         x = inputs.batch(batch, variants).to(config.device)
         target = targets(batch, variants, x)
-        modality = batch[0].modality if stage == "modality" else None
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            prediction = student.encode(x, modality)
+            prediction = encode(x, modality)
         loss = embedding_mse(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,6 +285,54 @@ def train_epoch(
         if progress is not None:
             progress(DistillProgress("train", step, len(batches), total / count))
     return total / max(count, 1)
+
+
+def _shared_step(
+    encode: Callable[[torch.Tensor, str | None], torch.Tensor],
+    batch: Sequence[DistillImage],
+    variants: Sequence[int],
+    modality: str | None,
+    inputs: InputStore,
+    targets: Targets,
+    optimizer: torch.optim.Optimizer,
+    config: DistillConfig,
+) -> float:
+    """One optimiser step on this rank's share of ``batch``; returns the MSE over the whole batch.
+
+    Each rank's loss is its squared-error sum over the whole batch's element count, times N, so DDP's
+    mean of the ranks' gradients is the gradient of the batch's MSE (the shares may differ by one image).
+    A rank left without images by a small batch still takes part: with a zero-image input in the common
+    stage, or in the modality stage (whole student in eval mode, so no statistics are shared; the
+    controller routing needs an image) with the batch's first image at weight 0.
+    """
+    mine, weight = distributed.share(list(zip(batch, variants, strict=True))), 1.0
+    if not mine and modality is not None:
+        mine, weight = [(batch[0], variants[0])], 0.0
+    images, chosen = [image for image, _ in mine], [variant for _, variant in mine]
+    size = config.image_size
+    x = (inputs.batch(images, chosen) if mine else torch.zeros(0, 3, size, size)).to(config.device)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        prediction = encode(x, modality).float()
+    target = targets(images, chosen, x) if mine else torch.zeros_like(prediction)
+    squared = embedding_mse(prediction, target, reduction="sum") * weight
+    elements = len(batch) * prediction.shape[1:].numel()
+    optimizer.zero_grad(set_to_none=True)
+    (squared * (distributed.world_size() / elements)).backward()
+    optimizer.step()
+    return float(distributed.all_reduce_sum(squared.detach())) / elements
+
+
+class _StudentEncoder(nn.Module):
+    """``student.encode`` as a module's forward: what DDP wraps (it reduces gradients only for a forward
+    through itself)."""
+
+    def __init__(self, student: ESPMedSAM) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor, modality: str | None) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, C, S/s, S/s), as ``ESPMedSAM.encode``."""
+        return self.student.encode(x, modality)
 
 
 def epoch_batches(images: Sequence[DistillImage], batch_size: int, rng: random.Random) -> list[list]:
@@ -262,9 +353,14 @@ def held_out_scores(
     targets: Targets,
     config: DistillConfig,
 ) -> dict[str, float]:
-    """Embedding MSE and mean cosine similarity (over positions) on the held-out images, variant 0."""
+    """Embedding MSE and mean cosine similarity (over positions) on the held-out images, variant 0.
+
+    Under torchrun each rank scores images ``rank, rank + N, ...`` and the sums are reduced.
+    """
     if not images:
         return {}
+    count = len(images)
+    images = distributed.strided_share(images) if distributed.is_distributed() else images
     was_training = student.image_encoder.training
     student.image_encoder.eval()
     mse, cosine = 0.0, 0.0
@@ -278,7 +374,9 @@ def held_out_scores(
             mse += embedding_mse(prediction, target, reduction="none").mean((1, 2, 3)).sum().item()
             cosine += F.cosine_similarity(prediction, target, dim=1).mean((1, 2)).sum().item()
     student.image_encoder.train(was_training)
-    return {"held_out_mse": mse / len(images), "held_out_cosine": cosine / len(images)}
+    if distributed.is_distributed():
+        mse, cosine = distributed.all_reduce_sum(torch.tensor([mse, cosine], dtype=torch.float64)).tolist()
+    return {"held_out_mse": mse / count, "held_out_cosine": cosine / count}
 
 
 def embedding_mse(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

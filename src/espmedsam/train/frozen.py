@@ -32,6 +32,7 @@ from espmedsam.distill.cache import CacheKey, EmbeddingCache
 from espmedsam.files import atomic_write
 from espmedsam.modalities import MODALITIES
 from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.train import distributed
 
 RECIPE_VERSION = "appearance-v1"  # bump when the variant recipe changes: it names the cache folder
 DEFAULT_CACHE = Path.home() / ".cache" / "espmedsam" / "encoder-embeddings"
@@ -157,24 +158,40 @@ def build_cache(
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Embed every missing (item, variant) of ``dataset`` with the controller-free encoder; returns the
-    number computed. Same-size inputs are batched; the encoder runs in eval mode under ``no_grad``."""
+    number computed. Same-size inputs are batched; the encoder runs in eval mode under ``no_grad``.
+
+    Under torchrun every rank calls this and embeds every N-th batch (the batches of one process, so the
+    same entries); all return once every entry is written. ``progress`` counts this rank's share.
+    """
     todo = [(index, key) for index, key in dataset.jobs(variants) if key not in dataset.cache]
-    chunks = [
+    distributed.barrier()  # every rank has listed the missing entries before any rank writes one
+    mine = distributed.strided_share(_same_size_chunks(todo, batch_size))
+    was_training, done, total = model.training, 0, sum(map(len, mine))
+    model.eval()
+    try:
+        for chunk in mine:
+            done += _embed_chunk(model, dataset, chunk, seed=seed, bf16=bf16)
+            if progress is not None:
+                progress(done, total)
+        if distributed.is_distributed():
+            distributed.barrier()
+            # where the cache folder is not shared between machines, the other machines' entries: here too
+            left = [(index, key) for index, key in todo if key not in dataset.cache]
+            for chunk in _same_size_chunks(left, batch_size):
+                _embed_chunk(model, dataset, chunk, seed=seed, bf16=bf16)
+    finally:
+        model.train(was_training)
+    return len(todo)
+
+
+def _same_size_chunks(todo: list[tuple[int, CacheKey]], batch_size: int) -> list[list[tuple[int, CacheKey]]]:
+    """Batches of at most ``batch_size`` jobs of one input size, smaller sizes first."""
+    return [
         group[start : start + batch_size]
         for size in sorted({key.size for _, key in todo})
         for group in [[job for job in todo if job[1].size == size]]
         for start in range(0, len(group), batch_size)
     ]
-    was_training, done = model.training, 0
-    model.eval()
-    try:
-        for chunk in chunks:
-            done += _embed_chunk(model, dataset, chunk, seed=seed, bf16=bf16)
-            if progress is not None:
-                progress(done, len(todo))
-    finally:
-        model.train(was_training)
-    return done
 
 
 def _embed_chunk(

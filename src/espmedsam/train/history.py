@@ -31,8 +31,8 @@ class History:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            self.records = [r for r in map(json.loads, lines) if r.get("step", 0) <= resume_step]
+            records = _parse_lines(self.path.read_text())
+            self.records = [r for r in records if r.get("step", 0) <= resume_step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._warned = False
 
@@ -53,6 +53,17 @@ class History:
         if not train and not val:
             return None
         return atomic_write(path, lambda file: _figure(train, val).savefig(file, format="png", dpi=100))
+
+
+def _parse_lines(text: str) -> list[dict[str, Any]]:
+    """The records of a JSONL text, less a last line cut short by a killed process."""
+    records = []
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("dropped a truncated log line: %.60s", line)
+    return records
 
 
 def _figure(train: list[dict[str, Any]], val: list[dict[str, Any]]):

@@ -10,6 +10,15 @@ gradients and AdamW leaves them untouched). Outputs in ``config.run_dir``:
 - ``state.pt`` every ``checkpoint_every`` steps and at the end: model, optimiser, schedule, sampler,
   counters and every RNG state, so ``resume=True`` continues bit for bit (with ``num_workers`` = 0 or
   more: augmentation is a function of (seed, epoch, index), batches of (seed, epoch)).
+
+Under ``torchrun`` (see ``distributed``) each process trains on its contiguous share of every batch
+under DistributedDataParallel: ``batch_size`` stays the global batch (so the recipe's optimisation is the
+same whatever the number of processes, which must divide it), batch norm statistics span all shares
+(``sync_batchnorm``), and logged losses and validation Dice are reduced over the ranks, so a run on N
+processes follows the one-process run up to float rounding. Rank 0 alone writes files; every rank reads
+``state.pt`` on resume (on a filesystem they share), so a run may resume on another number of processes.
+Every rank restores rank 0's RNG states; no draw depends on the rank (the model is built from ``seed``,
+augmentation and batches from (seed, epoch, index)).
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ from espmedsam.config import TrainConfig, from_dict
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.data.sampler import BalancedSampler
 from espmedsam.data.training_set import MixedModalityDataset
-from espmedsam.device import autocast, resolve_device
+from espmedsam.device import autocast
 from espmedsam.errors import ConfigError
-from espmedsam.files import write_text
+from espmedsam.files import remove_stale_temporaries, write_text
 from espmedsam.losses import MaskLoss, SegmentationLoss
 from espmedsam.models.registry import build_model, get_config
 from espmedsam.models.unet import UNetBaseline, UNetConfig
+from espmedsam.train import distributed
 from espmedsam.train.frozen import (
     DEFAULT_CACHE,
     CachedEmbeddingSet,
@@ -47,6 +57,7 @@ from espmedsam.train.frozen import (
 from espmedsam.train.history import History
 from espmedsam.train.optim import build_optimizer, build_scheduler
 from espmedsam.train.state import load_state, restore_rng, rng_state, save_state
+from espmedsam.train.sync_batchnorm import sync_batchnorm
 from espmedsam.train.validate import ValidationSet, collate_by_size, forward_group, validate
 
 logger = logging.getLogger(__name__)
@@ -106,15 +117,31 @@ def train(
 ) -> TrainResult:
     """Train a model as ``config`` says; see the module docstring for what is written.
 
+    Under ``torchrun`` every process calls this; ``progress`` is called on every rank, and every rank
+    returns the same result once rank 0 has written its files.
+
     Args:
         config: the run; ``config.data`` must name at least one dataset folder.
         resume: continue from ``run_dir/state.pt`` (the config may differ only in ``RESUMABLE_CHANGES``).
         progress: called with a :class:`TrainProgress` after every step.
     Raises:
-        ConfigError: no data, or a resumed run whose config differs.
+        ConfigError: no data, a resumed run whose config differs, or a ``batch_size`` that the number of
+            processes does not divide.
         DataError: unreadable dataset folders. CheckpointError: a bad ``init`` or state file.
     """
-    return _Trainer(config, resume=resume, progress=progress).run()
+    check_world_size(config.batch_size)
+    with distributed.process_group(config.device) as device:
+        return _Trainer(config, device=device, resume=resume, progress=progress).run()
+
+
+def check_world_size(batch_size: int) -> None:
+    """Raise ConfigError unless the processes (torchrun's WORLD_SIZE) divide the global ``batch_size``."""
+    processes = distributed.world_size()
+    if batch_size % processes:
+        raise ConfigError(
+            f"batch_size {batch_size} is the global batch and must be divisible by the {processes} "
+            f"processes (torchrun --nproc_per_node x --nnodes); use a multiple of {processes}"
+        )
 
 
 def build_network(config: TrainConfig) -> nn.Module:
@@ -214,20 +241,30 @@ def _fill(model: nn.Module, dataset: CachedEmbeddingSet, variants, config: Train
             logger.info("%s: %d/%d", what, done, total)
 
     build_cache(model, dataset, list(variants), seed=config.seed, bf16=config.bf16, progress=report)
+    for folder in dataset.folders:  # training reads the embeddings alone from now on
+        folder.release_cache()
 
 
 class _Trainer:
     """One run: the objects of training and the counters that ``state.pt`` saves."""
 
     def __init__(
-        self, config: TrainConfig, *, resume: bool, progress: Callable[[TrainProgress], None] | None
+        self,
+        config: TrainConfig,
+        *,
+        device: torch.device,
+        resume: bool,
+        progress: Callable[[TrainProgress], None] | None,
     ) -> None:
         self.config, self.progress, self.dir = config, progress, config.run_dir
+        self.main = distributed.is_main()  # rank 0 writes every file; the other ranks write nothing
         state = load_state(self.dir / STATE_FILE) if resume else None
         if state is not None:
             _check_resumable(config, from_dict(TrainConfig, state["config"]))
-        self.device = resolve_device(config.device)
+        self.device = device
         self.model = build_network(config).to(self.device)
+        if distributed.is_distributed():
+            sync_batchnorm(self.model)  # the model is the trainer's own: no need to swap back
         self.train_set, self.val_set, self.names = build_datasets(config, self.model)
         self.sampler = BalancedSampler(
             self.train_set.dataset_sizes, config.steps_per_epoch * config.batch_size, config.seed
@@ -240,13 +277,21 @@ class _Trainer:
             patch_weight=loss.patch_weight,
         )
         self.counters = _Counters()
-        write_text(self.dir / CONFIG_FILE, config.to_yaml())
-        self.history = History(self.dir / LOG_FILE, resume_step=state["step"] if state else None)
+        self.history: History | None = None
+        if self.main:
+            for stale in remove_stale_temporaries(self.dir):  # a killed run's half-written files
+                logger.info("removed %s, left by an interrupted write", stale.name)
+            write_text(self.dir / CONFIG_FILE, config.to_yaml())
+            self.history = History(self.dir / LOG_FILE, resume_step=state["step"] if state else None)
         self._window: dict[str, float] = {}
         self._saved_step: int | None = None
         self._validation_pause, self._speed = 0.0, 0.0
         if state is not None:
             self._restore(state)
+        self.step_loss = _StepLoss(self.model, self.loss, self.device, config.bf16)
+        # the U-Net uses every parameter in every step; ESP-MedSAM trains the modalities of the step's share
+        unused = config.arch != "unet"
+        self.parallel = distributed.data_parallel(self.step_loss, self.device, unused_parameters=unused)
         self._clock = time.monotonic()
 
     def run(self) -> TrainResult:
@@ -276,6 +321,8 @@ class _Trainer:
         indices = list(self.sampler)
         self.train_set.set_epoch(epoch)
         batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+        # under torchrun each rank takes its equal, contiguous share of every global batch
+        batches = [distributed.share(batch) for batch in batches]
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         return DataLoader(
             self.train_set,
@@ -286,28 +333,29 @@ class _Trainer:
         )
 
     def _train_step(self, groups: list[dict[str, torch.Tensor]], epoch: int) -> None:
-        """One optimiser step over a batch of one or more same-size groups (loss weighted by group size)."""
+        """One optimiser step over a batch of one or more same-size groups (loss weighted by group size).
+
+        Each rank's loss is the mean over its share: the shares are equal, so DDP's mean of the ranks'
+        gradients is the gradient of the mean over the global batch.
+        """
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
+        groups = [{k: v.to(self.device) for k, v in group.items()} for group in groups]
         count = sum(len(group["mask"]) for group in groups)
-        sums: dict[str, float] = {}
-        for group in groups:
-            group = {k: v.to(self.device) for k, v in group.items()}
-            with autocast(self.device, cfg.bf16):
-                output = forward_group(self.model, group)
-            parts = self.loss(output.masks, group["mask"], output.patch_logits)
-            weight = len(group["mask"]) / count
-            # one group (every image batch) keeps its loss as is, so single-size runs are unchanged
-            (parts.total * weight if len(groups) > 1 else parts.total).backward()
-            values = {
-                "loss": parts.total.item(),
-                "dice_loss": parts.dice.item(),
-                "focal_loss": parts.focal.item(),
-                "patch_loss": parts.patch.item(),
-                "train_dice": _batch_dice(output.masks.detach(), group["mask"]),
-            }
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + weight * value
+        weights = [len(group["mask"]) / count for group in groups]
+        if distributed.is_distributed():
+            # one forward and one backward through DDP, whatever the number of groups on this rank
+            outputs = self.parallel(groups)
+            pairs = zip(outputs, weights, strict=True)
+            torch.stack([_weighted(out["total"], w, len(groups)) for out, w in pairs]).sum().backward()
+        else:
+            outputs = []
+            for group, weight in zip(groups, weights, strict=True):
+                [out] = self.step_loss([group])
+                # one group (every image batch) keeps its loss as is, so single-size runs are unchanged
+                _weighted(out["total"], weight, len(groups)).backward()
+                outputs.append(out)
+        sums = _metric_sums(outputs, groups, weights)
         if cfg.grad_clip > 0:
             trained = [p for p in self.model.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
@@ -315,7 +363,7 @@ class _Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.counters.step += 1
-        values = {**sums, "lr": lr, "images": float(count)}
+        values = {**sums, "lr": lr, "images": float(count * distributed.world_size())}
         for key, value in values.items():
             self._window[key] = self._window.get(key, 0.0) + value
         self._window["steps"] = self._window.get("steps", 0.0) + 1
@@ -339,7 +387,8 @@ class _Trainer:
             return
         means = {k: window[k] / window["steps"] for k in _LOGGED}
         record = {"kind": "train", "step": counters.step, "epoch": epoch, **means}
-        self.history.append({**record, "images_per_s": self._speed, "elapsed_s": counters.elapsed_s})
+        if self.history is not None:
+            self.history.append({**record, "images_per_s": self._speed, "elapsed_s": counters.elapsed_s})
         self._window = {}
 
     def _notify(self, epoch: int) -> None:
@@ -376,23 +425,27 @@ class _Trainer:
             batch_size=self.config.batch_size,
             bf16=self.config.bf16,
             device=self.device,
+            across_ranks=distributed.is_distributed(),
         )
-        mean = _mean(scores)
+        mean = _mean(scores)  # the same on every rank: the best checkpoint is chosen alike everywhere
         counters.val_step, counters.val_dice = counters.step, scores
         self._saved_step = None  # the counters changed: the next checkpoint must be written
         if counters.best_dice is None or mean > counters.best_dice:
             counters.best_dice, counters.best_step = mean, counters.step
-            save_weights(self.model, self.dir / BEST_FILE)
+            if self.main:
+                save_weights(self.model, self.dir / BEST_FILE)
         epoch = (counters.step - 1) // self.config.steps_per_epoch
         record = {"kind": "val", "step": counters.step, "epoch": epoch, "val_dice": scores}
-        self.history.append({**record, "val_mean_dice": mean, "best_dice": counters.best_dice})
-        self.history.plot(self.dir / CURVES_FILE)
+        if self.history is not None:
+            self.history.append({**record, "val_mean_dice": mean, "best_dice": counters.best_dice})
+            self.history.plot(self.dir / CURVES_FILE)
         counters.val_seconds = time.monotonic() - start
         self._validation_pause += counters.val_seconds
         logger.info("step %d: validation Dice %.4f (best %.4f)", counters.step, mean, counters.best_dice)
 
     def _checkpoint(self) -> None:
-        if self._saved_step == self.counters.step:
+        if self._saved_step == self.counters.step or not self.main:
+            self._saved_step = self.counters.step
             return
         save_weights(self.model, self.dir / LAST_FILE)
         state = {
@@ -421,14 +474,19 @@ class _Trainer:
 
     def _over_budget(self) -> bool:
         budget = self.config.time_budget_minutes
+        if budget is None:
+            return False
         # keep room for the final validation, as long as the last one took
-        return budget is not None and self.counters.elapsed_s + self.counters.val_seconds >= 60 * budget
+        spent = self.counters.elapsed_s + self.counters.val_seconds >= 60 * budget
+        return distributed.broadcast_flag(spent)  # rank 0's clock decides for every rank
 
     def _finish(self, stopped: bool) -> TrainResult:
         self._validate()
         self._tick()
         self._checkpoint()
-        self.history.plot(self.dir / CURVES_FILE)
+        if self.history is not None:
+            self.history.plot(self.dir / CURVES_FILE)
+        distributed.barrier()  # every rank returns once rank 0's files are written
         counters = self.counters
         best = self.dir / BEST_FILE
         return TrainResult(
@@ -443,6 +501,54 @@ class _Trainer:
             last_path=self.dir / LAST_FILE,
             state_path=self.dir / STATE_FILE,
         )
+
+
+class _StepLoss(nn.Module):
+    """The model and the loss over a batch's same-size groups: the module DDP wraps, so that one forward
+    covers a rank's whole share. Per group: ``total``, ``dice``, ``focal``, ``patch`` (float32 scalars)
+    and the detached (B, 1, S, S) mask ``logits``."""
+
+    def __init__(self, model: nn.Module, loss: SegmentationLoss, device: torch.device, bf16: bool) -> None:
+        super().__init__()
+        self.model, self.loss, self.device, self.bf16 = model, loss, device, bf16
+
+    def forward(self, groups: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for group in groups:
+            with autocast(self.device, self.bf16):
+                output = forward_group(self.model, group)
+            parts = self.loss(output.masks, group["mask"], output.patch_logits)
+            outputs.append(
+                {"total": parts.total, "dice": parts.dice, "focal": parts.focal, "patch": parts.patch}
+                | {"logits": output.masks.detach()}
+            )
+        return outputs
+
+
+def _weighted(loss: torch.Tensor, weight: float, groups: int) -> torch.Tensor:
+    return loss * weight if groups > 1 else loss
+
+
+def _metric_sums(
+    outputs: list[dict[str, torch.Tensor]], groups: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, float]:
+    """The batch's weighted loss parts and train Dice; under torchrun the means of the ranks' values
+    (equal shares: the global batch's)."""
+    sums: dict[str, float] = {}
+    for out, group, weight in zip(outputs, groups, weights, strict=True):
+        values = {
+            "loss": out["total"].item(),
+            "dice_loss": out["dice"].item(),
+            "focal_loss": out["focal"].item(),
+            "patch_loss": out["patch"].item(),
+            "train_dice": _batch_dice(out["logits"], group["mask"]),
+        }
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + weight * value
+    if not distributed.is_distributed():
+        return sums
+    reduced = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+    return dict(zip(sums, (reduced / distributed.world_size()).tolist(), strict=True))
 
 
 def _check_resumable(config: TrainConfig, saved: TrainConfig) -> None:

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from espmedsam.data.dataset import SegmentationFolder
 from espmedsam.data.transforms import to_model_input
 from espmedsam.device import autocast
 from espmedsam.metrics import dice
 from espmedsam.modalities import MODALITIES
+from espmedsam.train import distributed
 
 
 class ValidationSet(Dataset):
@@ -67,18 +68,21 @@ def validate(
     bf16: bool = True,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    across_ranks: bool = False,
 ) -> dict[str, float]:
     """Mean Dice of each dataset (``names[i]`` for folder ``i``); the model's train/eval mode is restored.
 
     ``dataset`` is a :class:`ValidationSet` of images, or a ``CachedEmbeddingSet`` of frozen-encoder
-    embeddings (then only SPPG and QDMD run).
+    embeddings (then only SPPG and QDMD run). ``across_ranks`` (every rank of the process group must call
+    it): each rank scores images ``rank, rank + N, ...`` and the per-dataset Dice sums and counts are
+    all-reduced, so every rank returns the Dice of the whole set.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     scores: dict[int, list[float]] = {}
     loader = DataLoader(
-        dataset,
+        Subset(dataset, distributed.strided_share(range(len(dataset)))) if across_ranks else dataset,
         batch_size=batch_size,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(0),
@@ -95,7 +99,18 @@ def validate(
                     scores.setdefault(int(group["dataset"][i]), []).append(score)
     finally:
         model.train(was_training)
+    if across_ranks:
+        return _reduced_means(scores, names)
     return {names[k]: sum(v) / len(v) for k, v in sorted(scores.items())}
+
+
+def _reduced_means(scores: dict[int, list[float]], names: Sequence[str]) -> dict[str, float]:
+    """Per-dataset mean Dice over every rank's scores (datasets without images on any rank left out)."""
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)  # (sum, count) per dataset
+    for k, values in scores.items():
+        totals[k] = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    totals = distributed.all_reduce_sum(totals)
+    return {names[k]: float(total / count) for k, (total, count) in enumerate(totals.tolist()) if count}
 
 
 def forward_group(model: nn.Module, group: dict[str, torch.Tensor]) -> Any:

@@ -1,0 +1,88 @@
+"""Training throughput (images/s) on one process vs N processes (DDP, gloo, CPU), on the real data.
+
+Usage: python benchmarks/ddp_throughput.py [--processes 2] [--cores 2] [--size 256] [--batch 8]
+       [--steps 20] [--warmup 3] [--out FILE]
+
+Both runs go through the real entry points, ``espmedsam train`` and
+``torchrun --standalone --nproc_per_node=N -m espmedsam train``: the default model on the six in-domain
+datasets (``data/<name>``) at ``--size``, global batch ``--batch``, bf16 autocast, augmentation on, no
+validation, and ``--cores / N`` torch threads per process (OMP_NUM_THREADS). Throughput is the images of
+the ``--steps`` steps after ``--warmup`` over their wall time, from each run's ``log.jsonl`` (one record
+per step; the final checkpoint is written after the last timed step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _data import IN_DOMAIN
+from _report import report
+
+from espmedsam.data.dataset import KNOWN_DATASETS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(processes: int, threads: int, args: argparse.Namespace, out_dir: Path) -> float:
+    """Images/s of the timed steps of one training run on ``processes`` processes."""
+    data = [f"{ROOT / 'data' / name}:{KNOWN_DATASETS[name]}" for name in IN_DOMAIN]
+    steps = args.warmup + args.steps
+    overrides = {
+        "data": json.dumps(data), "model": "default", "image_size": args.size, "batch_size": args.batch,
+        "epochs": 1, "steps_per_epoch": steps, "warmup_steps": 1, "val_split": "null", "bf16": "true",
+        "log_every": 1, "checkpoint_every": 10**6, "out_dir": out_dir,
+    }  # fmt: skip
+    sets = [part for key, value in overrides.items() for part in ("--set", f"{key}={value}")]
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*launcher, "-m", "espmedsam", "train", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in records if r["kind"] == "train"}
+    return args.steps * args.batch / (elapsed[steps] - elapsed[args.warmup])
+
+
+def commit() -> str:
+    """The short commit hash, marked when the working tree has changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT)
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        one = run(1, args.cores, args, Path(folder) / "one")
+        threads = max(1, args.cores // args.processes)
+        many = run(args.processes, threads, args, Path(folder) / "many")
+    text = (
+        f"Training throughput, default model at {args.size}², global batch {args.batch}, bf16 autocast, "
+        f"the six in-domain datasets, {args.steps} steps after {args.warmup} warm-up steps, "
+        f"{args.cores} cores; commit {commit()}\n\n"
+        "| processes (gloo, CPU) | torch threads each | images/s | speed-up |\n|---|---:|---:|---:|\n"
+        f"| 1 | {args.cores} | {one:.2f} | 1.00× |\n"
+        f"| {args.processes} | {threads} | {many:.2f} | {many / one:.2f}× |"
+    )
+    report(text, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -69,17 +69,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    threads = max(1, args.cores // args.processes)
     with tempfile.TemporaryDirectory() as folder:
         one = run(1, args.cores, args, Path(folder) / "one")
-        threads = max(1, args.cores // args.processes)
+        narrow = run(1, threads, args, Path(folder) / "narrow")
         many = run(args.processes, threads, args, Path(folder) / "many")
     text = (
         f"Training throughput, default model at {args.size}², global batch {args.batch}, bf16 autocast, "
         f"the six in-domain datasets, {args.steps} steps after {args.warmup} warm-up steps, "
         f"{args.cores} cores; commit {commit()}\n\n"
-        "| processes (gloo, CPU) | torch threads each | images/s | speed-up |\n|---|---:|---:|---:|\n"
-        f"| 1 | {args.cores} | {one:.2f} | 1.00× |\n"
-        f"| {args.processes} | {threads} | {many:.2f} | {many / one:.2f}× |"
+        "| processes (gloo, CPU) | torch threads each | images/s | vs 1 process on all cores "
+        "| vs 1 process on one process's cores |\n|---|---:|---:|---:|---:|\n"
+        f"| 1 | {args.cores} | {one:.2f} | 1.00× | |\n"
+        f"| 1 | {threads} | {narrow:.2f} | {narrow / one:.2f}× | 1.00× |\n"
+        f"| {args.processes} | {threads} | {many:.2f} | {many / one:.2f}× | {many / narrow:.2f}× |\n\n"
+        f"Scaling efficiency of {args.processes} processes: "
+        f"{100 * many / (args.processes * narrow):.0f} % of {args.processes} × the one-process rate."
     )
     report(text, args.out)
 

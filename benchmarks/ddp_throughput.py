@@ -29,14 +29,14 @@ from espmedsam.data.dataset import KNOWN_DATASETS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(processes: int, threads: int, args: argparse.Namespace, out_dir: Path) -> float:
+def run(processes: int, threads: int, args: argparse.Namespace, out_dir: Path, **extra: str) -> float:
     """Images/s of the timed steps of one training run on ``processes`` processes."""
     data = [f"{ROOT / 'data' / name}:{KNOWN_DATASETS[name]}" for name in IN_DOMAIN]
     steps = args.warmup + args.steps
     overrides = {
         "data": json.dumps(data), "model": "default", "image_size": args.size, "batch_size": args.batch,
         "epochs": 1, "steps_per_epoch": steps, "warmup_steps": 1, "val_split": "null", "bf16": "true",
-        "log_every": 1, "checkpoint_every": 10**6, "out_dir": out_dir,
+        "log_every": 1, "checkpoint_every": 10**6, "out_dir": out_dir, **extra,
     }  # fmt: skip
     sets = [part for key, value in overrides.items() for part in ("--set", f"{key}={value}")]
     launcher = [sys.executable]
@@ -74,6 +74,7 @@ def main() -> None:
         one = run(1, args.cores, args, Path(folder) / "one")
         narrow = run(1, threads, args, Path(folder) / "narrow")
         many = run(args.processes, threads, args, Path(folder) / "many")
+        unsynced = run(args.processes, threads, args, Path(folder) / "unsynced", sync_batchnorm="false")
     text = (
         f"Training throughput, default model at {args.size}², global batch {args.batch}, bf16 autocast, "
         f"the six in-domain datasets, {args.steps} steps after {args.warmup} warm-up steps, "
@@ -82,9 +83,12 @@ def main() -> None:
         "| vs 1 process on one process's cores |\n|---|---:|---:|---:|---:|\n"
         f"| 1 | {args.cores} | {one:.2f} | 1.00× | |\n"
         f"| 1 | {threads} | {narrow:.2f} | {narrow / one:.2f}× | 1.00× |\n"
-        f"| {args.processes} | {threads} | {many:.2f} | {many / one:.2f}× | {many / narrow:.2f}× |\n\n"
-        f"Scaling efficiency of {args.processes} processes: "
-        f"{100 * many / (args.processes * narrow):.0f} % of {args.processes} × the one-process rate."
+        f"| {args.processes} | {threads} | {many:.2f} | {many / one:.2f}× | {many / narrow:.2f}× |\n"
+        f"| {args.processes}, sync_batchnorm=false | {threads} | {unsynced:.2f} | {unsynced / one:.2f}× "
+        f"| {unsynced / narrow:.2f}× |\n\n"
+        f"Scaling efficiency of {args.processes} processes: {100 * many / (args.processes * narrow):.0f} % "
+        f"of {args.processes} × the one-process rate ({100 * unsynced / (args.processes * narrow):.0f} % "
+        "with per-process batch norm)."
     )
     report(text, args.out)
 

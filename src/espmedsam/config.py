@@ -258,6 +258,9 @@ class TrainConfig(SerialisableConfig):
     checkpoint_every: int = 500  # steps
     log_every: int = 10  # steps
     out_dir: str | None = None
+    # under torchrun: batch norm statistics over the whole global batch (as one process), or per process
+    # (faster: no collective in every batch norm layer; the usual DDP behaviour)
+    sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)

@@ -141,6 +141,17 @@ def test_resume_under_torchrun_continues_to_the_same_result(runs, tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_per_process_batch_norm_when_sync_batchnorm_is_off(runs, tmp_path):
+    out = tmp_path / "unsynced"
+    args = ["--config", str(runs["yaml"]), "--set", "sync_batchnorm=false", "--set", f"out_dir={out}"]
+    done = _torchrun("train", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    synced, unsynced = load_state(runs["two"] / "state.pt")["model"], load_state(out / "state.pt")["model"]
+    statistics = [k for k in synced if k.endswith(".running_var")]
+    # each process normalised by its own half of the batch: other statistics than the global batch's
+    assert statistics and any(not torch.allclose(synced[k], unsynced[k]) for k in statistics)
+
+
 def test_a_batch_the_processes_do_not_divide_is_a_one_line_error(runs, tmp_path):
     out = tmp_path / "odd"
     args = ["--config", str(runs["yaml"]), "--set", "batch_size=3", "--set", f"out_dir={out}"]

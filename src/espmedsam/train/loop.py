@@ -14,7 +14,7 @@ gradients and AdamW leaves them untouched). Outputs in ``config.run_dir``:
 Under ``torchrun`` (see ``distributed``) each process trains on its contiguous share of every batch
 under DistributedDataParallel: ``batch_size`` stays the global batch (so the recipe's optimisation is the
 same whatever the number of processes, which must divide it), batch norm statistics span all shares
-(``sync_batchnorm``), and logged losses and validation Dice are reduced over the ranks, so a run on N
+(``sync_batchnorm``, unless the config turns it off), and logged losses and validation Dice are reduced over the ranks, so a run on N
 processes follows the one-process run up to float rounding. Rank 0 alone writes files; every rank reads
 ``state.pt`` on resume (on a filesystem they share), so a run may resume on another number of processes.
 Every rank restores rank 0's RNG states; no draw depends on the rank (the model is built from ``seed``,
@@ -263,7 +263,7 @@ class _Trainer:
             _check_resumable(config, from_dict(TrainConfig, state["config"]))
         self.device = device
         self.model = build_network(config).to(self.device)
-        if distributed.is_distributed():
+        if distributed.is_distributed() and config.sync_batchnorm:
             sync_batchnorm(self.model)  # the model is the trainer's own: no need to swap back
         self.train_set, self.val_set, self.names = build_datasets(config, self.model)
         self.sampler = BalancedSampler(

@@ -182,3 +182,24 @@ def test_export_writes_float16_with_input_sizes(tmp_path, tiny_checkpoint):
         assert torch.float32 not in {file.get_tensor(k).dtype for k in file.keys()}
     bad = runner.invoke(app, ["export", str(tiny_checkpoint), "--out", str(out), "--input-size", "fundus"])
     assert "MODALITY=SIZE" in str(bad.exception)  # the app prints it as one line, exit code 2
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["predict", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+        (["predict", "--no-such-option"], "No such option: --no-such-option"),
+        (["data"], "Missing command"),
+    ],
+)
+def test_usage_errors_are_one_line_naming_the_option(args, expected):
+    result = _espmedsam(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "--help" in lines[0]
+
+
+def test_no_command_still_shows_the_help():
+    result = _espmedsam()
+    assert result.returncode == 2 and "Usage: espmedsam" in result.stdout + result.stderr

@@ -24,7 +24,13 @@ class _App(typer.Typer):
 
     def __call__(self, *args, **kwargs):
         try:
-            return super().__call__(*args, **kwargs)
+            # not standalone: usage errors come here as exceptions, so they too can be one line
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as error:  # an unknown option, a bad value, a missing argument
+            _usage_error(error)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
         except EspMedSAMError as error:
             if _state["debug"]:
                 raise
@@ -38,6 +44,21 @@ class _App(typer.Typer):
             message, code = _os_error(error)
             _print_error(message)
             sys.exit(code)
+        if isinstance(code, int) and code:  # typer.Exit(N) and Ctrl-C (130) return their code here
+            sys.exit(code)
+        return code
+
+
+def _usage_error(error: typer.TyperException) -> None:
+    """``error: <message> (see <command> --help)`` and the usage exit code; help text as it is."""
+    message = error.format_message()
+    context = getattr(error, "ctx", None)
+    if "\n" in message.strip():  # a command group called without a command: its help
+        console.print(message, highlight=False, markup=False)
+    else:
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        _print_error(f"{message}{hint}")
+    sys.exit(error.exit_code)
 
 
 def _is_main() -> bool:

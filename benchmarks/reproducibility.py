@@ -25,7 +25,8 @@ RUN = """
 import sys, torch
 from espmedsam.config import TrainConfig
 from espmedsam.train import train
-base, out, threads, bf16, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
+base, out = sys.argv[1], sys.argv[2]
+threads, bf16, workers = int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 torch.set_num_threads(threads)
 config = TrainConfig(
     name="r", model="tiny", data=(f"{base}/derm:dermoscopy", f"{base}/fundus:fundus"), image_size=64,

@@ -14,9 +14,10 @@ gradients and AdamW leaves them untouched). Outputs in ``config.run_dir``:
 Under ``torchrun`` (see ``distributed``) each process trains on its contiguous share of every batch
 under DistributedDataParallel: ``batch_size`` stays the global batch (so the recipe's optimisation is the
 same whatever the number of processes, which must divide it), batch norm statistics span all shares
-(``sync_batchnorm``, unless the config turns it off), and logged losses and validation Dice are reduced over the ranks, so a run on N
-processes follows the one-process run up to float rounding. Rank 0 alone writes files; every rank reads
-``state.pt`` on resume (on a filesystem they share), so a run may resume on another number of processes.
+(``sync_batchnorm``, unless the config turns it off), and logged losses and validation Dice are reduced
+over the ranks, so a run on N processes follows the one-process run up to float rounding. Rank 0 alone
+writes files; every rank reads ``state.pt`` on resume (on a filesystem they share), so a run may resume
+on another number of processes.
 Every rank restores rank 0's RNG states; no draw depends on the rank (the model is built from ``seed``,
 augmentation and batches from (seed, epoch, index)).
 """

@@ -147,14 +147,15 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def _folder_inputs(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
     if any(is_dicom_file(p) for p in files) and not any(_suffix(p) in IMAGE_SUFFIXES for p in files):
         return [folder]
     found = [p for p in files if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES or is_dicom_file(p)]
     # a broken link named like an input is one the user meant: it fails as such rather than vanish
-    broken = [p for p in folder.iterdir() if p.is_symlink() and not p.exists() and p.name[0] != "."]
+    broken = [p for p in entries if p.is_symlink() and not p.exists()]
     found = sorted(found + [p for p in broken if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES])
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subfolders = [p for p in entries if p.is_dir()]
     return found + [d for d in subfolders if any(is_dicom_file(p) for p in d.iterdir() if p.is_file())]
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from espmedsam.data.dataset import SegmentationFolder
 from espmedsam.data.transforms import reseed, to_model_input, train_augmentation
-from espmedsam.errors import DataError, InputError
+from espmedsam.errors import InputError
 from espmedsam.modalities import MODALITIES
 
 
@@ -63,10 +63,6 @@ class MixedModalityDataset(FolderEpochs, Dataset):
     ) -> None:
         if not folders:
             raise InputError("MixedModalityDataset needs at least one dataset folder")
-        for folder in folders:  # said here, naming the folder, before the sampler refuses a size of 0
-            if not len(folder):
-                split = f"split {folder.split!r}" if folder.split else "the folder"
-                raise DataError(f"{folder.source.root}: no images in {split}; nothing to train on")
         self.folders = list(folders)
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.seed, self.epoch, self.normalisation = seed, 0, normalisation

@@ -82,26 +82,20 @@ def fill(
     from espmedsam.train import distributed  # here: the training package imports this module
 
     todo = list({key: make for key, make in jobs if key not in cache}.items())  # each key once
-    chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-    distributed.barrier()  # every rank has listed the missing keys before any rank writes one
-    mine = distributed.strided_share(chunks)
-    total, done = sum(map(len, mine)), 0
-    for chunk in mine:
-        _store(cache, chunk, embed)
-        done += len(chunk)
-        if progress is not None:
-            progress(done, total)
-    if distributed.is_distributed():
-        distributed.barrier()
-        # where the cache folder is not shared between machines, the other machines' entries: here too
-        left = [(key, make) for key, make in todo if key not in cache]
-        for start in range(0, len(left), batch_size):
-            _store(cache, left[start : start + batch_size], embed)
+
+    def chunks(items: list) -> list[list]:
+        return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+
+    def missing() -> list[list]:
+        return chunks([(key, make) for key, make in todo if key not in cache])
+
+    distributed.fill_together(chunks(todo), lambda chunk: _store(cache, chunk, embed), missing, progress)
     return len(todo)
 
 
-def _store(cache: EmbeddingCache, chunk: list, embed: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Embed one batch of (key, input function) jobs and store each entry."""
+def _store(cache: EmbeddingCache, chunk: list, embed: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Embed one batch of (key, input function) jobs and store each entry; returns how many."""
     embeddings = embed(torch.stack([make() for _, make in chunk]))
     for (key, _), embedding in zip(chunk, embeddings, strict=True):
         cache.put(key, embedding)
+    return len(chunk)

@@ -374,8 +374,7 @@ def held_out_scores(
             mse += embedding_mse(prediction, target, reduction="none").mean((1, 2, 3)).sum().item()
             cosine += F.cosine_similarity(prediction, target, dim=1).mean((1, 2)).sum().item()
     student.image_encoder.train(was_training)
-    if distributed.is_distributed():
-        mse, cosine = distributed.all_reduce_sum(torch.tensor([mse, cosine], dtype=torch.float64)).tolist()
+    mse, cosine = distributed.all_reduce_sum(torch.tensor([mse, cosine], dtype=torch.float64)).tolist()
     return {"held_out_mse": mse / count, "held_out_cosine": cosine / count}
 
 

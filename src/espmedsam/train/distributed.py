@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -129,6 +129,32 @@ def share(items: Sequence[T]) -> list[T]:
 def strided_share(items: Sequence[T]) -> list[T]:
     """Items ``rank, rank + N, ...`` of ``items`` (all of them in one process)."""
     return list(items[rank() :: world_size()])
+
+
+def fill_together(
+    chunks: Sequence[Sequence[T]],
+    fill: Callable[[Sequence[T]], int],
+    missing: Callable[[], Sequence[Sequence[T]]],
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Fill a cache with the ranks sharing the work: ``fill`` (which returns how many entries it wrote)
+    runs on chunks ``rank, rank + N, ...`` of ``chunks`` (all of them in one process), and ``progress``
+    gets (done, total) of this rank's share. Under torchrun, once every rank is done, each fills the
+    chunks ``missing()`` still lists for it: a cache folder that the machines do not share.
+
+    Every rank must list ``chunks`` before any rank writes (the barrier first), so all list the same.
+    """
+    barrier()
+    mine = strided_share(chunks)
+    total, done = sum(map(len, mine)), 0
+    for chunk in mine:
+        done += fill(chunk)
+        if progress is not None:
+            progress(done, total)
+    if is_distributed():
+        barrier()
+        for chunk in missing():
+            fill(chunk)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

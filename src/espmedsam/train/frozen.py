@@ -164,21 +164,18 @@ def build_cache(
     same entries); all return once every entry is written. ``progress`` counts this rank's share.
     """
     todo = [(index, key) for index, key in dataset.jobs(variants) if key not in dataset.cache]
-    distributed.barrier()  # every rank has listed the missing entries before any rank writes one
-    mine = distributed.strided_share(_same_size_chunks(todo, batch_size))
-    was_training, done, total = model.training, 0, sum(map(len, mine))
+
+    def embed(chunk: Sequence[tuple[int, CacheKey]]) -> int:
+        return _embed_chunk(model, dataset, list(chunk), seed=seed, bf16=bf16)
+
+    def missing() -> list[list[tuple[int, CacheKey]]]:
+        left = [(index, key) for index, key in todo if key not in dataset.cache]
+        return _same_size_chunks(left, batch_size)
+
+    was_training = model.training
     model.eval()
     try:
-        for chunk in mine:
-            done += _embed_chunk(model, dataset, chunk, seed=seed, bf16=bf16)
-            if progress is not None:
-                progress(done, total)
-        if distributed.is_distributed():
-            distributed.barrier()
-            # where the cache folder is not shared between machines, the other machines' entries: here too
-            left = [(index, key) for index, key in todo if key not in dataset.cache]
-            for chunk in _same_size_chunks(left, batch_size):
-                _embed_chunk(model, dataset, chunk, seed=seed, bf16=bf16)
+        distributed.fill_together(_same_size_chunks(todo, batch_size), embed, missing, progress)
     finally:
         model.train(was_training)
     return len(todo)

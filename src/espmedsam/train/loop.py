@@ -42,7 +42,7 @@ from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.data.sampler import BalancedSampler
 from espmedsam.data.training_set import MixedModalityDataset
 from espmedsam.device import autocast
-from espmedsam.errors import ConfigError
+from espmedsam.errors import ConfigError, DataError
 from espmedsam.files import remove_stale_temporaries, write_text
 from espmedsam.losses import MaskLoss, SegmentationLoss
 from espmedsam.models.registry import build_model, get_config
@@ -200,6 +200,7 @@ def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tup
     counts = [s.name for s in sources]
     names = tuple(s.name if counts.count(s.name) == 1 else f"{s.name}#{i}" for i, s in enumerate(sources))
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
+    _require_images(folders)
     if config.frozen_encoder:
         return _cached_datasets(config, model, folders, sources, names)
     mean, std = model.config.pixel_mean, model.config.pixel_std
@@ -218,6 +219,15 @@ def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tup
         return train_set, None, names
     val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
     return train_set, ValidationSet(val_folders, config.image_size, mean, std, normalisation), names
+
+
+def _require_images(folders: list[SegmentationFolder]) -> None:
+    """Name an empty training split's folder (both kinds of training set), before the sampler refuses a
+    dataset of size 0."""
+    for folder in folders:
+        if not len(folder):
+            split = f"split {folder.split!r}" if folder.split else "the folder"
+            raise DataError(f"{folder.source.root}: no images in {split}; nothing to train on")
 
 
 def _cached_datasets(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,3 +24,11 @@ def report(text: str, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def cpu_description() -> str:
+    """CPU model and whether it has AMX or AVX-512 bf16 units (they decide bf16 speed)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "")
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in info]
+    return f"{model or platform.machine()} ({', '.join(flags) or 'no bf16 matrix units'})"

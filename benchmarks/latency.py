@@ -9,7 +9,6 @@ Median of ``--runs`` timed runs after two warm-up runs, random weights, random i
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -17,18 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from _report import report
+from _report import cpu_description, report
 
 from espmedsam import build_model
 from espmedsam.models.sam_vit import SamViTConfig, SamViTEncoder
-
-
-def cpu_description() -> str:
-    """CPU model and whether it has AMX or AVX-512 bf16 units (they decide bf16 speed)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "")
-    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in info]
-    return f"{model or platform.machine()} ({', '.join(flags) or 'no bf16 matrix units'})"
 
 
 def median_seconds(fn, runs: int) -> float:

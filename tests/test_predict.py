@@ -85,7 +85,7 @@ def test_predictor_uses_each_modality_input_size_unless_given_one():
 def test_large_inputs_run_in_smaller_batches():
     predictor = Predictor(build_model("tiny"), size=64, batch_size=8, max_batch_pixels=2 * 64 * 64)
     batches = []
-    segment = predictor._segment
-    predictor._segment = lambda x, ids: batches.append(len(x)) or segment(x, ids)
+    segment = predictor._forward
+    predictor._forward = lambda x, ids: batches.append(len(x)) or segment(x, ids)
     predictor.predict_many([np.zeros((20, 20), np.uint8)] * 5, "xray")
     assert batches == [2, 2, 1]

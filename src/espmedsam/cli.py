@@ -384,6 +384,61 @@ def predict(
         raise DataError(f"{len(failures)} of {len(paths)} inputs failed")
 
 
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 lets other machines reach the page.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for the model (default: all cores).")
+    ] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted, in MB.")] = 64,
+    max_pixels: Annotated[
+        int, typer.Option(help="Largest image accepted (width x height of one frame).")
+    ] = 36_000_000,
+    max_frames: Annotated[int, typer.Option(help="Most slices of a volume accepted.")] = 512,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn's: critical, error, warning, info, debug.")
+    ] = "info",
+) -> None:
+    """Start the web page and its JSON API (OpenAPI at /docs): upload images or volumes, see and download
+    their masks. One model, loaded once, serves every request; uploads live in a temporary folder."""
+    from espmedsam.errors import InputError
+
+    try:
+        from espmedsam.serve.app import create_app
+        from espmedsam.serve.server import LOOPBACK, bind, serve_forever, url_of
+        from espmedsam.serve.uploads import UploadLimits
+    except ModuleNotFoundError as error:
+        from espmedsam.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"serve needs {error.name}; pip install 'espmedsam[serve]'"
+        ) from None
+    if max_upload_mb <= 0 or max_pixels < 1 or max_frames < 1:
+        raise InputError("--max-upload-mb, --max-pixels and --max-frames must be positive")
+    if checkpoint is not None and checkpoint.suffix.lower() == ".onnx":
+        raise InputError("serve runs native checkpoints (.safetensors); it has no ONNX backend")
+    limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_frames=max_frames)
+    sock = bind(host, port)  # before the model loads: a taken port is said at once
+    predictor = _predictor(checkpoint, "torch", device, None, not fp32, 8, threads)
+    name = checkpoint.name if checkpoint else "bundled default weights"
+    app_ = create_app(predictor, limits=limits, checkpoint_name=name)
+    url = url_of(sock)
+    console.print(
+        f"espmedsam serve: [bold]{url}[/bold] (API docs {url}/docs); Ctrl+C stops it", highlight=False
+    )
+    if host not in LOOPBACK:
+        console.print(
+            "[yellow]warning:[/yellow] listening beyond this machine: anyone who can reach it can upload"
+        )
+    serve_forever(app_, sock, log_level)
+
+
 def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batch_size: int, threads):
     from espmedsam.errors import InputError
     from espmedsam.predict import Predictor

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from espmedsam.device import resolve_device
 from espmedsam.errors import InputError
@@ -29,6 +30,14 @@ if TYPE_CHECKING:
     from espmedsam.onnx_backend import OnnxBackend
 
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
+
+
+@dataclass(frozen=True)
+class MaskWithPatchMap:
+    """One image's mask and SPPG patch map, both at the image's own size."""
+
+    mask: np.ndarray  # (H, W) bool
+    patch_map: np.ndarray | None  # (H, W) float32 patch probabilities; None: the network has no SPPG
 
 
 @dataclass(frozen=True)
@@ -124,10 +133,21 @@ class Predictor:
 
         ``modality`` is one name for all images or one per image.
         """
+        return [result.mask for result in self._predict_batches(images, modality, patch_maps=False)]
+
+    def predict_with_patch_maps(
+        self, images: Sequence[np.ndarray], modality: str | Sequence[str]
+    ) -> list[MaskWithPatchMap]:
+        """As ``predict_many`` (the same masks), with each image's SPPG patch probabilities beside it."""
+        return self._predict_batches(images, modality, patch_maps=True)
+
+    def _predict_batches(
+        self, images: Sequence[np.ndarray], modality: str | Sequence[str], patch_maps: bool
+    ) -> list[MaskWithPatchMap]:
         names = [modality] * len(images) if isinstance(modality, str) else list(modality)
         if len(names) != len(images):
             raise InputError(f"{len(images)} images but {len(names)} modalities")
-        masks: list[np.ndarray | None] = [None] * len(images)
+        results: list[MaskWithPatchMap | None] = [None] * len(images)
         by_size: dict[int, list[int]] = {}
         for i, name in enumerate(names):
             by_size.setdefault(self.input_size(name), []).append(i)
@@ -135,10 +155,12 @@ class Predictor:
             step = max(1, min(self.batch_size, self.max_batch_pixels // (size * size)))
             for start in range(0, len(members), step):
                 chunk = members[start : start + step]
-                batch = self._segment_batch([images[i] for i in chunk], size, [names[i] for i in chunk])
-                for i, mask in zip(chunk, batch, strict=True):
-                    masks[i] = mask
-        return masks  # type: ignore[return-value]
+                batch = self._segment_batch(
+                    [images[i] for i in chunk], size, [names[i] for i in chunk], patch_maps
+                )
+                for i, result in zip(chunk, batch, strict=True):
+                    results[i] = result
+        return results  # type: ignore[return-value]
 
     def predict_volume(self, frames: np.ndarray, modality: str) -> np.ndarray:
         """(N, H, W[, 3]) uint8 slices -> (N, H, W) bool masks, slice by slice in batches."""
@@ -170,26 +192,39 @@ class Predictor:
         return modality_ids(modality, self.modalities, batch_size=batch_size)
 
     def _segment_batch(
-        self, images: Sequence[np.ndarray], size: int, names: Sequence[str]
-    ) -> list[np.ndarray]:
-        """Same-size inputs in one forward pass -> one (H, W) bool mask per image."""
+        self, images: Sequence[np.ndarray], size: int, names: Sequence[str], patch_maps: bool
+    ) -> list[MaskWithPatchMap]:
+        """Same-size inputs in one forward pass -> one mask (and patch map) per image."""
         prepared = [self.io.preprocess(image, size) for image in images]
-        logits = self._segment(torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names)))
-        masks = [
-            self.io.postprocess(logits[i : i + 1], meta)[0, 0].numpy() > 0
-            for i, (_, meta) in enumerate(prepared)
-        ]
+        logits, patches = self._forward(
+            torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names))
+        )
+        results = []
+        for i, (_, meta) in enumerate(prepared):
+            mask = self.io.postprocess(logits[i : i + 1], meta)[0, 0].numpy() > 0
+            patch_map = None
+            if patch_maps and patches is not None:
+                # each patch logit covers its square of the padded input: map it back as the mask is
+                square = F.interpolate(patches[i : i + 1].float(), size=(size, size), mode="nearest")
+                patch_map = self.io.postprocess(square, meta)[0, 0].sigmoid().numpy()
+            results.append(MaskWithPatchMap(mask, patch_map))
         release_freed_memory()  # the forward's activations are freed: give their pages back
-        return masks
+        return results
 
-    @torch.inference_mode()
     def _segment(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 logits on the CPU."""
+        return self._forward(x, ids)[0]
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 mask logits and the (B, 1, g, g) SPPG
+        patch logits (None for networks without SPPG), on the CPU."""
         if isinstance(self.model, torch.nn.Module):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
                 out = self.model(x.to(self.device), ids.to(self.device))
-            return out.masks.float().cpu()
-        return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy()))
+            patches = getattr(out, "patch_logits", None)
+            return out.masks.float().cpu(), None if patches is None else patches.float().cpu()
+        return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy())), None
 
     @torch.inference_mode()
     def _classify(self, x: torch.Tensor) -> torch.Tensor:

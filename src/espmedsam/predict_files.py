@@ -281,26 +281,41 @@ def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Ite
 
 
 def _choose_modality(predictor: Predictor, job: _Job, options: PredictOptions) -> None:
-    """``--modality NAME``, else a file-name prefix, else the classifier (on up to 3 slices of a volume).
+    choice = choose_modality(predictor, job.stack, options.modality)
+    job.modality, job.probability, job.chosen_by = choice.modality, choice.probability, choice.chosen_by
+
+
+@dataclass(frozen=True)
+class ModalityChoice:
+    """The modality a file is segmented as, and who chose it ("option", "file name" or "classifier")."""
+
+    modality: str
+    chosen_by: str
+    probability: float | None = None  # the classifier's, when it chose
+    probabilities: dict[str, float] | None = None  # every modality's, when the classifier chose
+
+
+def choose_modality(predictor: Predictor, stack: ImageStack, requested: str = "auto") -> ModalityChoice:
+    """``requested`` when it is a modality name, else a file-name prefix, else the classifier (on up to 3
+    slices of a volume).
 
     Raises:
         InputError: no way to tell.
     """
-    source = job.stack.source
-    if options.modality != "auto":
-        job.modality, job.chosen_by = options.modality, "option"
-        return
-    named = modality_from_name(source, predictor.modalities)
+    if requested != "auto":
+        return ModalityChoice(requested, "option")
+    named = modality_from_name(stack.source, predictor.modalities)
     if named:
-        job.modality, job.chosen_by = named, "file name"
-        return
+        return ModalityChoice(named, "file name")
     if not predictor.has_classifier:
         names = ", ".join(predictor.modalities)
-        raise InputError(f"{source}: cannot tell its modality (no classifier); pass --modality ({names})")
-    frames = job.stack.frames
+        raise InputError(
+            f"{stack.source}: cannot tell its modality (no classifier); pass --modality ({names})"
+        )
+    frames = stack.frames
     picked = sorted({len(frames) // 4, len(frames) // 2, (3 * len(frames)) // 4})
     guess = predictor.classify([frames[i] for i in picked])
-    job.modality, job.probability, job.chosen_by = guess.modality, guess.probability, "classifier"
+    return ModalityChoice(guess.modality, "classifier", guess.probability, guess.probabilities)
 
 
 def _failure(job: _Job, error: Exception) -> FileResult:

@@ -1,0 +1,87 @@
+"""Latency from upload to overlay in the page of ``espmedsam serve``, measured in headless Chromium.
+
+Usage: python benchmarks/serve_latency.py [--repeats 5] [--chromium PATH] [--out FILE]
+
+The server runs as its own process (bundled weights, all cores, bf16 autocast). For the first test image of
+each in-domain set, resized to 512 px (long side), the page is given the file ``--repeats`` times (after one
+warm-up) with modality auto; the page measures from the file input's change event to the moment the
+overlay is drawn on its canvas (``window.espmedsamTiming.uploadToOverlayMs``): upload, classifier,
+segmentation, patch map, encoding, transfer, decoding and drawing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from _report import cpu_description, report
+from _server import images_512, serve_process
+
+
+def chromium_path(given: str | None) -> str:
+    found = given or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        raise SystemExit("no chromium found: apt-get install chromium, or pass --chromium PATH")
+    return found
+
+
+def upload_and_time(page, name: str, data: bytes) -> tuple[float, float]:
+    """(upload-to-overlay ms, server seconds) of one upload through the file input."""
+    page.evaluate("window.espmedsamTiming = null")
+    page.set_input_files("#file-input", {"name": name, "mimeType": "image/png", "buffer": data})
+    page.wait_for_function(
+        "name => window.espmedsamTiming && window.espmedsamTiming.file === name", arg=name, timeout=120_000
+    )
+    timing = page.evaluate("window.espmedsamTiming")
+    return float(timing["uploadToOverlayMs"]), float(timing["serverSeconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chromium", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory() as folder:
+        images = [(path.stem, path.read_bytes(), modality) for path, modality in images_512(Path(folder))]
+    rows = []
+    with serve_process() as (_, url), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(args.chromium), args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        page.wait_for_selector("#modality option >> nth=1", state="attached")
+        for stem, data, modality in images:
+            upload_and_time(page, f"{stem}_warm.png", data)
+            timings = [upload_and_time(page, f"{stem}_{k}.png", data) for k in range(args.repeats)]
+            shown = page.inner_text("#result-modality")
+            browser_ms = [ms for ms, _ in timings]
+            server_ms = [1000 * s for _, s in timings]
+            rows.append((stem, modality, shown, statistics.median(browser_ms), max(browser_ms), server_ms))
+        browser.close()
+    lines = [
+        "# espmedsam serve: upload to overlay in the page, 512-px images",
+        "",
+        f"`python benchmarks/serve_latency.py --repeats {args.repeats}`; {cpu_description()}, headless "
+        "Chromium on the same machine, bundled weights, bf16 autocast, modality auto (classifier).",
+        "",
+        "| image (512 px long side) | modality | shown as | upload → overlay, median (ms) | max (ms) "
+        "| server part, median (ms) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for stem, modality, shown, median, worst, server_ms in rows:
+        server = statistics.median(server_ms)
+        lines.append(f"| {stem} | {modality} | {shown} | {median:.0f} | {worst:.0f} | {server:.0f} |")
+    under = sum(median <= 1000 for _, _, _, median, _, _ in rows)
+    lines += ["", f"{under} of {len(rows)} modalities have a median at or under 1 s."]
+    report("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The web app: the page at ``/``, its JSON API under ``/api`` (OpenAPI at ``/docs``), one shared model.
+
+``create_app(predictor)`` builds it; ``espmedsam serve`` runs it with uvicorn. Every asset the page needs is
+in ``static/`` and served from here, and so are the API docs' (fastapi-offline): both work with no network
+beyond this server.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.formparsers import MultiPartParser
+
+from espmedsam import __version__
+from espmedsam.errors import DataError, EspMedSAMError, InputError, MissingDependencyError
+from espmedsam.predict import Predictor
+from espmedsam.serve.limits import BodySizeLimit
+from espmedsam.serve.schema import ErrorBody, Health, Info, SegmentResult, info_of, result_of
+from espmedsam.serve.segmenter import Segmenter
+from espmedsam.serve.uploads import UnsupportedFormat, UploadLimits, UploadTooLarge, display_name
+
+STATIC_DIR = Path(__file__).parent / "static"
+STATUS_OF_ERROR = (  # the first matching class decides
+    (UploadTooLarge, 413),
+    (UnsupportedFormat, 415),
+    (MissingDependencyError, 501),
+    (InputError, 422),
+    (DataError, 400),
+    (EspMedSAMError, 400),
+)
+ERROR_RESPONSES = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (400, "an unreadable file"),
+        (413, "an upload or image over the server's limits"),
+        (415, "a file that is not PNG, JPEG, TIFF, BMP, DICOM or NIfTI"),
+        (422, "an unknown modality, or a missing file field"),
+    )
+}
+log = logging.getLogger("espmedsam.serve")
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    limits: UploadLimits | None = None,
+    checkpoint_name: str = "",
+    workspace: Path | None = None,
+) -> FastAPI:
+    """The web app around one loaded ``predictor``.
+
+    Args:
+        limits: upload and image caps (``UploadLimits()`` by default).
+        checkpoint_name: shown by ``/api/info``.
+        workspace: where uploads are written while they are read; default: a new temporary folder,
+            removed when the app shuts down.
+    """
+    limits = limits or UploadLimits()
+    # Uploads stay in memory (they are capped) instead of spilling into the system temporary folder:
+    # the only file a request writes is its own, in the workspace.
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limits.max_bytes + 2**20)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own = workspace is None
+        folder = Path(tempfile.mkdtemp(prefix="espmedsam-serve-")) if own else Path(workspace)
+        app.state.segmenter = Segmenter(predictor, folder, limits)
+        try:
+            yield
+        finally:
+            if own:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    app = FastAPIOffline(  # FastAPI whose /docs page is served from here too, not from a CDN
+        title="espmedsam",
+        version=__version__,
+        summary="ESP-MedSAM: prompt-free segmentation of 2D medical images of six modalities",
+        lifespan=lifespan,
+    )
+    detail = f"upload over this server's limit of {limits.max_bytes / 2**20:g} MB"
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_bytes + 2**16, detail=detail)  # + the form's own
+    app.state.started = time.time()
+    app.state.info = info_of(predictor, checkpoint_name, limits)
+    _add_routes(app)
+    _add_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/health", response_model=Health, summary="Is the model loaded")
+    def health() -> dict:
+        info = app.state.info
+        return {
+            "status": "ok",
+            "version": __version__,
+            "modalities": info["modalities"],
+            "uptime_s": round(time.time() - app.state.started, 1),
+        }
+
+    @app.get("/api/info", response_model=Info, summary="The model's configuration and parameter counts")
+    def info() -> dict:
+        return app.state.info
+
+    @app.post(
+        "/api/segment",
+        response_model=SegmentResult,
+        responses=ERROR_RESPONSES,
+        summary="Segment one uploaded image or volume",
+    )
+    def segment(
+        file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP, DICOM or NIfTI (.nii, .nii.gz)")],
+        modality: Annotated[
+            str, Form(description="a modality of /api/info, or auto (the classifier)")
+        ] = "auto",
+        details: Annotated[
+            bool, Form(description="also each frame as PNG and its SPPG patch map (what the page shows)")
+        ] = False,
+    ) -> dict:
+        """The mask as base64 PNG (``mask_png``; one per slice in ``slices``), the mask file `espmedsam
+        predict` writes for the same input (``mask_file``: PNG, or NIfTI for NIfTI and DICOM), the modality,
+        its probability when the classifier chose it, the size, the foreground and the time taken."""
+        name = display_name(file.filename)
+        data = file.file.read()
+        segmentation = app.state.segmenter.segment(data, name, modality)
+        return result_of(segmentation, details)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EspMedSAMError)
+    async def known_error(request: Request, error: EspMedSAMError) -> JSONResponse:
+        status = next(code for kind, code in STATUS_OF_ERROR if isinstance(error, kind))
+        return JSONResponse({"detail": " ".join(str(error).split())}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{_field(item)}: {item.get('msg', 'invalid')}" for item in error.errors())
+        return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"detail": f"internal error ({type(error).__name__})"}, status_code=500)
+
+
+def _field(problem: dict) -> str:
+    """A validation problem's field name: ("body", "file") -> "file"."""
+    location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query")]
+    return ".".join(location) or "request"

@@ -1,0 +1,174 @@
+"""The API's answers as pydantic models (what ``/docs`` shows), and how a ``Segmentation`` becomes one."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from espmedsam import __version__
+from espmedsam.predict import Predictor
+from espmedsam.serve.segmenter import Segmentation, png_base64
+from espmedsam.serve.uploads import FORMATS, UploadLimits
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="one line that says what is wrong")
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    modalities: list[str]
+    uptime_s: float
+
+
+class ComponentParameters(BaseModel):
+    component: str
+    parameters: int
+
+
+class Info(BaseModel):
+    version: str
+    checkpoint: str = Field(description="the checkpoint's file name")
+    architecture: str = Field(description="espmedsam or unet")
+    modalities: list[str]
+    input_sizes: dict[str, int] = Field(description="the model input side of each modality")
+    classifier: bool = Field(description="modality auto is available")
+    patch_maps: bool = Field(description="the model has SPPG, so results carry patch maps")
+    parameters: list[ComponentParameters]
+    total_parameters: int
+    percent_of_sam_vit_b: float
+    device: str
+    bfloat16: bool
+    formats: list[str]
+    limits: dict[str, int] = Field(description="max_bytes of an upload, max_pixels of a frame, max_frames")
+    config: dict = Field(description="the model configuration stored in the checkpoint")
+
+
+class MaskFile(BaseModel):
+    filename: str
+    media_type: str
+    data: str = Field(description="base64 of the file")
+
+
+class Slice(BaseModel):
+    mask_png: str = Field(description="base64 PNG, 0 background / 255 foreground, the frame's own size")
+    foreground_pixels: int
+    image_png: str | None = Field(None, description="details only: the frame as the model saw it")
+    patch_map_png: str | None = Field(None, description="details only: SPPG patch probability x 255")
+
+
+class SegmentResult(BaseModel):
+    filename: str = Field(description="the uploaded file's name, cleaned: for display only")
+    format: str = Field(description=f"told by the content: one of {', '.join(FORMATS)}")
+    modality: str
+    chosen_by: str = Field(description="option (the request's modality) or classifier")
+    probability: float | None = Field(description="the classifier's probability of the modality")
+    probabilities: dict[str, float] | None = None
+    width: int
+    height: int
+    frames: int
+    foreground_pixels: int
+    foreground_fraction: float
+    foreground_mm2: float | None = Field(description="when the file gives the pixel spacing")
+    spacing_mm: list[float] | None = None
+    mask_png: str | None = Field(description="base64 PNG of the mask of a single-frame input")
+    mask_file: MaskFile = Field(description="what espmedsam predict writes: PNG, or NIfTI for volumes")
+    slices: list[Slice]
+    seconds: dict[str, float] = Field(description="read, classify, segment, encode and total")
+
+
+def result_of(segmentation: Segmentation, details: bool) -> dict:
+    """The JSON body of ``POST /api/segment``."""
+    encode_start = time.perf_counter()
+    stack, masks = segmentation.stack, segmentation.masks
+    slices = [_slice(stack.frames[i], result, details) for i, result in enumerate(segmentation.results)]
+    pixels = int(masks.sum())
+    spacing = stack.spacing
+    filename, contents = segmentation.mask_file
+    seconds = dict(segmentation.seconds)
+    seconds["encode"] = time.perf_counter() - encode_start
+    seconds["total"] += seconds["encode"]
+    return {
+        "filename": segmentation.name,
+        "format": segmentation.format,
+        "modality": segmentation.choice.modality,
+        "chosen_by": segmentation.choice.chosen_by,
+        "probability": segmentation.choice.probability,
+        "probabilities": segmentation.choice.probabilities,
+        "width": int(stack.frames.shape[2]),
+        "height": int(stack.frames.shape[1]),
+        "frames": len(masks),
+        "foreground_pixels": pixels,
+        "foreground_fraction": pixels / masks.size if masks.size else 0.0,
+        "foreground_mm2": None if spacing is None else pixels * spacing[0] * spacing[1],
+        "spacing_mm": None if spacing is None else [float(s) for s in spacing],
+        "mask_png": slices[0]["mask_png"] if len(slices) == 1 else None,
+        "mask_file": {"filename": filename, "media_type": _media_type(filename), "data": _b64(contents)},
+        "slices": slices,
+        "seconds": {key: round(value, 4) for key, value in seconds.items()},
+    }
+
+
+def _slice(frame: np.ndarray, result, details: bool) -> dict:
+    out = {
+        "mask_png": png_base64(result.mask.astype(np.uint8) * 255),
+        "foreground_pixels": int(result.mask.sum()),
+    }
+    if details:
+        out["image_png"] = png_base64(frame)
+        if result.patch_map is not None:
+            out["patch_map_png"] = png_base64((result.patch_map * 255).round().astype(np.uint8))
+    return out
+
+
+def info_of(predictor: Predictor, checkpoint_name: str, limits: UploadLimits) -> dict:
+    """The body of ``GET /api/info``."""
+    from espmedsam.config import to_dict
+    from espmedsam.models.summary import SAM_VIT_B_PARAMETERS
+
+    model = predictor.model
+    config = model.config
+    counts = _parameter_counts(model)
+    total = counts[-1]["parameters"]
+    return {
+        "version": __version__,
+        "checkpoint": checkpoint_name,
+        "architecture": "unet" if config.name == "unet" else "espmedsam",
+        "modalities": list(predictor.modalities),
+        "input_sizes": {name: predictor.input_size(name) for name in predictor.modalities},
+        "classifier": predictor.has_classifier,
+        "patch_maps": hasattr(model, "sppg"),
+        "parameters": counts,
+        "total_parameters": total,
+        "percent_of_sam_vit_b": round(100 * total / SAM_VIT_B_PARAMETERS, 2),
+        "device": str(predictor.device),
+        "bfloat16": predictor.bfloat16,
+        "formats": list(FORMATS),
+        "limits": {
+            "max_bytes": limits.max_bytes,
+            "max_pixels": limits.max_pixels,
+            "max_frames": limits.max_frames,
+        },
+        "config": to_dict(config),
+    }
+
+
+def _parameter_counts(model: torch.nn.Module) -> list[dict]:
+    from espmedsam.models.summary import parameter_counts
+
+    if not hasattr(model, "sppg"):  # the U-Net baseline: one network
+        return [{"component": "total", "parameters": sum(p.numel() for p in model.parameters())}]
+    return [{"component": row.component, "parameters": row.parameters} for row in parameter_counts(model)]
+
+
+def _media_type(filename: str) -> str:
+    return "image/png" if filename.endswith(".png") else "application/gzip"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

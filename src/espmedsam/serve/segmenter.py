@@ -1,0 +1,141 @@
+"""One loaded model shared by every request: an upload in, masks, patch maps and their metadata out.
+
+Requests run in the web server's worker threads; the forward passes take turns behind one lock (the model
+already uses every core, and a module is not promised to be re-entrant), while reading, sniffing and
+encoding the answers of other requests go on beside them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from espmedsam.data.stack import ImageStack, read_stack, write_masks
+from espmedsam.errors import EspMedSAMError, InputError
+from espmedsam.predict import MaskWithPatchMap, Predictor
+from espmedsam.predict_files import ModalityChoice, choose_modality
+from espmedsam.serve.uploads import (
+    SniffedFormat,
+    UploadLimits,
+    UploadTooLarge,
+    check_dimensions,
+    saved_upload,
+    sniff_format,
+)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What one upload gave: its frames, a mask and patch map per frame, and the mask file ``espmedsam
+    predict`` would write for it (PNG for images, NIfTI for NIfTI and DICOM)."""
+
+    name: str  # the display name of the upload
+    format: str
+    stack: ImageStack
+    choice: ModalityChoice
+    results: list[MaskWithPatchMap]
+    mask_file: tuple[str, bytes]  # (suggested file name, contents)
+    seconds: dict[str, float]  # read, classify, segment, total
+
+    @property
+    def masks(self) -> np.ndarray:
+        return np.stack([result.mask for result in self.results])
+
+
+class Segmenter:
+    """Upload bytes -> ``Segmentation``, with the server's limits and temporary workspace."""
+
+    def __init__(self, predictor: Predictor, workspace: Path, limits: UploadLimits | None = None) -> None:
+        self.predictor = predictor
+        self.workspace = Path(workspace)
+        self.limits = limits or UploadLimits()
+        self._model_lock = threading.Lock()
+
+    def segment(self, data: bytes, name: str, modality: str = "auto") -> Segmentation:
+        """Segment one uploaded file (``name`` is for messages and the suggested file name only).
+
+        Raises:
+            UploadTooLarge, UnsupportedFormat: over a limit; not a format the server reads.
+            InputError: an unknown modality, or "auto" without a way to tell.
+            EspMedSAMError: an unreadable file (messages name ``name``, never a server path).
+        """
+        start = time.perf_counter()
+        self._check_modality(modality)
+        try:
+            if len(data) > self.limits.max_bytes:
+                raise _too_large(len(data), self.limits.max_bytes)
+            fmt = sniff_format(data)
+            with saved_upload(data, fmt, self.workspace) as path:
+                try:
+                    stack = self._read(path, fmt)
+                    read_done = time.perf_counter()
+                    with self._model_lock:
+                        choice = choose_modality(self.predictor, stack, modality)
+                        classified = time.perf_counter()
+                        results = self.predictor.predict_with_patch_maps(list(stack.frames), choice.modality)
+                    segmented = time.perf_counter()
+                    mask_file = _mask_file(stack, results, path.parent, name)
+                except EspMedSAMError as error:
+                    raise type(error)(_renamed(str(error), path, name)) from None
+        except EspMedSAMError as error:
+            message = " ".join(str(error).split())
+            raise type(error)(message if message.startswith(name) else f"{name}: {message}") from None
+        seconds = {
+            "read": read_done - start,
+            "classify": classified - read_done,
+            "segment": segmented - classified,
+            "total": time.perf_counter() - start,
+        }
+        return Segmentation(name, fmt.name, stack, choice, results, mask_file, seconds)
+
+    def _check_modality(self, modality: str) -> None:
+        names = self.predictor.modalities
+        if modality != "auto" and modality not in names:
+            raise InputError(f"unknown modality {modality!r}; expected auto or one of {', '.join(names)}")
+        if modality == "auto" and not self.predictor.has_classifier:
+            raise InputError(f"this model has no modality classifier: choose one of {', '.join(names)}")
+
+    def _read(self, path: Path, fmt: SniffedFormat) -> ImageStack:
+        check_dimensions(path, fmt, self.limits)
+        stack = read_stack(path)
+        frames = stack.frames
+        self.limits.check_frames(len(frames), frames.shape[1], frames.shape[2])
+        return stack
+
+
+def _mask_file(
+    stack: ImageStack, results: list[MaskWithPatchMap], folder: Path, name: str
+) -> tuple[str, bytes]:
+    """The mask file ``espmedsam predict`` writes, read back; named after the upload for the browser."""
+    masks = np.stack([result.mask for result in results])
+    (written,) = write_masks(stack, masks, folder / "out")
+    suffix = written.name[len(stack.name) :]  # "_mask.png", "_mask.nii.gz"
+    stem = name
+    for known in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        if stem.lower().endswith(known):
+            stem = stem[: -len(known)]
+            break
+    return f"{stem or 'upload'}{suffix}", written.read_bytes()
+
+
+def _renamed(message: str, path: Path, name: str) -> str:
+    """A reader's message about the temporary file, told about the uploaded one."""
+    return message.replace(str(path), name).replace(str(path.parent), "upload")
+
+
+def _too_large(size: int, cap: int) -> UploadTooLarge:
+    return UploadTooLarge(f"upload of {size / 2**20:.2f} MB over this server's limit of {cap / 2**20:g} MB")
+
+
+def png_base64(array: np.ndarray, compress_level: int = 1) -> str:
+    """(H, W) or (H, W, 3) uint8 -> base64 PNG (fast compression: these are for display)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -1,0 +1,236 @@
+"""The JSON API: good files, bad files, limits, sniffing, volumes, concurrency, and what touches the disk."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from espmedsam.data.io import read_image
+from espmedsam.predict import EXAMPLES_DIR
+from espmedsam.serve.app import STATIC_DIR
+from espmedsam.serve.uploads import display_name, sniff_format
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def post(client, data: bytes, name: str = "image.png", **form):
+    return client.post("/api/segment", files={"file": (name, data)}, data=form)
+
+
+def decode_png(text: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_and_info_describe_the_model(client, predictor):
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["modalities"] == list(predictor.modalities)
+    info = client.get("/api/info").json()
+    assert info["modalities"] == list(predictor.modalities) and info["classifier"] and info["patch_maps"]
+    total = sum(p.numel() for p in predictor.model.parameters())
+    assert info["total_parameters"] == total == info["parameters"][-1]["parameters"]
+    parts = [row["parameters"] for row in info["parameters"][:-1]]
+    assert sum(parts) == total
+    assert info["config"]["modalities"] == list(predictor.modalities)
+    assert info["input_sizes"] == {m: predictor.input_size(m) for m in predictor.modalities}
+    assert info["limits"]["max_bytes"] == 2 * 2**20
+
+
+def test_openapi_documents_the_api(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/api/segment", "/api/health", "/api/info"} <= set(schema["paths"])
+    assert {"413", "415", "422"} <= set(schema["paths"]["/api/segment"]["post"]["responses"])
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
+    assert not re.search(r"https?://", docs.text.split("<script>")[0])  # its scripts and styles are ours
+    bundle = re.search(r'src="([^"]+swagger-ui-bundle\.js)"', docs.text).group(1)
+    assert client.get(bundle).status_code == 200
+
+
+def test_a_good_file_gives_the_predictors_mask(client, predictor, example):
+    response = post(client, example.read_bytes(), example.name, details="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    image = read_image(example)
+    expected = predictor.predict(image, body["modality"])
+    mask = decode_png(body["mask_png"])
+    assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask > 0, expected)
+    assert body["chosen_by"] == "classifier" and body["modality"] == "dermoscopy"
+    assert 0.5 < body["probability"] <= 1 and body["probabilities"]["dermoscopy"] == body["probability"]
+    assert (body["width"], body["height"], body["frames"]) == (image.shape[1], image.shape[0], 1)
+    assert body["foreground_pixels"] == expected.sum() > 0
+    assert body["foreground_fraction"] == pytest.approx(expected.mean())
+    assert body["mask_file"]["filename"] == f"{example.stem}_mask.png"
+    np.testing.assert_array_equal(decode_png(body["mask_file"]["data"]), expected.astype(np.uint8) * 255)
+    (frame,) = body["slices"]
+    np.testing.assert_array_equal(decode_png(frame["image_png"]), image)
+    patch = decode_png(frame["patch_map_png"])
+    assert patch.shape == image.shape[:2] and patch.max() > patch.min()
+    assert set(body["seconds"]) == {"read", "classify", "segment", "encode", "total"}
+
+
+def test_a_chosen_modality_is_used_and_details_are_optional(client, example):
+    body = post(client, example.read_bytes(), example.name, modality="ultrasound").json()
+    assert (body["modality"], body["chosen_by"], body["probability"]) == ("ultrasound", "option", None)
+    assert "image_png" not in body["slices"][0] or body["slices"][0]["image_png"] is None
+
+
+def test_the_content_decides_the_format_not_the_name(client, example):
+    as_png = png_bytes(read_image(example))
+    body = post(client, as_png, "photo.jpg").json()
+    assert body["format"] == "png"
+    response = post(client, b"just some text, not an image", "notes.png")
+    assert response.status_code == 415 and "PNG, JPEG, TIFF" in response.json()["detail"]
+
+
+def test_a_broken_image_is_a_400_that_names_the_upload_not_a_server_path(client, workspace, example):
+    truncated = png_bytes(read_image(example))[:200]
+    response = post(client, truncated, "scan.png")
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert (
+        detail.startswith("scan.png") and str(workspace) not in detail and "upload" not in detail.split()[0]
+    )
+
+
+def test_an_oversized_upload_is_a_413(client):
+    response = post(client, b"\x89PNG\r\n\x1a\n" + bytes(3 * 2**20), "big.png")
+    assert response.status_code == 413 and "limit of 2 MB" in response.json()["detail"]
+
+
+def test_a_body_without_a_length_is_cut_off_at_the_cap(live_url):
+    def chunks():  # a well-formed form whose file part goes on past the cap
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n\x89PNG'
+        for _ in range(3):
+            yield bytes(2**20)
+
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    response = httpx.post(f"{live_url}/api/segment", content=chunks(), headers=headers, timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(client):
+    data = png_bytes(np.zeros((2100, 2100), np.uint8))  # a few kB, but 4.4 M pixels
+    assert len(data) < 2**20
+    response = post(client, data, "wide.png")
+    assert response.status_code == 413 and "2100 x 2100" in response.json()["detail"]
+
+
+def test_unknown_modality_and_missing_file_are_422_in_one_line(client, example):
+    response = post(client, example.read_bytes(), example.name, modality="dental")
+    assert response.status_code == 422 and "unknown modality 'dental'" in response.json()["detail"]
+    response = client.post("/api/segment", data={"modality": "xray"})
+    assert response.status_code == 422 and response.json()["detail"] == "file: Field required"
+
+
+def test_a_volume_gives_one_mask_per_slice_and_a_nifti_file(client, tmp_path):
+    volume = np.zeros((64, 48, 5), np.uint8)
+    yy, xx = np.mgrid[:64, :48]
+    volume[(yy - 32) ** 2 + (xx - 24) ** 2 < 200] = 200
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([0.5, 0.5, 2.0, 1.0])), path)
+    body = post(client, path.read_bytes(), "scan.nii.gz", modality="xray", details="true").json()
+    assert (body["format"], body["frames"], body["mask_png"]) == ("nifti", 5, None)
+    assert body["spacing_mm"] == [0.5, 0.5]
+    assert body["foreground_mm2"] == pytest.approx(body["foreground_pixels"] * 0.25)
+    assert len(body["slices"]) == 5 and all("image_png" in s for s in body["slices"])
+    mask_path = tmp_path / body["mask_file"]["filename"]
+    assert mask_path.name == "scan_mask.nii.gz"
+    mask_path.write_bytes(base64.b64decode(body["mask_file"]["data"]))
+    mask = np.asarray(nib.load(mask_path).dataobj)
+    assert mask.shape == volume.shape
+    assert sum(s["foreground_pixels"] for s in body["slices"]) == mask.sum() == body["foreground_pixels"]
+
+
+def test_a_dicom_file_is_read_by_its_content(client):
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    body = post(client, data, "ct", modality="xray").json()
+    assert (body["format"], body["width"], body["height"]) == ("dicom", 128, 128)
+    assert body["mask_file"]["filename"] == "ct_mask.nii.gz"
+
+
+def test_concurrent_requests_agree_with_sequential_ones(live_url):
+    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    with httpx.Client(timeout=120) as one:
+        sequential = [_segment(one, live_url, path) for path in examples]
+    jobs = examples * 2
+    with httpx.Client(timeout=120) as shared, ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda path: _segment(shared, live_url, path), jobs))
+    assert together == sequential * 2
+
+
+def _segment(client: httpx.Client, url: str, path: Path) -> tuple[int, str, str]:
+    response = client.post(f"{url}/api/segment", files={"file": (path.name, path.read_bytes())})
+    body = response.json()
+    return response.status_code, body["modality"], body["mask_png"]
+
+
+def test_nothing_is_left_on_disk_and_request_names_are_never_paths(client, workspace, example, tmp_path):
+    body = post(client, example.read_bytes(), "../../../../tmp/evil name?.jpg").json()
+    assert body["filename"] == "evil name_.jpg" and body["mask_file"]["filename"] == "evil name__mask.png"
+    assert list(workspace.iterdir()) == []
+    assert not Path("/tmp/evil name?.jpg").exists()
+
+
+def test_display_names_keep_only_safe_characters():
+    assert display_name("C:\\scans\\a.png") == "a.png"
+    assert display_name("../x/<script>.png") == "_script_.png"
+    assert display_name("") == display_name(None) == display_name("..") == "upload"
+
+
+@pytest.mark.parametrize(
+    ("head", "name"),
+    [
+        (b"\x89PNG\r\n\x1a\n", "png"),
+        (b"\xff\xd8\xff\xe0", "jpeg"),
+        (b"II*\x00", "tiff"),
+        (b"MM\x00*", "tiff"),
+        (b"BM", "bmp"),
+        (bytes(128) + b"DICM", "dicom"),
+        (bytes(344) + b"n+1\x00", "nifti"),
+    ],
+)
+def test_formats_are_sniffed_from_their_magic(head, name):
+    assert sniff_format(head + bytes(600)).name == name
+
+
+def test_gzip_is_nifti_only_with_a_nifti_header_inside():
+    import gzip
+
+    assert sniff_format(gzip.compress(bytes(344) + b"n+1\x00" + bytes(200))).suffix == ".nii.gz"
+    with pytest.raises(Exception, match="not a supported file"):
+        sniff_format(gzip.compress(b"plain text"))
+
+
+def test_the_page_loads_no_asset_from_elsewhere(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    for path in STATIC_DIR.iterdir():
+        text = path.read_text()
+        external = re.findall(
+            r"""(?:src|href)\s*=\s*["']\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//""", text
+        )
+        assert not external, f"{path.name} loads {external}"
+        assert client.get(f"/static/{path.name}").status_code == 200 or path.name == "index.html"

@@ -416,9 +416,7 @@ def serve(
     except ModuleNotFoundError as error:
         from espmedsam.errors import MissingDependencyError
 
-        raise MissingDependencyError(
-            f"serve needs {error.name}; pip install 'espmedsam[serve]'"
-        ) from None
+        raise MissingDependencyError(f"serve needs {error.name}; pip install 'espmedsam[serve]'") from None
     if max_upload_mb <= 0 or max_pixels < 1 or max_frames < 1:
         raise InputError("--max-upload-mb, --max-pixels and --max-frames must be positive")
     if checkpoint is not None and checkpoint.suffix.lower() == ".onnx":

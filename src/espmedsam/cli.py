@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -108,6 +109,8 @@ distill_app = typer.Typer(
 app.add_typer(distill_app, name="distill")
 classifier_app = typer.Typer(help="The modality classifier behind --modality auto.")
 app.add_typer(classifier_app, name="classifier")
+modality_app = typer.Typer(help="A checkpoint's modalities: remove or rename one (add-modality adds one).")
+app.add_typer(modality_app, name="modality")
 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N.")
@@ -208,7 +211,6 @@ def train(
 ) -> None:
     """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
     import dataclasses
-    import datetime
 
     from espmedsam.config import load_train_config
     from espmedsam.train import train as run_training
@@ -216,24 +218,110 @@ def train(
     cfg = load_train_config(config, overrides or [])
     cfg = dataclasses.replace(cfg, init=str(init)) if init else cfg
     cfg = dataclasses.replace(cfg, device=device) if device else cfg
+    with _training_bar(cfg.total_steps) as show:
+        result = run_training(cfg, resume=resume, progress=show)
+    if _is_main():  # under torchrun: one summary, rank 0's
+        console.print(_training_summary(result))
+
+
+@contextmanager
+def _training_bar(total_steps: int | None):
+    """A progress bar of training steps; yields the ``progress`` callback that updates it (and sets the
+    total when it was not known), with ``.features`` for a second bar of encoder passes."""
+    import datetime
+
     stats = TextColumn("{task.fields[stats]}")
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), stats)
-    main = _is_main()  # under torchrun: one bar and one summary, rank 0's
-    with Progress(*columns, console=console, disable=not (console.is_terminal and main)) as bar:
-        task = bar.add_task("training", total=cfg.total_steps, stats="")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), stats)
+    with Progress(*columns, console=console, disable=not (console.is_terminal and _is_main())) as bar:
+        task = bar.add_task("training", total=total_steps, stats="")
+        extra: list = []
 
         def show(p) -> None:
             val = "-" if p.val_dice is None else f"{p.val_dice:.3f}"
             eta = datetime.timedelta(seconds=round(p.eta_s))
             text = f"loss {p.loss:.3f}  Dice {p.train_dice:.3f} (val {val})  {p.images_per_s:.1f} img/s"
-            bar.update(task, completed=p.step, stats=f"{text}  ETA {eta}")
+            bar.update(task, completed=p.step, total=p.total_steps, stats=f"{text}  ETA {eta}")
 
-        result = run_training(cfg, resume=resume, progress=show)
+        def features(done: int, total: int) -> None:
+            if not extra:
+                extra.append(bar.add_task("classifier features", total=total, stats=""))
+            bar.update(extra[0], completed=done, total=total)
+
+        show.features = features  # type: ignore[attr-defined]
+        yield show
+
+
+def _training_summary(result) -> str:
     scores = ", ".join(f"{name} {dice:.3f}" for name, dice in result.val_dice.items()) or "none"
     best = "-" if result.best_dice is None else f"{result.best_dice:.4f} (step {result.best_step})"
     stop = " (time budget spent)" if result.stopped_early else ""
-    if main:
-        console.print(f"{result.steps} steps{stop}; val Dice {scores}; best {best}; wrote {result.out_dir}")
+    return f"{result.steps} steps{stop}; val Dice {scores}; best {best}; wrote {result.out_dir}"
+
+
+@app.command("add-modality")
+def add_modality_cmd(
+    name: Annotated[str, typer.Argument(help="The new modality's name (a-z, 0-9, _ or -), e.g. dental.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="DIR[:NAME] dataset folder of the new modality.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors with the new modality.")],
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="The trained model to extend (default: the bundled weights)."),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--from-modality", help="Start from this modality's parameters (default: fresh)."),
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option(help="The new modality's model input side (default: --from-modality's).")
+    ] = None,
+    classifier_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--classifier-data",
+            help="DIR:MODALITY of an existing modality: counter-examples for the classifier.",
+        ),
+    ] = None,
+    drop_classifier: Annotated[
+        bool, typer.Option("--drop-classifier", help="Write the model without its modality classifier.")
+    ] = False,
+    config: Annotated[
+        str | None, typer.Option("--config", help="Training recipe (default: add_modality).")
+    ] = None,
+    overrides: OverridesOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="The run's folder (default: runs/add_NAME).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its state.pt.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store floating tensors as float16.")] = False,
+) -> None:
+    """Teach a trained model one more modality: only its own controller, query and hypernetwork learn, so
+    every other modality's outputs stay bitwise the same; the classifier learns the new class."""
+    import time
+
+    from espmedsam.add_modality import add_modality
+    from espmedsam.checkpoints.native import default_checkpoint
+
+    start = time.monotonic()
+    base = init or default_checkpoint()
+    with _training_bar(None) as show:
+        added = add_modality(
+            name, data, out, init=base, like=like, input_size=input_size,
+            classifier_data=classifier_data or [], drop_classifier=drop_classifier, fp16=fp16,
+            config=config, overrides=overrides or [], run_dir=run_dir, resume=resume,
+            progress=show, feature_progress=show.features,
+        )  # fmt: skip
+    console.print(_training_summary(added.result))
+    if added.classifier_accuracy is not None:
+        console.print(
+            f"classifier extended to {name}: {100 * added.classifier_accuracy:.2f} % on its features"
+        )
+    minutes = (time.monotonic() - start) / 60
+    console.print(
+        f"wrote {added.checkpoint}: {name} added with {added.trainable_parameters:,} trained parameters "
+        f"in {minutes:.1f} min"
+    )
 
 
 @app.command()
@@ -602,6 +690,48 @@ def _choose_sizes(checkpoint: Path, data: list[str], candidates: str, device: st
         table.add_row(modality, *cells)
     Console().print(table)
     return best
+
+
+@modality_app.command("remove")
+def modality_remove(
+    checkpoint: Annotated[Path, typer.Argument(help="Native .safetensors checkpoint.")],
+    name: Annotated[str, typer.Argument(help="The modality to remove.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors.")],
+) -> None:
+    """Remove a modality (its controller, query, hypernetwork and classifier class); the others keep
+    their outputs bitwise."""
+    from espmedsam.modality_edits import remove_modality
+
+    _edit_modalities(checkpoint, out, lambda model: remove_modality(model, name))
+
+
+@modality_app.command("rename")
+def modality_rename(
+    checkpoint: Annotated[Path, typer.Argument(help="Native .safetensors checkpoint.")],
+    old: Annotated[str, typer.Argument(help="The modality's name now.")],
+    new: Annotated[str, typer.Argument(help="Its new name (a-z, 0-9, _ or -).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors.")],
+) -> None:
+    """Rename a modality (the configuration alone changes)."""
+    from espmedsam.modality_edits import rename_modality
+
+    _edit_modalities(checkpoint, out, lambda model: rename_modality(model, old, new))
+
+
+def _edit_modalities(checkpoint: Path, out: Path, edit) -> None:
+    """Load, edit, and save in the stored precision (float16 weights stay float16, so exactly)."""
+    import torch
+    from safetensors import safe_open
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.files import check_output_file
+
+    check_output_file(out)
+    model = edit(load_model(checkpoint))
+    with safe_open(str(checkpoint), "pt") as stored:
+        half = any(stored.get_slice(key).get_dtype() == "F16" for key in stored.keys())
+    path = save_model(model, out, dtype=torch.float16 if half else None)
+    console.print(f"wrote {path}: modalities {', '.join(model.modalities)}")
 
 
 @import_app.command("official")

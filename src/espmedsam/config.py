@@ -252,6 +252,9 @@ class TrainConfig(SerialisableConfig):
     device: str = "auto"  # auto: a CUDA GPU when present, else the CPU
     input_sizes: tuple[int, ...] = ()  # per model modality; () = image_size for all; kept as inference_sizes
     frozen_encoder: bool = False  # train SPPG + QDMD on cached embeddings of the controller-free encoder
+    # only these modalities' own parameters learn (controllers, queries, hypernetworks); the rest stays
+    # bitwise as loaded, in eval mode (``espmedsam add-modality``)
+    train_modalities: tuple[str, ...] = ()
     variants: int = 1  # frozen_encoder: embeddings per image (variant 0 as is, others augmented)
     cache_dir: str | None = None  # frozen_encoder: default ~/.cache/espmedsam/encoder-embeddings
     val_every: int = 1  # epochs
@@ -283,6 +286,8 @@ class TrainConfig(SerialisableConfig):
             raise ConfigError(f"input_sizes must be positive multiples of 8, got {list(self.input_sizes)}")
         if self.frozen_encoder and self.arch != "espmedsam":
             raise ConfigError("frozen_encoder needs arch: espmedsam")
+        if self.train_modalities and self.arch != "espmedsam":
+            raise ConfigError("train_modalities needs arch: espmedsam")
 
     @property
     def run_dir(self) -> Path:

@@ -5,6 +5,7 @@ This module is the only place where the names are listed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -56,3 +57,16 @@ def _one_id(modality: str | int, names: Sequence[str]) -> int:
     if key not in names:
         raise InputError(f"unknown modality {modality!r}; expected one of {', '.join(names)}")
     return names.index(key)
+
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # a modality added to a model
+
+
+def check_modality_name(name: str) -> str:
+    """Raises InputError unless ``name`` is a lower-case identifier (letters, digits, ``_``, ``-``)."""
+    if not NAME_PATTERN.match(name):
+        raise InputError(
+            f"modality name {name!r} must start with a lower-case letter and hold only a-z, 0-9, _ or - "
+            "(at most 32 characters)"
+        )
+    return name

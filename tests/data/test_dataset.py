@@ -43,12 +43,13 @@ def test_parse_errors(make_dataset, tmp_path):
     root = make_dataset()
     with pytest.raises(DataError, match=r"unknown modality; write .*:MODALITY"):
         parse_dataset_arg(str(root))
-    with pytest.raises(InputError, match="unknown modality 'mri'"):
-        parse_dataset_arg(f"{root}:mri")
+    assert parse_dataset_arg(f"{root}:mri").modality == "mri"  # a modality to add to a model
+    with pytest.raises(InputError, match="modality name 'MRI scan' must start with a lower-case letter"):
+        parse_dataset_arg(f"{root}:MRI scan")
     with pytest.raises(DataError, match="dataset folder not found"):
         parse_dataset_arg(str(tmp_path / "nowhere"))
-    (root / "dataset.json").write_text(json.dumps({"modality": "pet"}))
-    with pytest.raises(DataError, match="dataset.json: unknown modality 'pet'"):
+    (root / "dataset.json").write_text(json.dumps({"modality": "PET/CT"}))
+    with pytest.raises(DataError, match="dataset.json: modality name 'PET/CT'"):
         parse_dataset_arg(str(root))
 
 

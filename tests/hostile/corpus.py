@@ -1174,7 +1174,11 @@ def _evaluate_empty(folder: Path, shared: Shared) -> list[str]:
     return evaluate(shared, folder, f"{root}:{MODALITY}", "--split", "all")
 
 
-@case("evaluate: DIR:MODALITY of an unknown modality", "evaluate", fails(2, "set:mri", "unknown modality"))
+@case(
+    "evaluate: DIR:MODALITY of a modality the model lacks",
+    "evaluate",
+    fails(2, "set", "modality 'mri' is not one of the model's"),
+)
 def _evaluate_modality(folder: Path, shared: Shared) -> list[str]:
     return evaluate(shared, folder, f"{dataset(folder / 'set')}:mri")
 
@@ -1344,7 +1348,9 @@ def _train_missing_config(folder: Path, shared: Shared) -> list[str]:
     return ["train", "--config", str(folder / "missing.yaml")]
 
 
-@case("train: data of an unknown modality", "train", fails(2, "unknown modality 'mri'"))
+@case(
+    "train: data of a modality the model lacks", "train", fails(2, "modality 'mri' is not one of the model's")
+)
 def _train_modality(folder: Path, shared: Shared) -> list[str]:
     return train(folder, f"{dataset(folder / 'set')}:mri")
 

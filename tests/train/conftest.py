@@ -10,7 +10,14 @@ from PIL import Image
 from espmedsam.config import TrainConfig
 
 
-def make_dataset(root: Path, *, seed: int, shape: tuple[int, int] = (48, 48), n: int = 6) -> Path:
+def make_dataset(
+    root: Path,
+    *,
+    seed: int,
+    shape: tuple[int, int] = (48, 48),
+    n: int = 6,
+    tint: tuple[float, ...] = (1, 1, 1),
+) -> Path:
     """A folder dataset (images/, masks/, split.json) of ``n`` noisy images with a bright square."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
@@ -23,6 +30,7 @@ def make_dataset(root: Path, *, seed: int, shape: tuple[int, int] = (48, 48), n:
         mask[top : top + h // 3, left : left + w // 3] = 255
         image = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
         image[mask > 0] += 150
+        image = (image * np.array(tint)).clip(0, 255).astype(np.uint8)
         Image.fromarray(image).save(root / "images" / f"{stem}.png")
         Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
     split = {"train": stems[:4], "val": stems[4:], "test": []}
@@ -56,3 +64,11 @@ def tiny_config(tmp_path, datasets) -> TrainConfig:
         log_every=1,
         out_dir=str(tmp_path / "run"),
     )
+
+
+@pytest.fixture(scope="session")
+def dental(tmp_path_factory) -> str:
+    """A tiny dataset of a modality no shipped model has, as ``DIR:dental``: blue-tinted, so that it looks
+    unlike the others."""
+    root = tmp_path_factory.mktemp("new") / "dental"
+    return f"{make_dataset(root, seed=3, tint=(0.2, 0.4, 1.0))}:dental"

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from espmedsam.data.io import IMAGE_SUFFIXES, MASK_SUFFIXES, read_image, read_json_object, read_mask
 from espmedsam.errors import DataError, InputError
-from espmedsam.modalities import MODALITIES, modality_ids
+from espmedsam.modalities import MODALITIES, check_modality_name, modality_ids
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,12 @@ def parse_dataset_arg(text: str) -> DatasetSource:
 
 
 def _modality_name(text: str) -> str:
-    return MODALITIES[int(modality_ids(text.strip())[0])]
+    """One of the six by name or id, or the name of a modality added to a model (``add-modality``)."""
+    text = text.strip()
+    try:
+        return MODALITIES[int(modality_ids(int(text) if text.isdigit() else text)[0])]
+    except InputError:
+        return check_modality_name(text)
 
 
 def _infer_modality(root: Path) -> str:

@@ -60,10 +60,12 @@ class MixedModalityDataset(FolderEpochs, Dataset):
         zoom_probability: float = 0.0,
         seed: int = 0,
         normalisation: str = "mean_std",
+        modalities: Sequence[str] = MODALITIES,
     ) -> None:
         if not folders:
             raise InputError("MixedModalityDataset needs at least one dataset folder")
         self.folders = list(folders)
+        self.modalities = tuple(modalities)  # the model's: items carry ids into it
         self.size, self.mean, self.std = size, tuple(mean), tuple(std)
         self.seed, self.epoch, self.normalisation = seed, 0, normalisation
         self._augmentation = train_augmentation(size, zoom_probability=zoom_probability) if augment else None
@@ -88,7 +90,7 @@ class MixedModalityDataset(FolderEpochs, Dataset):
         return {
             "image": image_tensor,
             "mask": mask_tensor,
-            "modality": torch.tensor(MODALITIES.index(sample.modality), dtype=torch.int64),
+            "modality": torch.tensor(self.modalities.index(sample.modality), dtype=torch.int64),
             "dataset": torch.tensor(which, dtype=torch.int64),
         }
 

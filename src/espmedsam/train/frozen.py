@@ -108,8 +108,10 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
         sizes: Sequence[int],
         variants: int,
         seed: int = 0,
+        modalities: Sequence[str] = MODALITIES,
     ) -> None:
         self.cache, self.folders, self.sizes = cache, list(folders), list(sizes)
+        self.modalities = tuple(modalities)  # the model's: items carry ids into it
         self.variants, self.seed, self.epoch = variants, seed, 0
         self._items = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
         self.digests = [sample_digest(*_pair(self.folders[f][i])) for f, i in self._items]
@@ -126,7 +128,7 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, _ = self._items[index]
         entry = self.cache.get(CacheKey(self.digests[index], self.sizes[which], self.variant_of(index)))
-        modality = MODALITIES.index(self.folders[which].modality)
+        modality = self.modalities.index(self.folders[which].modality)
         return {**entry, "modality": torch.tensor(modality), "dataset": torch.tensor(which)}
 
     def jobs(self, variants: Sequence[int]) -> list[tuple[int, CacheKey]]:

@@ -45,6 +45,7 @@ from espmedsam.device import autocast
 from espmedsam.errors import ConfigError, DataError
 from espmedsam.files import remove_stale_temporaries, write_text
 from espmedsam.losses import MaskLoss, SegmentationLoss
+from espmedsam.modality_edits import train_only_modalities
 from espmedsam.models.registry import build_model, get_config
 from espmedsam.models.unet import UNetBaseline, UNetConfig
 from espmedsam.train import distributed
@@ -166,6 +167,9 @@ def build_network(config: TrainConfig) -> nn.Module:
     )
     if config.frozen_encoder:
         model.image_encoder.requires_grad_(False)
+    if config.train_modalities:  # the shared parts stay as loaded: no gradient, no batch-norm update
+        train_only_modalities(model, config.train_modalities)
+        return model.eval()
     return model.train()
 
 
@@ -199,6 +203,7 @@ def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tup
     sources = [parse_dataset_arg(item) for item in config.data]
     counts = [s.name for s in sources]
     names = tuple(s.name if counts.count(s.name) == 1 else f"{s.name}#{i}" for i, s in enumerate(sources))
+    _require_modalities(sources, model.config.modalities)
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
     _require_images(folders)
     if config.frozen_encoder:
@@ -214,11 +219,25 @@ def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tup
         zoom_probability=config.zoom_probability,
         seed=config.seed,
         normalisation=normalisation,
+        modalities=model.config.modalities,
     )
     if not config.val_split:
         return train_set, None, names
     val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
-    return train_set, ValidationSet(val_folders, config.image_size, mean, std, normalisation), names
+    val_set = ValidationSet(
+        val_folders, config.image_size, mean, std, normalisation, modalities=model.config.modalities
+    )
+    return train_set, val_set, names
+
+
+def _require_modalities(sources: list, modalities: tuple[str, ...]) -> None:
+    """Name a dataset whose modality the model does not have (``espmedsam add-modality`` adds one)."""
+    for source in sources:
+        if source.modality not in modalities:
+            raise ConfigError(
+                f"{source.root}: modality {source.modality!r} is not one of the model's "
+                f"({', '.join(modalities)}); espmedsam add-modality adds one"
+            )
 
 
 def _require_images(folders: list[SegmentationFolder]) -> None:
@@ -236,12 +255,15 @@ def _cached_datasets(
     """Frozen-encoder training and validation sets, their missing embeddings computed first."""
     cache = EncoderCache(config.cache_dir or DEFAULT_CACHE, encoder_fingerprint(model))
     sizes = [model.input_size(folder.modality) for folder in folders]
-    train_set = CachedEmbeddingSet(cache, folders, sizes, config.variants, seed=config.seed)
+    modalities = model.config.modalities
+    train_set = CachedEmbeddingSet(
+        cache, folders, sizes, config.variants, seed=config.seed, modalities=modalities
+    )
     _fill(model, train_set, range(config.variants), config, "embedding the training images")
     if not config.val_split:
         return train_set, None, names
     val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
-    val_set = CachedEmbeddingSet(cache, val_folders, sizes, 1, seed=config.seed)
+    val_set = CachedEmbeddingSet(cache, val_folders, sizes, 1, seed=config.seed, modalities=modalities)
     _fill(model, val_set, [0], config, "embedding the validation images")
     return train_set, val_set, names
 

@@ -36,9 +36,11 @@ class ValidationSet(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         normalisation: str = "mean_std",
+        modalities: Sequence[str] = MODALITIES,
     ) -> None:
         self.folders = list(folders)
         self.size, self.mean, self.std, self.normalisation = size, tuple(mean), tuple(std), normalisation
+        self.modalities = tuple(modalities)  # the model's: items carry ids into it
         self._index = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
 
     def __len__(self) -> int:
@@ -53,7 +55,7 @@ class ValidationSet(Dataset):
         return {
             "image": image,
             "mask": mask,
-            "modality": torch.tensor(MODALITIES.index(sample.modality), dtype=torch.int64),
+            "modality": torch.tensor(self.modalities.index(sample.modality), dtype=torch.int64),
             "dataset": torch.tensor(which, dtype=torch.int64),
             "valid": torch.tensor(valid, dtype=torch.int64),
         }

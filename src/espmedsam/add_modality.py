@@ -1,0 +1,204 @@
+"""``espmedsam add-modality``: teach a trained model one more modality, the others left bitwise as they were.
+
+1. ``append_modality``: the model with the new modality's own parameters (controller, query, hypernetwork),
+   copied from the closest existing modality or fresh (an identity controller);
+2. ``espmedsam train``'s loop with ``train_modalities: [NAME]``: only those parameters learn, on the new
+   modality's data, with the recipe's augmentation, validation, checkpoints and resume;
+3. the classifier (when the model has one) gains the new class: one more row of its last layer, fitted on
+   pooled embeddings of the new images against those of the existing modalities; the other rows, so their
+   logits, are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from espmedsam.checkpoints.native import load_model, save_model
+from espmedsam.config import TrainConfig, load_train_config
+from espmedsam.data.dataset import DatasetSource, SegmentationFolder, parse_dataset_arg
+from espmedsam.errors import ConfigError
+from espmedsam.modality_edits import append_modality, modality_parameter_names, trainable_count
+from espmedsam.models.classifier import ModalityClassifier
+from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.train.classifier import ClassifierTraining, FeatureSet, extract_features, variants_per_image
+from espmedsam.train.loop import TrainProgress, TrainResult, train
+
+RECIPE = "add_modality"
+START_FILE = "start.safetensors"
+
+
+@dataclass(frozen=True)
+class AddedModality:
+    """What ``add_modality`` did."""
+
+    checkpoint: Path
+    trainable_parameters: int
+    result: TrainResult
+    classifier_recall: float | None  # of the new class, on the new images' features it was fitted on
+
+
+def add_modality(
+    name: str,
+    data: Sequence[str],
+    out: Path,
+    *,
+    init: Path,
+    like: str | None = None,
+    input_size: int | None = None,
+    classifier_data: Sequence[str] = (),
+    drop_classifier: bool = False,
+    fp16: bool = False,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    run_dir: Path | None = None,
+    resume: bool = False,
+    progress: Callable[[TrainProgress], None] | None = None,
+    feature_progress: Callable[[int, int], None] | None = None,
+) -> AddedModality:
+    """Append modality ``name`` to the model at ``init``, train its own parameters on ``data`` (folders
+    ``DIR[:NAME]``; the modality defaults to ``name``) and write the model to ``out``.
+
+    Args:
+        like: the existing modality whose parameters the new one starts from (None: fresh).
+        input_size: the new modality's model input side (default: ``like``'s, else the model's).
+        classifier_data: ``DIR:MODALITY`` folders of the existing modalities, the counter-examples the
+            classifier's new class is fitted against (needed when the model has a classifier).
+        drop_classifier: write the model without its classifier instead (``--modality auto`` then needs
+            ``espmedsam classifier train``).
+        fp16: store floating tensors as float16 (exact for weights that were float16 already).
+        config, overrides: the training recipe (default ``add_modality``) and ``key=value`` changes.
+        run_dir: where the run's files go (default ``runs/add_<name>``).
+    Raises:
+        InputError: an existing or invalid name, an unknown ``like``.
+        ConfigError: a layout whose modalities share parameters, data of another modality, or a classifier
+            without ``classifier_data``.
+    """
+    sources = [_source(item, name) for item in data]
+    negatives = [parse_dataset_arg(item) for item in classifier_data]
+    base = load_model(init)
+    if drop_classifier:
+        base.classifier = None
+        without = dataclasses.replace(base.config.classifier, enabled=False)
+        base.config = dataclasses.replace(base.config, classifier=without)
+    _check_classifier_data(base, negatives)
+    model = append_modality(base, name, like=like, input_size=input_size)
+    run_dir = Path(run_dir or Path("runs") / f"add_{name}")
+    start = run_dir / START_FILE
+    if not (resume and start.is_file()):
+        save_model(model, start)
+    settings = _train_config(name, sources, start, run_dir, model, config, overrides)
+    result = train(settings, resume=resume, progress=progress)
+    trained = load_model(result.best_path or result.last_path)
+    recall = None
+    if trained.classifier is not None:
+        recall = extend_classifier(trained, name, sources, negatives, progress=feature_progress)
+    owned = modality_parameter_names(trained, [name])
+    count = trainable_count(trained, owned)
+    path = save_model(trained, out, dtype=torch.float16 if fp16 else None)
+    return AddedModality(path, count, result, recall)
+
+
+def _source(item: str, name: str) -> DatasetSource:
+    """``DIR`` or ``DIR:NAME``: the folder of the new modality's images."""
+    if not item.endswith(f":{name}"):
+        item = f"{item}:{name}"
+    return parse_dataset_arg(item)
+
+
+def _train_config(
+    name: str,
+    sources: Sequence[DatasetSource],
+    start: Path,
+    run_dir: Path,
+    model: ESPMedSAM,
+    config: str | None,
+    overrides: Sequence[str],
+) -> TrainConfig:
+    settings = load_train_config(config or RECIPE, overrides)
+    settings = dataclasses.replace(
+        settings,
+        name=f"add_{name}",
+        arch="espmedsam",
+        init=str(start),
+        data=tuple(f"{s.root}:{name}" for s in sources),
+        train_modalities=(name,),
+        image_size=model.config.image_size,
+        input_sizes=(),
+        out_dir=str(run_dir),
+    )
+    return settings
+
+
+def _check_classifier_data(model: ESPMedSAM, negatives: Sequence[DatasetSource]) -> None:
+    if model.classifier is None:
+        return
+    missing = sorted(set(model.modalities) - {s.modality for s in negatives})
+    if missing:
+        raise ConfigError(
+            "the model's modality classifier learns the new class against images of the modalities it "
+            f"knows: pass --classifier-data DIR:MODALITY for {', '.join(missing)} (their train splits are "
+            "read), or leave the classifier out (--drop-classifier)"
+        )
+
+
+def extend_classifier(
+    model: ESPMedSAM,
+    name: str,
+    sources: Sequence[DatasetSource],
+    negatives: Sequence[DatasetSource],
+    settings: ClassifierTraining | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """Fit the classifier's row of the new modality ``name`` (its last modality) in place: pooled
+    embeddings of the new images (augmented variants) against those of the existing modalities, with
+    every other weight fixed. Returns the new class's recall on those features."""
+    settings = settings or ClassifierTraining()
+    folders = [SegmentationFolder(s, "train", cache=True) for s in (*sources, *negatives)]
+    counts = {m: sum(len(f) for f in folders if f.modality == m) for m in model.modalities}
+    if not counts[name]:
+        raise ConfigError(f"no training images of {name!r} for the classifier")
+    variants = variants_per_image(counts, settings.samples_per_modality // 2, settings.max_variants)
+    features = extract_features(model, folders, variants, seed=settings.seed, progress=progress)
+    classifier = model.classifier
+    assert classifier is not None
+    row = fit_new_row(classifier, features, len(model.modalities) - 1, settings)
+    with torch.no_grad():
+        classifier.fc2.weight[-1], classifier.fc2.bias[-1] = row
+        own = features.labels == len(model.modalities) - 1
+        predicted = classifier.eval().head(features.features[own]).argmax(1)
+    return float((predicted == len(model.modalities) - 1).float().mean())
+
+
+def fit_new_row(
+    classifier: ModalityClassifier, data: FeatureSet, new: int, settings: ClassifierTraining
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (weight, bias) of class ``new`` that minimise the cross-entropy over all classes, the other
+    classes' rows fixed: a logistic problem on the frozen hidden layer's outputs."""
+    classifier.eval()
+    with torch.no_grad():
+        hidden = classifier.act(classifier.fc1(classifier.norm(data.features)))
+        fixed = F.linear(hidden, classifier.fc2.weight[:new], classifier.fc2.bias[:new])
+    generator = torch.Generator().manual_seed(settings.seed)
+    weight = torch.zeros(hidden.shape[1], requires_grad=True)
+    bias = torch.zeros((), requires_grad=True)
+    optimiser = torch.optim.AdamW([weight, bias], lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * math.ceil(len(data.labels) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(data.labels), generator=generator)
+        for start in range(0, len(order), settings.batch_size):
+            picked = order[start : start + settings.batch_size]
+            logits = torch.cat([fixed[picked], (hidden[picked] @ weight + bias)[:, None]], dim=1)
+            loss = F.cross_entropy(logits, data.labels[picked], label_smoothing=settings.label_smoothing)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+    return weight.detach(), bias.detach()

@@ -313,10 +313,9 @@ def add_modality_cmd(
             progress=show, feature_progress=show.features,
         )  # fmt: skip
     console.print(_training_summary(added.result))
-    if added.classifier_accuracy is not None:
-        console.print(
-            f"classifier extended to {name}: {100 * added.classifier_accuracy:.2f} % on its features"
-        )
+    if added.classifier_recall is not None:
+        recall = 100 * added.classifier_recall
+        console.print(f"classifier extended to {name}: it tells {recall:.1f} % of the {name} training images")
     minutes = (time.monotonic() - start) / 60
     console.print(
         f"wrote {added.checkpoint}: {name} added with {added.trainable_parameters:,} trained parameters "

@@ -190,3 +190,25 @@ def test_modality_commands_remove_rename_and_info(tmp_path):
         app, ["modality", "remove", str(path), "dental", "--out", str(tmp_path / "c.safetensors")]
     )
     assert isinstance(result.exception, InputError) and "unknown modality 'dental'" in str(result.exception)
+
+
+def test_an_interrupted_addition_resumes_to_the_same_weights(tmp_path, dental):
+    init = save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
+    settings = [*FAST, "checkpoint_every=1", "frozen_encoder=false"]
+
+    def run(name: str, **kwargs):
+        return add_modality(
+            "dental", [dental], tmp_path / f"{name}.safetensors", init=init, overrides=settings,
+            run_dir=tmp_path / name, **kwargs,
+        )  # fmt: skip
+
+    whole = load_model(run("whole").checkpoint).state_dict()
+
+    def stop_at_two(progress) -> None:
+        if progress.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", progress=stop_at_two)
+    resumed = load_model(run("cut", resume=True).checkpoint).state_dict()
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from espmedsam.checkpoints.native import load_model, save_model
 from espmedsam.config import TrainConfig, load_train_config
 from espmedsam.data.dataset import DatasetSource, SegmentationFolder, parse_dataset_arg
-from espmedsam.errors import ConfigError
+from espmedsam.errors import ConfigError, InputError
 from espmedsam.modality_edits import append_modality, modality_parameter_names, trainable_count
 from espmedsam.models.classifier import ModalityClassifier
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -106,10 +106,17 @@ def add_modality(
 
 
 def _source(item: str, name: str) -> DatasetSource:
-    """``DIR`` or ``DIR:NAME``: the folder of the new modality's images."""
-    if not item.endswith(f":{name}"):
-        item = f"{item}:{name}"
-    return parse_dataset_arg(item)
+    """``DIR`` or ``DIR:NAME``: the folder of the new modality's images.
+
+    Raises:
+        InputError: ``DIR:OTHER``, a folder of another modality.
+    """
+    folder, _, given = item.rpartition(":")
+    if folder and given and "/" not in given and "\\" not in given:
+        if given != name:
+            raise InputError(f"--data {item}: the new modality's data must be {folder}:{name} or {folder}")
+        item = folder
+    return parse_dataset_arg(f"{item}:{name}")
 
 
 def _train_config(

@@ -137,6 +137,8 @@ def test_add_modality_on_a_frozen_encoder_and_the_classifier_extension(tmp_path,
         start = remove_modality(start, name)
     assert start.modalities == ("dermoscopy", "fundus")
     init = save_model(start, tmp_path / "two.safetensors")
+    with pytest.raises(InputError, match="the new modality's data must be"):
+        add_modality("dental", [f"{dental}x"], tmp_path / "x.safetensors", init=init, run_dir=tmp_path / "r0")
     with pytest.raises(ConfigError, match="--classifier-data DIR:MODALITY for dermoscopy, fundus"):
         add_modality("dental", [dental], tmp_path / "x.safetensors", init=init, run_dir=tmp_path / "r0")
     added = add_modality(

@@ -111,12 +111,11 @@ def _source(item: str, name: str) -> DatasetSource:
     Raises:
         InputError: ``DIR:OTHER``, a folder of another modality.
     """
-    folder, _, given = item.rpartition(":")
-    if folder and given and "/" not in given and "\\" not in given:
-        if given != name:
-            raise InputError(f"--data {item}: the new modality's data must be {folder}:{name} or {folder}")
-        item = folder
-    return parse_dataset_arg(f"{item}:{name}")
+    source = parse_dataset_arg(item, default_modality=name)
+    if source.modality != name:
+        folder = source.root
+        raise InputError(f"--data {item}: the new modality's data must be {folder}:{name} or {folder}")
+    return source
 
 
 def _train_config(
@@ -128,9 +127,8 @@ def _train_config(
     config: str | None,
     overrides: Sequence[str],
 ) -> TrainConfig:
-    settings = load_train_config(config or RECIPE, overrides)
-    settings = dataclasses.replace(
-        settings,
+    return dataclasses.replace(
+        load_train_config(config or RECIPE, overrides),
         name=f"add_{name}",
         arch="espmedsam",
         init=str(start),
@@ -140,7 +138,6 @@ def _train_config(
         input_sizes=(),
         out_dir=str(run_dir),
     )
-    return settings
 
 
 def _check_classifier_data(model: ESPMedSAM, negatives: Sequence[DatasetSource]) -> None:

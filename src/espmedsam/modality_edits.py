@@ -80,11 +80,9 @@ def append_modality(
     if name in names:
         raise InputError(f"the model has a modality {name!r} already ({', '.join(names)})")
     source = None if like is None else _index(model, like)
-    sizes = None
-    if model.config.inference_sizes or input_size:
-        current = list(model.config.inference_sizes or [model.config.image_size] * len(names))
-        fallback = current[source] if source is not None else model.config.image_size
-        sizes = [*current, input_size or fallback]
+    sizes = None  # remap_modalities' default: each source's size, the model's for a fresh one
+    if input_size:
+        sizes = [*(model.config.inference_sizes or [model.config.image_size] * len(names)), input_size]
     return remap_modalities(model, [*names, name], [*range(len(names)), source], input_sizes=sizes, seed=seed)
 
 
@@ -98,9 +96,7 @@ def remove_modality(model: ESPMedSAM, name: str) -> ESPMedSAM:
     if len(model.modalities) == 1:
         raise InputError(f"{name!r} is the model's only modality; a model needs one")
     keep = [i for i in range(len(model.modalities)) if i != drop]
-    names = [model.modalities[i] for i in keep]
-    sizes = [model.config.inference_sizes[i] for i in keep] if model.config.inference_sizes else None
-    return remap_modalities(model, names, keep, input_sizes=sizes)
+    return remap_modalities(model, [model.modalities[i] for i in keep], keep)
 
 
 def rename_modality(model: ESPMedSAM, old: str, new: str) -> ESPMedSAM:

@@ -203,9 +203,7 @@ def predict_files(
 
 
 def _check_options(predictor: Predictor, options: PredictOptions) -> None:
-    if options.modality != "auto" and options.modality not in predictor.modalities:
-        names = ", ".join(predictor.modalities)
-        raise InputError(f"unknown modality {options.modality!r}; expected auto or one of {names}")
+    check_modality_option(predictor, options.modality)
     if options.dicom_format not in ("nifti", "seg"):
         raise InputError(f"DICOM output must be nifti or seg, got {options.dicom_format!r}")
     if options.axis not in (0, 1, 2):
@@ -283,6 +281,13 @@ def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Ite
 def _choose_modality(predictor: Predictor, job: _Job, options: PredictOptions) -> None:
     choice = choose_modality(predictor, job.stack, options.modality)
     job.modality, job.probability, job.chosen_by = choice.modality, choice.probability, choice.chosen_by
+
+
+def check_modality_option(predictor: Predictor, requested: str) -> None:
+    """Raises InputError unless ``requested`` is "auto" or one of the model's modalities."""
+    if requested != "auto" and requested not in predictor.modalities:
+        names = ", ".join(predictor.modalities)
+        raise InputError(f"unknown modality {requested!r}; expected auto or one of {names}")
 
 
 @dataclass(frozen=True)

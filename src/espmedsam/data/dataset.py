@@ -59,11 +59,11 @@ class Sample:
     stem: str
 
 
-def parse_dataset_arg(text: str) -> DatasetSource:
+def parse_dataset_arg(text: str, default_modality: str | None = None) -> DatasetSource:
     """Parse ``DIR[:MODALITY]`` into a :class:`DatasetSource`.
 
-    Without ``:MODALITY`` the modality comes from :data:`KNOWN_DATASETS` (by folder name), else from a
-    ``dataset.json`` ``{"modality": ...}`` in the folder.
+    Without ``:MODALITY`` the modality is ``default_modality`` when given, else from
+    :data:`KNOWN_DATASETS` (by folder name), else from a ``dataset.json`` ``{"modality": ...}`` in the folder.
 
     Raises:
         InputError: an unknown modality name.
@@ -75,6 +75,7 @@ def parse_dataset_arg(text: str) -> DatasetSource:
     root = Path(path_text)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
+    modality = modality or default_modality or ""
     if modality:
         try:
             name = _modality_name(modality)
@@ -88,7 +89,7 @@ def _modality_name(text: str) -> str:
     """One of the six by name or id, or the name of a modality added to a model (``add-modality``)."""
     text = text.strip()
     try:
-        return MODALITIES[int(modality_ids(int(text) if text.isdigit() else text)[0])]
+        return MODALITIES[int(modality_ids(text)[0])]
     except InputError:
         return check_modality_name(text)
 

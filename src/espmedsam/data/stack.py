@@ -59,7 +59,7 @@ class ImageStack:
         series folder's name."""
         if self.source.is_dir():
             return self.source.name
-        return _strip_suffix(self.source.name, self.kind)
+        return output_stem(self.source.name, self.kind)
 
 
 def read_stack(path: str | Path, *, axis: int = 2) -> ImageStack:
@@ -156,7 +156,8 @@ def _is_nifti(path: Path) -> bool:
     return head[344:348] == b"n+1\0" or head[4:8] == b"n+2\0"
 
 
-def _strip_suffix(name: str, kind: str) -> str:
+def output_stem(name: str, kind: str) -> str:
+    """A file name without its format's suffix (``.nii.gz``, ``.dcm``, ``.png``...): outputs' stem."""
     suffixes = {"nifti": (".nii.gz", ".nii"), "dicom": DICOM_SUFFIXES}.get(kind)
     if suffixes is None:
         return Path(name).stem

@@ -67,9 +67,10 @@ def create_app(
             removed when the app shuts down.
     """
     limits = limits or UploadLimits()
+    body_cap = limits.max_bytes + 2**16  # the upload and the form's own bytes around it
     # Uploads stay in memory (they are capped) instead of spilling into the system temporary folder:
     # the only file a request writes is its own, in the workspace.
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, limits.max_bytes + 2**20)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, body_cap)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,7 +90,7 @@ def create_app(
         lifespan=lifespan,
     )
     detail = f"upload over this server's limit of {limits.max_bytes / 2**20:g} MB"
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_bytes + 2**16, detail=detail)  # + the form's own
+    app.add_middleware(BodySizeLimit, max_bytes=body_cap, detail=detail)
     app.state.started = time.time()
     app.state.info = info_of(predictor, checkpoint_name, limits)
     _add_routes(app)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from espmedsam.data.stack import ImageStack, read_stack, write_masks
+from espmedsam.data.stack import ImageStack, output_stem, read_stack, write_masks
 from espmedsam.errors import EspMedSAMError, InputError
 from espmedsam.predict import MaskWithPatchMap, Predictor
-from espmedsam.predict_files import ModalityChoice, choose_modality
+from espmedsam.predict_files import ModalityChoice, check_modality_option, choose_modality
 from espmedsam.serve.uploads import (
     SniffedFormat,
     UploadLimits,
@@ -41,12 +41,9 @@ class Segmentation:
     stack: ImageStack
     choice: ModalityChoice
     results: list[MaskWithPatchMap]
+    masks: np.ndarray  # (N, H, W) bool, the results' masks
     mask_file: tuple[str, bytes]  # (suggested file name, contents)
     seconds: dict[str, float]  # read, classify, segment, total
-
-    @property
-    def masks(self) -> np.ndarray:
-        return np.stack([result.mask for result in self.results])
 
 
 class Segmenter:
@@ -81,7 +78,8 @@ class Segmenter:
                         classified = time.perf_counter()
                         results = self.predictor.predict_with_patch_maps(list(stack.frames), choice.modality)
                     segmented = time.perf_counter()
-                    mask_file = _mask_file(stack, results, path.parent, name)
+                    masks = np.stack([result.mask for result in results])
+                    mask_file = _mask_file(stack, masks, path.parent, name)
                 except EspMedSAMError as error:
                     raise type(error)(_renamed(str(error), path, name)) from None
         except EspMedSAMError as error:
@@ -93,14 +91,13 @@ class Segmenter:
             "segment": segmented - classified,
             "total": time.perf_counter() - start,
         }
-        return Segmentation(name, fmt.name, stack, choice, results, mask_file, seconds)
+        return Segmentation(name, fmt.name, stack, choice, results, masks, mask_file, seconds)
 
     def _check_modality(self, modality: str) -> None:
-        names = self.predictor.modalities
-        if modality != "auto" and modality not in names:
-            raise InputError(f"unknown modality {modality!r}; expected auto or one of {', '.join(names)}")
+        check_modality_option(self.predictor, modality)
         if modality == "auto" and not self.predictor.has_classifier:
-            raise InputError(f"this model has no modality classifier: choose one of {', '.join(names)}")
+            names = ", ".join(self.predictor.modalities)
+            raise InputError(f"this model has no modality classifier: choose one of {names}")
 
     def _read(self, path: Path, fmt: SniffedFormat) -> ImageStack:
         check_dimensions(path, fmt, self.limits)
@@ -110,19 +107,12 @@ class Segmenter:
         return stack
 
 
-def _mask_file(
-    stack: ImageStack, results: list[MaskWithPatchMap], folder: Path, name: str
-) -> tuple[str, bytes]:
-    """The mask file ``espmedsam predict`` writes, read back; named after the upload for the browser."""
-    masks = np.stack([result.mask for result in results])
+def _mask_file(stack: ImageStack, masks: np.ndarray, folder: Path, name: str) -> tuple[str, bytes]:
+    """The mask file ``espmedsam predict`` writes, read back; named after the upload for the browser, as
+    ``predict`` names it after the input file."""
     (written,) = write_masks(stack, masks, folder / "out")
     suffix = written.name[len(stack.name) :]  # "_mask.png", "_mask.nii.gz"
-    stem = name
-    for known in (".nii.gz", ".nii", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-        if stem.lower().endswith(known):
-            stem = stem[: -len(known)]
-            break
-    return f"{stem or 'upload'}{suffix}", written.read_bytes()
+    return f"{output_stem(name, stack.kind) or 'upload'}{suffix}", written.read_bytes()
 
 
 def _renamed(message: str, path: Path, name: str) -> str:

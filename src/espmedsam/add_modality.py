@@ -87,8 +87,8 @@ def add_modality(
         base.classifier = None
         without = dataclasses.replace(base.config.classifier, enabled=False)
         base.config = dataclasses.replace(base.config, classifier=without)
+    model = append_modality(base, name, like=like, input_size=input_size)  # a bad name is said first
     _check_classifier_data(base, negatives)
-    model = append_modality(base, name, like=like, input_size=input_size)
     run_dir = Path(run_dir or Path("runs") / f"add_{name}")
     start = run_dir / START_FILE
     if not (resume and start.is_file()):

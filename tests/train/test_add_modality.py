@@ -139,6 +139,9 @@ def test_add_modality_on_a_frozen_encoder_and_the_classifier_extension(tmp_path,
     init = save_model(start, tmp_path / "two.safetensors")
     with pytest.raises(InputError, match="the new modality's data must be"):
         add_modality("dental", [f"{dental}x"], tmp_path / "x.safetensors", init=init, run_dir=tmp_path / "r0")
+    with pytest.raises(InputError, match="has a modality 'fundus' already"):
+        bare = dental.rpartition(":")[0]
+        add_modality("fundus", [bare], tmp_path / "x.safetensors", init=init, run_dir=tmp_path / "r0")
     with pytest.raises(ConfigError, match="--classifier-data DIR:MODALITY for dermoscopy, fundus"):
         add_modality("dental", [dental], tmp_path / "x.safetensors", init=init, run_dir=tmp_path / "r0")
     added = add_modality(

@@ -20,7 +20,14 @@ from espmedsam.checkpoints.native import save_model
 from espmedsam.cli import app
 from espmedsam.data.dataset import parse_dataset_arg
 from espmedsam.errors import InputError
-from espmedsam.evaluate import evaluate
+from espmedsam.evaluate import (
+    ImageResult,
+    WorstCases,
+    dice_distribution,
+    evaluate,
+    summarise_rows,
+    summary_markdown,
+)
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.predict import Predictor
 
@@ -117,7 +124,8 @@ def test_summary_json_structure(tmp_path, fake_dataset):
     )
     assert set(summary["datasets"]) == {"fakeds", "otherds"}
     for entry in summary["datasets"].values():
-        assert set(entry) == {"modality", "n", "dice", "iou", "hd95", "nsd"}
+        assert set(entry) == {"modality", "n", "dice", "iou", "hd95", "nsd", "dice_distribution"}
+        assert set(entry["dice_distribution"]) == {"median", "p10", "threshold", "n_below"}
         assert all(set(entry[metric]) == METRIC_KEYS for metric in ("dice", "iou", "hd95", "nsd"))
     assert summary["datasets"]["otherds"]["modality"] == "xray"
     assert summary["datasets"]["fakeds"]["n"] == 3
@@ -254,3 +262,78 @@ def test_reading_in_worker_processes_gives_the_same_report(tmp_path, fake_datase
     ahead = evaluate(Predictor(model, device="cpu"), [source], out_dir=tmp_path / "ahead", workers=2)
     assert [row.stem for row in ahead.rows] == ["a", "b", "c"]
     assert ahead.rows == inline.rows
+
+
+def test_dice_distribution_of_known_values():
+    # sorted 0, 0.4, 0.8, 1: median (0.4 + 0.8) / 2; P10 at rank 0.3: 0 + 0.3 * 0.4; two below 0.5
+    block = dice_distribution([1.0, 0.0, 0.8, 0.4, math.nan])
+    assert block["median"] == pytest.approx(0.6) and block["p10"] == pytest.approx(0.12)
+    assert (block["threshold"], block["n_below"]) == (0.5, 2)
+    empty = dice_distribution([math.nan])
+    assert math.isnan(empty["median"]) and math.isnan(empty["p10"]) and empty["n_below"] == 0
+
+
+def test_summary_has_the_dice_distribution_per_dataset(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    evaluate(SquarePredictor(), [source], out_dir=tmp_path / "report", overlays=0)
+    # Dice 1, 0.8, 0: median 0.8, P10 at rank 0.2: 0 + 0.2 * 0.8, one below 0.5
+    entry = json.loads((tmp_path / "report" / "summary.json").read_text())["datasets"]["fakeds"]
+    assert entry["dice_distribution"] == pytest.approx(
+        {"median": 0.8, "p10": 0.16, "threshold": 0.5, "n_below": 1}
+    )
+    assert entry["dice"]["mean"] == pytest.approx(1.8 / 3)  # the existing keys are unchanged
+    text = (tmp_path / "report" / "summary.md").read_text()
+    assert "| dataset | n | median Dice | P10 Dice | < 0.5 |" in text
+    assert "| fakeds | 3 | 0.800 | 0.160 | 1 |" in text
+
+
+def test_summary_markdown_reads_a_summary_without_the_distribution():
+    rows = [ImageResult("d", "fundus", "a", 1.0, 1.0, 0.0, 1.0, 4, 4)]
+    summary = summarise_rows(rows)
+    del summary["datasets"]["d"]["dice_distribution"]
+    assert "median Dice" not in summary_markdown(summary)
+
+
+def test_worst_cases_keep_the_lowest_dice_first_offered_on_ties():
+    worst = WorstCases(2)
+    blank = np.zeros((4, 4), bool)
+    for dice, stem in [(0.9, "a"), (0.2, "b"), (0.5, "c"), (0.2, "d"), (0.1, "e"), (math.nan, "f")]:
+        worst.offer(dice, stem, np.zeros((4, 4, 3), np.uint8), blank, blank)
+    assert [(case.stem, case.dice) for case in worst.cases()] == [("e", 0.1), ("b", 0.2)]
+    none = WorstCases(0)
+    none.offer(0.0, "a", np.zeros((4, 4, 3), np.uint8), blank, blank)
+    assert len(none) == 0
+
+
+def test_worst_montage_holds_the_k_lowest_dice_images(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    report = evaluate(SquarePredictor(), [source], out_dir=tmp_path / "report", overlays=0, worst=2)
+    assert report.montages == (tmp_path / "report" / "worst_fakeds.png",)
+    picture = np.asarray(Image.open(report.montages[0]))
+    # two tiles (c: Dice 0, b: Dice 0.8) side by side: 256 px tiles, 16 px captions, a 2 px gap
+    assert picture.shape == (256 + 16, 2 * 256 + 2, 3)
+    left, right = picture[:256, :256], picture[:256, 258:]
+    assert (left == (32, 224, 64)).all(axis=-1).sum() == 0  # c has no ground truth to outline
+    assert (right == (32, 224, 64)).all(axis=-1).any()  # b's ground truth is outlined in green
+    assert (picture[256:, :256] > 127).any() and (picture[256:, 258:] > 127).any()  # captions
+
+
+def test_negative_worst_is_refused(tmp_path, fake_dataset):
+    source = parse_dataset_arg(f"{fake_dataset}:fundus")
+    with pytest.raises(InputError, match="worst"):
+        evaluate(SquarePredictor(), [source], out_dir=tmp_path, worst=-1)
+
+
+def test_cli_evaluate_worst_writes_a_montage(tmp_path, fake_dataset, tiny_checkpoint):
+    out = tmp_path / "report"
+    args = ["evaluate", "--data", f"{fake_dataset}:fundus", "-c", str(tiny_checkpoint), "--size", "64"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--overlays", "0", "--worst", "2"])
+    assert result.exit_code == 0, result.output
+    assert "worst_fakeds.png" in result.output
+    assert {p.name for p in out.iterdir()} == {
+        "per_image.csv",
+        "summary.json",
+        "summary.md",
+        "worst_fakeds.png",
+    }
+    assert np.asarray(Image.open(out / "worst_fakeds.png")).shape == (256 + 16, 2 * 256 + 2, 3)

@@ -109,3 +109,32 @@ def test_summarise_of_nothing_defined():
     assert math.isnan(summary.mean) and math.isnan(summary.std)
     assert (summary.n, summary.n_skipped) == (0, 1)
     assert summarise([]).n == 0
+
+
+def test_cldice_of_lines():
+    from espmedsam.metrics import cldice
+
+    truth = np.zeros((32, 32), bool)
+    truth[10, 2:30] = True  # one 1-px vessel
+    assert cldice(truth, truth) == pytest.approx(1.0)
+    half = truth.copy()
+    half[10, 16:] = False  # half of it found
+    assert 0.5 < cldice(half, truth) < 1.0
+    thick = np.zeros_like(truth)
+    thick[8:13, 2:30] = True  # a wide blob over the vessel: its skeleton is still inside the truth? no
+    assert cldice(thick, truth) < 1.0
+    assert cldice(np.zeros_like(truth), np.zeros_like(truth)) == 1.0
+    assert cldice(np.zeros_like(truth), truth) == 0.0
+
+
+def test_thin_recall_counts_thin_parts_only():
+    from espmedsam.metrics import thin_recall
+
+    truth = np.zeros((40, 40), bool)
+    truth[5, 2:38] = True  # thin
+    truth[20:30, 2:38] = True  # wide: not counted
+    found = np.zeros_like(truth)
+    found[20:30, 2:38] = True
+    assert thin_recall(found, truth) == 0.0
+    assert thin_recall(truth, truth) == 1.0
+    assert np.isnan(thin_recall(found, found))

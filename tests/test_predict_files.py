@@ -131,3 +131,84 @@ def test_the_bundled_classifier_recognises_the_bundled_examples():
         guess = predictor.classify(read_image(path))
         assert guess.modality == path.name.split("_")[0], (path.name, guess)
         assert guess.probability > 0.6
+
+
+def _page_stack(path: Path, count: int = 3) -> Path:
+    pages = [Image.fromarray(np.full((20, 24), 60 * i, np.uint8)) for i in range(count)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    return path
+
+
+def test_a_multi_page_tiff_gives_a_multi_page_mask_a_montage_and_one_row(tmp_path):
+    path = _page_stack(tmp_path / "pages.tif")
+    out = tmp_path / "out"
+    [result] = predict_files(_predictor(), [path], out, PredictOptions(modality="xray"))
+    assert result.ok and result.frames == 3 and result.page is None
+    with Image.open(out / "pages_mask.tif") as mask:
+        assert mask.n_frames == 3 and mask.size == (24, 20)
+    assert (out / "pages_montage.png").is_file() and not (out / "pages_overlay.png").exists()
+    [row] = _rows(out)
+    assert (row["file"], row["frames"], row["page"], row["series"]) == (str(path), "3", "", "")
+
+
+def test_page_segments_one_page_as_a_2d_image(tmp_path):
+    path = _page_stack(tmp_path / "pages.gif")
+    out = tmp_path / "out"
+    [result] = predict_files(_predictor(), [path], out, PredictOptions(modality="xray", page=2))
+    assert result.ok and result.frames == 1 and result.page == 2
+    assert np.asarray(Image.open(out / "pages_page2_mask.png")).shape == (20, 24)
+    assert (out / "pages_page2_overlay.png").is_file()
+    assert _rows(out)[0]["page"] == "2"
+    [beyond] = predict_files(_predictor(), [path], out, PredictOptions(modality="xray", page=3))
+    assert not beyond.ok and "no page 3" in beyond.error
+    with pytest.raises(InputError, match="--page must be 0 or more"):
+        list(predict_files(_predictor(), [path], out, PredictOptions(modality="xray", page=-1)))
+
+
+def _dicom_slices(folder: Path, count: int, number: int, name: str) -> str:
+    """``count`` CT slices of one new series (SeriesNumber ``number``); its SeriesInstanceUID."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series = generate_uid()
+    for k in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = "CT", series, number, k + 1
+        ds.Rows, ds.Columns, ds.PhotometricInterpretation, ds.SamplesPerPixel = 12, 16, "MONOCHROME2", 1
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = (np.arange(12 * 16, dtype=np.uint16) * (k + 1)).tobytes()
+        ds.save_as(folder / f"{name}{k}.dcm", enforce_file_format=True)
+    return series
+
+
+def test_a_dicom_folder_of_two_series_gives_one_input_per_series(tmp_path):
+    pytest.importorskip("pydicom")
+    folder = tmp_path / "study"
+    first, second = _dicom_slices(folder, 3, 2, "a"), _dicom_slices(folder, 2, 5, "b")
+    inputs = expand_inputs([folder])
+    assert [str(item) for item in inputs] == [f"{folder} (series2)", f"{folder} (series5)"]
+    out = tmp_path / "out"
+    results = list(predict_files(_predictor(), inputs, out, PredictOptions(modality="xray")))
+    assert [(r.ok, r.frames, r.series) for r in results] == [(True, 3, first), (True, 2, second)]
+    assert nib.load(out / "study_series2_mask.nii.gz").shape == (16, 12, 3)
+    assert nib.load(out / "study_series5_mask.nii.gz").shape == (16, 12, 2)
+    rows = _rows(out)
+    assert [(r["file"], r["series"], r["frames"]) for r in rows] == [
+        (str(folder), first, "3"),
+        (str(folder), second, "2"),
+    ]
+
+
+def test_a_dicom_folder_of_one_series_is_one_volume_as_before(tmp_path):
+    pytest.importorskip("pydicom")
+    folder = tmp_path / "ct"
+    series = _dicom_slices(folder, 3, 1, "s")
+    assert expand_inputs([folder]) == [folder]
+    [result] = predict_files(_predictor(), [folder], tmp_path / "out", PredictOptions(modality="xray"))
+    assert result.ok and result.frames == 3 and result.series == series and result.source == folder
+    assert nib.load(tmp_path / "out" / "ct_mask.nii.gz").shape == (16, 12, 3)

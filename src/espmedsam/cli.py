@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from espmedsam.errors import ConfigError, EspMedSAMError
+from espmedsam.errors import ConfigError, EspMedSAMError, InputError
 from espmedsam.modalities import MODALITIES
 
 console = Console(stderr=True)
@@ -189,10 +189,57 @@ def info(
     out.print(f"total = {100 * sam_ratio(net):.1f} % of SAM ViT-B ({SAM_VIT_B_PARAMETERS:,} parameters)")
 
 
+@app.command()
+def history(
+    checkpoint: CheckpointOpt = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also write the validation curve over every run (PNG).")
+    ] = None,
+) -> None:
+    """List the training runs behind a checkpoint's weights (its lineage) and what each gained."""
+    from espmedsam.checkpoints.lineage import lineage_rows, plot_lineage, read_lineage
+    from espmedsam.checkpoints.native import default_checkpoint
+
+    path = checkpoint or default_checkpoint()
+    if path is None or not Path(path).is_file():
+        raise InputError(f"no checkpoint at {path}" if path else "no checkpoint given and none bundled")
+    lineage = read_lineage(path)
+    if not lineage:
+        console.print(f"{path}: no training history stored")
+        return
+    table = Table(title=f"Training runs behind {Path(path).name}")
+    for column in ("run", "started from", "minutes", "cumulative", "steps", "best val Dice", "gain"):
+        table.add_column(column, justify="left" if column in ("run", "started from") else "right")
+    for row in lineage_rows(lineage):
+        gain = "-" if row["gain"] is None else f"{row['gain']:+.4f}"
+        best = "-" if row.get("best_val_dice") is None else f"{row['best_val_dice']:.4f}"
+        table.add_row(
+            row["run"],
+            str(row.get("init") or "scratch"),
+            f"{row['minutes']:.1f}",
+            f"{row['cumulative_minutes']:.1f}",
+            str(row.get("steps", "-")),
+            best,
+            gain,
+        )
+    console.print(table)
+    if plot is not None:
+        written = plot_lineage(lineage, plot)
+        console.print(f"wrote {written}" if written else "matplotlib not installed: no plot")
+
+
 def _controller_count(cfg) -> str:
     if not cfg.controller.enabled:
         return "none (shared encoder alone)"
-    return "1 shared" if cfg.controller.shared else str(len(cfg.modalities))
+    count = "1 shared" if cfg.controller.shared else str(len(cfg.modalities))
+    stages = len(cfg.encoder.embed_dims)
+    first = max(1, cfg.controller.first_stage)
+    where = (
+        "every attention block" if first == 1 else f"the blocks of stage{'s' if first < stages - 1 else ''} "
+    )
+    if first > 1:
+        where += ", ".join(str(i) for i in range(first, stages))
+    return f"{count}, in {where}"
 
 
 @app.command()
@@ -346,8 +393,18 @@ def evaluate(
     workers: Annotated[
         int | None, typer.Option(help="Image-reading processes (default: 4 on a GPU, 0 on the CPU).")
     ] = None,
+    worst: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Write worst_<dataset>.png per dataset: its K lowest-Dice images in a grid, prediction "
+            "outlined red, ground truth green, captioned with file stem and Dice (0: none).",
+            metavar="K",
+        ),
+    ] = 0,
 ) -> None:
-    """Score a model on dataset folders: per-image CSV, summary (JSON and Markdown) and overlays."""
+    """Score a model on dataset folders: per-image CSV, summary (JSON and Markdown), overlays and, with
+    --worst K, a montage of each dataset's K lowest-Dice images."""
     from rich.markup import escape
 
     from espmedsam.checkpoints.native import default_checkpoint
@@ -372,9 +429,11 @@ def evaluate(
             checkpoint=checkpoint or default_checkpoint() or "untrained",
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             workers=workers,
+            worst=worst,
         )
     Console().print(_summary_table(report.summary))
-    console.print(f"wrote {report.per_image_csv}, {report.summary_json.name}, {report.summary_md.name}")
+    names = [report.summary_json.name, report.summary_md.name, *(path.name for path in report.montages)]
+    console.print(f"wrote {report.per_image_csv}, {', '.join(names)}")
     if report.failures:  # scored without them; listed in summary.json and summary.md too
         console.print(f"[red]{len(report.failures)} not scored:[/red]", highlight=False)
         for line in report.failures:
@@ -388,8 +447,9 @@ def predict(
     inputs: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Images (PNG, JPEG, TIFF, BMP), DICOM files or series folders, NIfTI files, folders or "
-            "globs; default: the bundled examples."
+            help="Images (PNG, JPEG, TIFF, BMP, GIF; multi-page TIFF, animated GIF and APNG as stacks of "
+            "pages), DICOM files or series folders (one input per series), NIfTI files, folders or globs; "
+            "default: the bundled examples."
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for masks and overlays.")] = Path(
@@ -416,6 +476,14 @@ def predict(
         ),
     ] = None,
     axis: Annotated[int, typer.Option(help="NIfTI volumes: segment slice by slice along this axis.")] = 2,
+    page: Annotated[
+        int | None,
+        typer.Option(
+            help="Multi-page images: segment only this page, 0-based (--page 0 is the first), as a 2D image "
+            "(<name>_page<N>_mask.png); default: every page, into one multi-page <name>_mask.tif.",
+            min=0,
+        ),
+    ] = None,
     dicom_output: Annotated[
         str, typer.Option(help="Masks of DICOM inputs: nifti, or seg (DICOM-SEG, needs highdicom).")
     ] = "nifti",
@@ -446,6 +514,7 @@ def predict(
         modality=modality,
         min_confidence=min_confidence,
         axis=axis,
+        page=page,
         dicom_format=dicom_output,
         overlays=overlays,
     )

@@ -107,6 +107,9 @@ class ControllerConfig:
     adapter_ratio: float = 4.0
     shared: bool = False  # official layout: one controller used for every modality
     enabled: bool = True  # False: no controllers, the shared encoder alone (``export --drop-controllers``)
+    # the first attention stage (encoder layer index, stage 0 being convolutional) whose blocks carry
+    # controllers; earlier blocks run shared only, so a frozen prefix of them can be cached
+    first_stage: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,15 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DetailConfig:
+    """A light convolutional branch from the input image into QDMD's upscaled features
+    (``models/detail.py``): fine structures (vessels) reach the mask at full resolution."""
+
+    enabled: bool = False  # False, as in the paper: the mask comes from the embedding alone
+    hidden_dim: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     """The modality classifier behind ``--modality auto`` (``models/classifier.py``)."""
 
@@ -164,6 +176,7 @@ class ModelConfig(SerialisableConfig):
     sppg: SPPGConfig = SPPGConfig()
     decoder: DecoderConfig = DecoderConfig()
     refiner: RefinerConfig = RefinerConfig()
+    detail: DetailConfig = DetailConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
     # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
@@ -252,10 +265,24 @@ class TrainConfig(SerialisableConfig):
     device: str = "auto"  # auto: a CUDA GPU when present, else the CPU
     input_sizes: tuple[int, ...] = ()  # per model modality; () = image_size for all; kept as inference_sizes
     frozen_encoder: bool = False  # train SPPG + QDMD on cached embeddings of the controller-free encoder
+    # > 0: the stem and the first ``frozen_prefix`` encoder stages are frozen and their output features
+    # cached (with the model input, for the detail branch); the later stages, their controllers, the neck
+    # and the decoder train on them
+    frozen_prefix: int = 0
+    # with frozen_prefix: False keeps the shared later stages and neck as loaded too, so only the
+    # controllers learn in the encoder (and the controller-free embedding, the classifier's input, stays)
+    train_shared_suffix: bool = True
+    # cached training sets hold at least this many samples each: small sets get more augmented variants
+    # (at most 8), so DRIVE's 18 images are not seen as the same 18 samples every epoch
+    min_cached_samples: int = 0
+    # ModelConfig ``key=value`` overrides applied to the ``init`` checkpoint's config, e.g. to add
+    # controllers or a detail branch to it: parameters the new layout adds start fresh (near the identity)
+    model_overrides: tuple[str, ...] = ()
     # only these modalities' own parameters learn (controllers, queries, hypernetworks); the rest stays
     # bitwise as loaded, in eval mode (``espmedsam add-modality``)
     train_modalities: tuple[str, ...] = ()
-    variants: int = 1  # frozen_encoder: embeddings per image (variant 0 as is, others augmented)
+    # frozen_encoder / frozen_prefix: cached samples per image (variant 0 as is, others augmented)
+    variants: int = 1
     cache_dir: str | None = None  # frozen_encoder: default ~/.cache/espmedsam/encoder-embeddings
     val_every: int = 1  # epochs
     checkpoint_every: int = 500  # steps
@@ -284,8 +311,12 @@ class TrainConfig(SerialisableConfig):
             raise ConfigError(f"variants must be at least 1, got {self.variants}")
         if any(size < 8 or size % 8 for size in self.input_sizes):
             raise ConfigError(f"input_sizes must be positive multiples of 8, got {list(self.input_sizes)}")
-        if self.frozen_encoder and self.arch != "espmedsam":
-            raise ConfigError("frozen_encoder needs arch: espmedsam")
+        if (self.frozen_encoder or self.frozen_prefix) and self.arch != "espmedsam":
+            raise ConfigError("frozen_encoder and frozen_prefix need arch: espmedsam")
+        if self.frozen_encoder and self.frozen_prefix:
+            raise ConfigError("frozen_encoder freezes the whole encoder: set frozen_prefix to 0 with it")
+        if self.frozen_prefix < 0 or self.min_cached_samples < 0:
+            raise ConfigError("frozen_prefix and min_cached_samples must not be negative")
         if self.train_modalities and self.arch != "espmedsam":
             raise ConfigError("train_modalities needs arch: espmedsam")
 

@@ -8,12 +8,14 @@ Two protocols:
   scored there, with the Hausdorff distance at its 100th percentile (the ``hd95`` column then holds HD100).
 
 The empty-mask rule is the one of ``espmedsam.metrics``: see ``EMPTY_RULE``. Outputs in ``out_dir``:
-``per_image.csv``, ``summary.json``, ``summary.md`` and ``overlays/<dataset>/<stem>.png``.
+``per_image.csv``, ``summary.json``, ``summary.md``, ``overlays/<dataset>/<stem>.png`` and, with
+``worst`` > 0, ``worst_<dataset>.png``: a montage of each dataset's lowest-Dice images.
 """
 
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
 import logging
@@ -35,7 +37,7 @@ from espmedsam.files import make_folder, write_text
 from espmedsam.metrics import METRIC_NAMES, dice, segmentation_metrics, summarise
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.predict import Predictor
-from espmedsam.visualize import overlay
+from espmedsam.visualize import montage, overlay, overlay_tile
 
 if TYPE_CHECKING:
     from espmedsam.models.unet import UNetBaseline
@@ -51,6 +53,8 @@ EMPTY_RULE = (
     "in n_skipped"
 )
 ProgressCallback = Callable[[int, int], None]  # (images done, images in total)
+LOW_DICE = 0.5  # summary.json counts the images of a dataset with Dice below this ("n_below")
+WORST_TILE = 256  # pixels, the long side of a tile in worst_<dataset>.png
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ class EvaluationReport:
     summary: dict[str, Any]
     out_dir: Path
     failures: tuple[str, ...] = ()  # one line per image that could not be read (naming its file)
+    montages: tuple[Path, ...] = ()  # worst_<dataset>.png files, with ``worst`` > 0
 
     @property
     def per_image_csv(self) -> Path:
@@ -102,6 +107,7 @@ def evaluate(
     checkpoint: str | Path | None = None,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    worst: int = 0,
 ) -> EvaluationReport:
     """Score the model on ``split`` of each dataset folder and write the report to ``out_dir``.
 
@@ -117,16 +123,21 @@ def evaluate(
         progress: called as ``progress(done, total)`` after each image.
         workers: processes that read and decode images ahead of the model; None: 4 on a GPU, 0 (read
             in the main process) on the CPU, whose cores the model already uses.
+        worst: with K > 0, write ``worst_<dataset>.png`` per dataset: its K lowest-Dice images in a grid,
+            prediction outlined red and ground truth green, captioned with stem and Dice. Only those K
+            are kept in memory while streaming.
     Returns:
         The per-image rows, the summary and the output folder, and a line per image that could not be
         read: it is left out of the scores (and listed under "failed" in summary.json), the others go on.
     Raises:
-        InputError: an unknown protocol, no or duplicate dataset names, or a dataset whose modality the
-            model does not have. DataError: a folder that is not a dataset (missing files of a stem, a
-            malformed split.json), or no image at all to evaluate.
+        InputError: an unknown protocol, a negative ``worst``, no or duplicate dataset names, or a
+            dataset whose modality the model does not have. DataError: a folder that is not a dataset
+            (missing files of a stem, a malformed split.json), or no image at all to evaluate.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if worst < 0:
+        raise InputError(f"worst must be 0 (no montage) or a positive number of images, got {worst}")
     _check_names(sources)
     predictor = _predictor(model_or_predictor, size)
     out_dir = Path(out_dir)
@@ -137,6 +148,7 @@ def evaluate(
         raise DataError(f"no images to evaluate in {where} (split {split or 'all'})")
     rows: list[ImageResult] = []
     failures: list[str] = []
+    worst_cases = {source.name: WorstCases(worst) for source in sources}
     if workers is None:
         workers = 4 if predictor.device.type == "cuda" else 0
     for source, folder in zip(sources, folders, strict=True):
@@ -146,7 +158,9 @@ def evaluate(
                 failures.append(sample.message)
             else:
                 _check_modality(predictor, source, sample)
-                rows.append(_score(predictor, sample, source.name, protocol, out_dir, index < overlays))
+                row, prediction = _score(predictor, sample, source.name, protocol, out_dir, index < overlays)
+                rows.append(row)
+                worst_cases[source.name].offer(row.dice, sample.stem, sample.image, prediction, sample.mask)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -157,7 +171,66 @@ def evaluate(
     write_text(out_dir / "per_image.csv", rows_to_csv(rows))
     write_text(out_dir / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
     write_text(out_dir / "summary.md", summary_markdown(summary))
-    return EvaluationReport(tuple(rows), summary, out_dir, tuple(failures))
+    montages = tuple(
+        write_png(out_dir / f"worst_{name}.png", cases.montage())
+        for name, cases in worst_cases.items()
+        if cases
+    )
+    return EvaluationReport(tuple(rows), summary, out_dir, tuple(failures), montages)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scored image kept for the worst-case montage, at its original resolution."""
+
+    dice: float
+    stem: str
+    image: np.ndarray  # (H, W, 3) uint8
+    prediction: np.ndarray  # (H, W) bool
+    truth: np.ndarray  # (H, W) bool
+
+
+class WorstCases:
+    """The ``k`` lowest-Dice images offered so far, in a bounded heap (memory: ``k`` images at most).
+
+    Ties keep the image offered first. ``k`` = 0 keeps nothing.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._heap: list[tuple[float, int, Case]] = []  # (-dice, -order, case): root = best kept
+        self._offered = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def offer(
+        self, dice: float, stem: str, image: np.ndarray, prediction: np.ndarray, truth: np.ndarray
+    ) -> None:
+        """Keep this image if it is among the ``k`` lowest Dice so far (an undefined Dice is not kept)."""
+        if self.k <= 0 or math.isnan(dice):
+            return
+        self._offered += 1
+        key = (-dice, -self._offered)
+        if len(self._heap) == self.k and key <= self._heap[0][:2]:
+            return
+        item = (*key, Case(dice, stem, image, np.asarray(prediction, bool), np.asarray(truth, bool)))
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, item)
+        else:
+            heapq.heapreplace(self._heap, item)
+
+    def cases(self) -> list[Case]:
+        """The kept images, lowest Dice first."""
+        return [item[2] for item in sorted(self._heap, key=lambda item: item[:2], reverse=True)]
+
+    def montage(self, side: int = WORST_TILE) -> np.ndarray:
+        """The kept images as one picture, lowest Dice first: overlay tiles of ``side`` px captioned
+        "Dice 0.123  <stem>" (Dice first, so a long stem that is cut does not hide it)."""
+        cases = self.cases()
+        tiles = [overlay_tile(case.image, case.prediction, case.truth, side) for case in cases]
+        captions = [f"Dice {case.dice:.3f}  {case.stem}" for case in cases]
+        return montage(tiles, captions=captions)
 
 
 @dataclass(frozen=True)
@@ -256,6 +329,8 @@ def summarise_rows(
     """The summary.json content: per dataset and per modality (images pooled), and overall.
 
     "overall" is the mean (and std) over datasets of the dataset means; "overall"["pooled"] pools images.
+    Each dataset also has "dice_distribution": median, 10th percentile and low-Dice count (see
+    ``dice_distribution``).
     Undefined values (NaN) stay NaN here; the writer turns them into JSON null.
     """
     datasets: dict[str, list[ImageResult]] = {}
@@ -264,7 +339,12 @@ def summarise_rows(
         datasets.setdefault(row.dataset, []).append(row)
         modalities.setdefault(row.modality, []).append(row)
     per_dataset = {
-        name: {"modality": group[0].modality, "n": len(group), **_metric_block(group)}
+        name: {
+            "modality": group[0].modality,
+            "n": len(group),
+            **_metric_block(group),
+            "dice_distribution": dice_distribution([row.dice for row in group]),
+        }
         for name, group in datasets.items()
     }
     per_modality = {
@@ -295,6 +375,21 @@ def summarise_rows(
     }
 
 
+def dice_distribution(values: Sequence[float], threshold: float = LOW_DICE) -> dict[str, float | int]:
+    """Median and 10th percentile (linear interpolation, ``numpy.percentile``) of the finite Dice values,
+    and how many lie below ``threshold``; median and p10 are NaN without a finite value.
+
+    Example: ``dice_distribution([0.0, 0.4, 0.8, 1.0])`` gives median 0.6, p10 0.12, n_below 2.
+    """
+    array = np.asarray(list(values), dtype=np.float64)
+    finite = array[~np.isnan(array)]
+    if finite.size == 0:
+        median = p10 = math.nan
+    else:
+        median, p10 = float(np.median(finite)), float(np.percentile(finite, 10))
+    return {"median": median, "p10": p10, "threshold": threshold, "n_below": int((finite < threshold).sum())}
+
+
 def rows_to_csv(rows: Sequence[ImageResult]) -> str:
     """per_image.csv text: one row per image, undefined metrics written as ``nan``."""
     buffer = io.StringIO()
@@ -306,7 +401,8 @@ def rows_to_csv(rows: Sequence[ImageResult]) -> str:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """summary.md text: one mean ± std table per dataset and per modality, then the overall rows."""
+    """summary.md text: one mean ± std table per dataset (and one of the datasets' Dice median, 10th
+    percentile and low-Dice count) and per modality, then the overall rows."""
     hd = "HD100" if summary["hausdorff_percentile"] == 100.0 else "HD95"
     header = f"| {{}} | n | Dice | IoU | {hd} (px) | NSD@{summary['nsd_tolerance_px']:g}px |"
     lines = [
@@ -321,6 +417,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [_md_row(f"{name} ({entry['modality']})", entry) for name, entry in summary["datasets"].items()]
+    lines += _md_distribution(summary["datasets"])
     lines += [
         "",
         "## Per modality (images pooled)",
@@ -352,13 +449,15 @@ def format_mean_std(block: dict[str, Any]) -> str:
 
 def _score(
     predictor: Predictor, sample: Sample, dataset: str, protocol: Protocol, out_dir: Path, draw: bool
-) -> ImageResult:
+) -> tuple[ImageResult, np.ndarray]:
+    """The image's row and its (H, W) bool prediction at the original size; its overlay if ``draw``."""
     metrics, prediction = score_sample(predictor, sample, protocol)
     if draw:
         picture = overlay(sample.image, prediction, np.asarray(sample.mask, dtype=bool))
         write_png(out_dir / "overlays" / dataset / f"{sample.stem}.png", picture)
     height, width = prediction.shape
-    return ImageResult(dataset, sample.modality, sample.stem, **metrics, height=height, width=width)
+    row = ImageResult(dataset, sample.modality, sample.stem, **metrics, height=height, width=width)
+    return row, prediction
 
 
 def _predictor(model_or_predictor: ESPMedSAM | Predictor, size: int | None) -> Predictor:
@@ -411,6 +510,31 @@ def _log_skipped(rows: Sequence[ImageResult]) -> None:
 def _md_row(label: str, entry: dict[str, Any], n: int | None = None) -> str:
     cells = [format_mean_std(entry[metric]) for metric in METRIC_NAMES]
     return f"| {label} | {entry['n'] if n is None else n} | " + " | ".join(cells) + " |"
+
+
+def _md_distribution(datasets: dict[str, Any]) -> list[str]:
+    """The "Dice distribution per dataset" section: median, 10th percentile and low-Dice count."""
+    entries = {
+        name: entry["dice_distribution"] for name, entry in datasets.items() if "dice_distribution" in entry
+    }
+    if not entries:  # a summary written before these fields existed
+        return []
+    threshold = next(iter(entries.values()))["threshold"]
+    lines = [
+        "",
+        "### Dice distribution per dataset",
+        "",
+        f"| dataset | n | median Dice | P10 Dice | < {threshold:g} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, block in entries.items():
+        cells = [_md_number(block["median"]), _md_number(block["p10"]), str(block["n_below"])]
+        lines.append(f"| {name} | {datasets[name]['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _md_number(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def _csv_value(value: object) -> object:

@@ -1,9 +1,10 @@
-"""Prediction on files: images, DICOM files and series, NIfTI volumes; what ``espmedsam predict`` runs.
+"""Prediction on files: images (multi-page ones as stacks), DICOM files and series, NIfTI volumes; what
+``espmedsam predict`` runs.
 
 Files are read ahead and outputs written in background threads while the model works on the next
 batch; 2D images of one input size share a batch. A file that fails is reported and the others go on.
 Outputs follow the input (see ``espmedsam.data.stack.write_masks``), with an overlay per 2D image, a
-montage of slices per volume, and one ``predictions.csv`` row per file.
+montage of slices per volume or page stack, and one ``predictions.csv`` row per input.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from espmedsam.data.io import IMAGE_SUFFIXES, write_png
+from espmedsam.data.io import PAGE_SUFFIXES, write_png
 from espmedsam.data.stack import (
     DICOM_SUFFIXES,
     NIFTI_SUFFIXES,
+    DicomSeries,
     ImageStack,
     is_dicom_file,
     read_stack,
@@ -37,6 +39,8 @@ from espmedsam.visualize import montage, overlay
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES
 CSV_COLUMNS = (
     "file",
+    "series",
+    "page",
     "modality",
     "probability",
     "chosen_by",
@@ -55,12 +59,14 @@ class PredictOptions:
 
     ``modality``: a model modality for every file, or "auto": a file-name prefix (``xray_case1.png``),
     else the model's classifier. ``min_confidence``: classifier probabilities below it are flagged.
-    ``dicom_format``: "nifti" or "seg" (DICOM-SEG). ``axis``: NIfTI volumes are cut along it.
+    ``dicom_format``: "nifti" or "seg" (DICOM-SEG). ``axis``: NIfTI volumes are cut along it. ``page``:
+    segment that page (0-based) of each image as a 2D image, not all of a multi-page one.
     """
 
     modality: str = "auto"
     min_confidence: float = 0.6
     axis: int = 2
+    page: int | None = None
     dicom_format: str = "nifti"
     overlays: bool = True
     read_ahead: int = 8
@@ -69,9 +75,12 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class FileResult:
-    """What happened to one input file (``error`` set when it failed)."""
+    """What happened to one input (``error`` set when it failed). ``series``: a DICOM input's
+    SeriesInstanceUID; ``page``: the page segmented alone; ``frames``: slices or pages segmented."""
 
     source: Path
+    series: str = ""
+    page: int | None = None
     modality: str = ""
     probability: float | None = None  # the classifier's, when it chose the modality
     chosen_by: str = ""  # "option", "file name" or "classifier"
@@ -90,6 +99,8 @@ class FileResult:
     def csv_row(self) -> dict[str, object]:
         return {
             "file": str(self.source),
+            "series": self.series,
+            "page": "" if self.page is None else self.page,
             "modality": self.modality,
             "probability": "" if self.probability is None else f"{self.probability:.4f}",
             "chosen_by": self.chosen_by,
@@ -114,17 +125,18 @@ class _Job:
     masks: np.ndarray | None = field(default=None, repr=False)
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | DicomSeries]:
     """Files, folders and glob patterns -> inputs: images, NIfTI and DICOM files, DICOM series folders.
 
-    A folder holding DICOM files is one series; another folder gives its images, NIfTI and DICOM files
-    (sorted) and its DICOM sub-folders.
+    A folder holding DICOM files is one series, or when its files belong to several series
+    (SeriesInstanceUID), one input per series (``espmedsam.data.series.list_series``); another folder
+    gives its images, NIfTI and DICOM files (sorted) and its DICOM sub-folders, split the same way.
 
     Raises:
         InputError: an input that matches nothing, a broken symbolic link, a folder with nothing to
             predict in it, or no input at all.
     """
-    paths: list[Path] = []
+    paths: list[Path | DicomSeries] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -146,17 +158,27 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _folder_inputs(folder: Path) -> list[Path]:
+def _folder_inputs(folder: Path) -> list[Path | DicomSeries]:
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in entries if p.is_file()]
-    if any(is_dicom_file(p) for p in files) and not any(_suffix(p) in IMAGE_SUFFIXES for p in files):
-        return [folder]
-    found = [p for p in files if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES or is_dicom_file(p)]
+    if any(is_dicom_file(p) for p in files) and not any(_suffix(p) in PAGE_SUFFIXES for p in files):
+        return _series_inputs(folder)
+    found = [p for p in files if _suffix(p) in PAGE_SUFFIXES + VOLUME_SUFFIXES or is_dicom_file(p)]
     # a broken link named like an input is one the user meant: it fails as such rather than vanish
     broken = [p for p in entries if p.is_symlink() and not p.exists()]
-    found = sorted(found + [p for p in broken if _suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES])
+    found = sorted(found + [p for p in broken if _suffix(p) in PAGE_SUFFIXES + VOLUME_SUFFIXES])
     subfolders = [p for p in entries if p.is_dir()]
-    return found + [d for d in subfolders if any(is_dicom_file(p) for p in d.iterdir() if p.is_file())]
+    series = [d for d in subfolders if any(is_dicom_file(p) for p in d.iterdir() if p.is_file())]
+    return [*found, *(item for d in series for item in _series_inputs(d))]
+
+
+def _series_inputs(folder: Path) -> list[Path | DicomSeries]:
+    """A DICOM folder as one input, or one per series when it holds several (``series.list_series``)."""
+    try:
+        from espmedsam.data.series import list_series
+    except ModuleNotFoundError:
+        return [folder]  # reading it says what to install
+    return list_series(folder)
 
 
 def _suffix(path: Path) -> str:
@@ -172,15 +194,16 @@ def modality_from_name(path: Path, names: Sequence[str]) -> str | None:
 
 def predict_files(
     predictor: Predictor,
-    paths: Sequence[Path],
+    paths: Sequence[Path | DicomSeries],
     out_dir: str | Path,
     options: PredictOptions = PredictOptions(),
 ) -> Iterator[FileResult]:
-    """Predict every file and write its outputs to ``out_dir``; yields one ``FileResult`` per file as it
-    finishes, failures included (``error`` set). Writes ``predictions.csv`` at the end.
+    """Predict every input (a file, a DICOM series folder, a ``DicomSeries``) and write its outputs to
+    ``out_dir``; yields one ``FileResult`` per input as it finishes, failures included (``error`` set).
+    Writes ``predictions.csv`` at the end.
 
     Raises:
-        InputError: an unknown ``options.modality`` or ``options.dicom_format``.
+        InputError: an unknown ``options.modality`` or ``options.dicom_format``, a negative ``options.page``.
     """
     _check_options(predictor, options)
     out_dir = Path(out_dir)
@@ -208,19 +231,21 @@ def _check_options(predictor: Predictor, options: PredictOptions) -> None:
         raise InputError(f"DICOM output must be nifti or seg, got {options.dicom_format!r}")
     if options.axis not in (0, 1, 2):
         raise InputError(f"NIfTI slicing axis must be 0, 1 or 2, got {options.axis}")
+    if options.page is not None and options.page < 0:
+        raise InputError(f"--page must be 0 or more (0 is the first page), got {options.page}")
 
 
-def _read_ahead(paths: Sequence[Path], options: PredictOptions) -> Iterator[_Job | FileResult]:
+def _read_ahead(paths: Sequence[Path | DicomSeries], options: PredictOptions) -> Iterator[_Job | FileResult]:
     """Read files in a background thread, at most ``options.read_ahead`` ahead of the model."""
 
-    def read(path: Path) -> _Job | FileResult:
+    def read(path: Path | DicomSeries) -> _Job | FileResult:
         start = time.perf_counter()
         try:
-            return _Job(read_stack(path, axis=options.axis), time.perf_counter() - start)
+            return _Job(read_stack(path, axis=options.axis, page=options.page), time.perf_counter() - start)
         except EspMedSAMError as error:
-            return FileResult(path, error=_about(path, str(error)))
+            return _read_failure(path, str(error))
         except Exception as error:  # an unexpected decoder failure must not stop the other files
-            return FileResult(path, error=_about(path, f"cannot read ({type(error).__name__}: {error})"))
+            return _read_failure(path, f"cannot read ({type(error).__name__}: {error})")
 
     with ThreadPoolExecutor(1, thread_name_prefix="read") as reader:
         window: deque[Future[_Job | FileResult]] = deque()
@@ -323,12 +348,29 @@ def choose_modality(predictor: Predictor, stack: ImageStack, requested: str = "a
     return ModalityChoice(guess.modality, "classifier", guess.probability, guess.probabilities)
 
 
+def _read_failure(path: Path | DicomSeries, message: str) -> FileResult:
+    if isinstance(path, DicomSeries):
+        return FileResult(path.folder, series=path.uid, error=_about(path, message))
+    return FileResult(path, error=_about(path, message))
+
+
 def _failure(job: _Job, error: Exception) -> FileResult:
     message = str(error) if isinstance(error, EspMedSAMError) else f"{type(error).__name__}: {error}"
-    return FileResult(job.stack.source, error=_about(job.stack.source, message))
+    stack = job.stack
+    where = stack.series or stack.source
+    return FileResult(stack.source, _series_uid(stack), stack.page, error=_about(where, message))
 
 
-def _about(path: Path, message: str) -> str:
+def _series_uid(stack: ImageStack) -> str:
+    """A DICOM stack's SeriesInstanceUID ("" for other inputs, or none in the header)."""
+    if stack.series is not None:
+        return stack.series.uid
+    if stack.kind != "dicom" or not stack.reference:
+        return ""
+    return str(stack.reference[0].get("SeriesInstanceUID", ""))
+
+
+def _about(path: Path | DicomSeries, message: str) -> str:
     """``message`` as one line that names ``path``."""
     message = " ".join(message.split())
     return message if str(path) in message else f"{path}: {message}"
@@ -349,6 +391,8 @@ def _write_outputs(job: _Job, out_dir: Path, options: PredictOptions) -> FileRes
     spacing = stack.spacing
     return FileResult(
         source=stack.source,
+        series=_series_uid(stack),
+        page=stack.page,
         modality=job.modality,
         probability=job.probability,
         chosen_by=job.chosen_by,

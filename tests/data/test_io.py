@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from espmedsam.data.io import read_image, read_mask, read_mask_values, write_png
-from espmedsam.errors import DataError
+from espmedsam.data import io
+from espmedsam.data.io import read_image, read_mask, read_mask_values, read_pages, write_png, write_tiff_pages
+from espmedsam.errors import DataError, InputError
 
 RNG = np.random.default_rng(0)
 GRAY = RNG.integers(0, 256, (6, 8), dtype=np.uint8)
@@ -117,3 +118,77 @@ def test_write_png_round_trip(tmp_path):
     path = write_png(tmp_path / "sub" / "x.png", RGB)
     assert np.array_equal(read_image(path), RGB)
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]
+
+
+def _pages(count: int, shape=(6, 8), step: int = 40) -> list[np.ndarray]:
+    """Constant pages 0, step, 2 step...: each page's value says its place in the file."""
+    return [np.full(shape, i * step, np.uint8) for i in range(count)]
+
+
+def _save_pages(path, pages: list[np.ndarray], **options) -> None:
+    images = [Image.fromarray(page) for page in pages]
+    images[0].save(path, save_all=True, append_images=images[1:], **options)
+
+
+@pytest.mark.parametrize("name", ["stack.tif", "anim.gif", "anim.png"], ids=["tiff", "gif", "apng"])
+def test_every_page_is_read_in_file_order(tmp_path, name):
+    _save_pages(tmp_path / name, [np.stack([page] * 3, axis=-1) for page in _pages(4)])
+    pages = read_pages(tmp_path / name)
+    assert pages.shape == (4, 6, 8, 3) and pages.dtype == np.uint8
+    assert [int(page[0, 0, 0]) for page in pages] == [0, 40, 80, 120]
+
+
+def test_a_single_image_is_one_page_as_read_image_reads_it(tmp_path):
+    Image.fromarray(RGBA).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(read_pages(tmp_path / "a.png"), read_image(tmp_path / "a.png")[None])
+
+
+def test_one_page_alone_and_a_missing_page(tmp_path):
+    _save_pages(tmp_path / "s.tif", _pages(3))
+    np.testing.assert_array_equal(read_pages(tmp_path / "s.tif", page=2), np.full((1, 6, 8), 80, np.uint8))
+    with pytest.raises(DataError, match=r"s.tif: no page 3 \(3 pages: pages 0 to 2\)"):
+        read_pages(tmp_path / "s.tif", page=3)
+    with pytest.raises(InputError, match="page must be 0 or more"):
+        read_pages(tmp_path / "s.tif", page=-1)
+
+
+def test_pages_of_different_sizes_are_one_line_error_yet_each_page_reads(tmp_path):
+    _save_pages(tmp_path / "s.tif", [*_pages(2), np.zeros((5, 8), np.uint8)])
+    with pytest.raises(DataError, match=r"s.tif: pages of different sizes \(page 0 is 8x6, page 2 is 8x5\)"):
+        read_pages(tmp_path / "s.tif")
+    assert read_pages(tmp_path / "s.tif", page=2).shape == (1, 5, 8)
+
+
+def test_pages_over_the_stack_cap_are_refused_but_one_page_is_read(tmp_path, monkeypatch):
+    _save_pages(tmp_path / "s.tif", _pages(3))
+    monkeypatch.setattr(io, "MAX_STACK_PIXELS", 2 * 6 * 8)
+    with pytest.raises(
+        DataError, match=r"s.tif: too large: 3 pages of 8x6 = 144 pixels, over the limit of 96"
+    ):
+        read_pages(tmp_path / "s.tif")
+    assert read_pages(tmp_path / "s.tif", page=1).shape == (1, 6, 8)
+
+
+def test_gray_pages_among_colour_become_rgb_and_deep_pages_share_one_scale(tmp_path):
+    _save_pages(tmp_path / "mixed.tif", [GRAY, RGB])
+    pages = read_pages(tmp_path / "mixed.tif")
+    assert pages.shape == (2, 6, 8, 3)
+    np.testing.assert_array_equal(pages[0], np.stack([GRAY] * 3, axis=-1))
+    deep = [np.full((2, 2), 1000, np.uint16), np.full((2, 2), 3000, np.uint16), np.zeros((2, 2), np.uint16)]
+    _save_pages(tmp_path / "deep.tif", deep)
+    assert [int(page[0, 0]) for page in read_pages(tmp_path / "deep.tif")] == [85, 255, 0]
+
+
+def test_read_image_still_refuses_several_frames(tmp_path):
+    _save_pages(tmp_path / "s.tif", _pages(2))
+    with pytest.raises(DataError, match="holds 2 frames"):
+        read_image(tmp_path / "s.tif")
+
+
+def test_write_tiff_pages_round_trip(tmp_path):
+    masks = np.stack(
+        [np.eye(5, dtype=np.uint8) * 255, np.zeros((5, 5), np.uint8), np.full((5, 5), 255, np.uint8)]
+    )
+    path = write_tiff_pages(tmp_path / "m.tif", masks)
+    np.testing.assert_array_equal(read_pages(path), masks)
+    assert not list(tmp_path.glob("*.tmp"))

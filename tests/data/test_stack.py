@@ -120,3 +120,52 @@ def test_a_failed_nifti_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_masks(stack, np.zeros((6, 5, 4), bool), tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _page_stack(path: Path, count: int = 3, shape=(6, 8)) -> Path:
+    """``count`` gray pages whose value says their place: 0, 50, 100..."""
+    pages = [Image.fromarray(np.full(shape, 50 * i, np.uint8)) for i in range(count)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    return path
+
+
+@pytest.mark.parametrize("name", ["pages.tif", "anim.gif"])
+def test_a_multi_page_image_is_a_stack_of_pages_and_its_mask_a_multi_page_tiff(tmp_path, name):
+    stack = read_stack(_page_stack(tmp_path / name))
+    assert stack.kind == "image" and stack.is_volume and stack.name == Path(name).stem
+    assert stack.frames.shape[:3] == (3, 6, 8)
+    assert [int(frame.flat[0]) for frame in stack.frames] == [0, 50, 100]
+    masks = np.zeros((3, 6, 8), bool)
+    for i in range(3):
+        masks[i, i, :] = True  # page i: row i
+    (path,) = write_masks(stack, masks, tmp_path / "out")
+    assert path.name == f"{Path(name).stem}_mask.tif"
+    with Image.open(path) as written:
+        assert written.n_frames == 3
+        for i in range(3):
+            written.seek(i)
+            page = np.asarray(written)
+            assert set(np.unique(page)) == {0, 255} and np.array_equal(page == 255, masks[i])
+
+
+def test_one_page_is_a_2d_image_named_after_its_page(tmp_path):
+    stack = read_stack(_page_stack(tmp_path / "pages.tif"), page=1)
+    assert stack.frames.shape == (1, 6, 8) and int(stack.frames[0, 0, 0]) == 50
+    assert not stack.is_volume and stack.name == "pages_page1" and stack.page == 1
+    (path,) = write_masks(stack, np.ones((1, 6, 8), bool), tmp_path / "out")
+    assert path.name == "pages_page1_mask.png"
+
+
+def test_a_page_of_a_volume_or_beyond_the_last_is_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    with pytest.raises(InputError, match=r"v.nii.gz: a page \(--page\) is read from multi-page images"):
+        read_stack(tmp_path / "v.nii.gz", page=0)
+    with pytest.raises(DataError, match="no page 3"):
+        read_stack(_page_stack(tmp_path / "pages.tif"), page=3)
+
+
+def test_pages_of_different_sizes_are_a_data_error(tmp_path):
+    pages = [Image.new("L", (8, 6)), Image.new("L", (8, 7))]
+    pages[0].save(tmp_path / "odd.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(DataError, match="pages of different sizes"):
+        read_stack(tmp_path / "odd.tif")

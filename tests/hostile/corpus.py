@@ -523,12 +523,11 @@ BAD_FILES: list[tuple[str, str, Callable[[], bytes | np.ndarray | Image.Image], 
         ("12000x12000", "limit"),
     ),
     (
-        "multi-page TIFF",
-        "pages.tif",
-        lambda: tiff_bytes(*(Image.fromarray(rgb(seed=i)) for i in range(3))),
-        ("3 frames",),
+        "multi-page TIFF with pages of different sizes",
+        "odd.tif",
+        lambda: tiff_bytes(Image.fromarray(rgb()), Image.fromarray(rgb(24, 30))),
+        ("pages of different sizes", "page 1 is 30x24", "--page"),
     ),
-    ("animated PNG", "anim.png", lambda: _apng(), ("2 frames",)),
     ("non-image suffix", "notes.txt", lambda: b"hello\n", ("unsupported file type '.txt'",)),
     (
         "NIfTI truncated",
@@ -580,10 +579,23 @@ def _dicom_claiming(rows: int, columns: int) -> bytes:
     return buffer.getvalue()
 
 
-def _apng() -> bytes:
+def _animation(fmt: str, count: int = 2) -> bytes:
+    """An animated PNG or GIF of ``count`` 20 x 30 frames."""
     buffer = io.BytesIO()
-    frames = [Image.fromarray(rgb(seed=i)) for i in range(2)]
-    frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    frames = [Image.fromarray(rgb(seed=i)) for i in range(count)]
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def _series_dicom(uid: str, number: int, seed: int = 0) -> bytes:
+    """A small CT DICOM file of series ``uid`` (SeriesNumber ``number``)."""
+    import pydicom
+
+    pixels = np.random.default_rng(seed).integers(0, 4000, (16, 16))
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(pixels)))
+    dataset.SeriesInstanceUID, dataset.SeriesNumber, dataset.InstanceNumber = uid, number, seed + 1
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
@@ -703,6 +715,86 @@ def _valid_case(kind: str, name: str, make: Callable, size: tuple[int, int]) -> 
 
 for _kind, _name, _make, _size in VALID:
     _valid_case(_kind, _name, _make, _size)
+
+
+# ------------------------------------------------- multi-page images and DICOM folders: split up
+
+_PAGES = "out/pages_mask.tif"
+
+
+@case(
+    "multi-page TIFF: a stack, one mask page per page",
+    "predict",
+    reports(0, "3 slices", masks=[(_PAGES, (20, 30))], exists=["out/pages_montage.png"]),
+)
+def _tiff_pages(folder: Path, shared: Shared) -> list[str]:
+    pages = tiff_bytes(*(Image.fromarray(rgb(seed=i)) for i in range(3)))
+    return predict(shared, folder, write(folder / "pages.tif", pages))
+
+
+@case("animated PNG: a stack of its frames", "predict", reports(0, masks=[("out/anim_mask.tif", (20, 30))]))
+def _apng(folder: Path, shared: Shared) -> list[str]:
+    return predict(shared, folder, write(folder / "anim.png", _animation("PNG")))
+
+
+@case("animated GIF: a stack of its frames", "predict", reports(0, masks=[("out/anim_mask.tif", (20, 30))]))
+def _gif(folder: Path, shared: Shared) -> list[str]:
+    return predict(shared, folder, write(folder / "anim.gif", _animation("GIF", 3)))
+
+
+@case("--page of a multi-page TIFF", "predict", segments(20, 30, "pages_page1"))
+def _one_page(folder: Path, shared: Shared) -> list[str]:
+    pages = tiff_bytes(*(Image.fromarray(rgb(seed=i)) for i in range(3)))
+    return predict(shared, folder, write(folder / "pages.tif", pages), extra=("--page", "1"))
+
+
+@case("--page beyond the last page", "predict", fails(3, "pages.tif", "no page 5", "pages 0 to 2"))
+def _page_beyond(folder: Path, shared: Shared) -> list[str]:
+    pages = tiff_bytes(*(Image.fromarray(rgb(seed=i)) for i in range(3)))
+    return predict(shared, folder, write(folder / "pages.tif", pages), extra=("--page", "5"))
+
+
+@case("--page negative", "predict", fails(2, "--page"))
+def _page_negative(folder: Path, shared: Shared) -> list[str]:
+    return predict(shared, folder, write(folder / "a.png", rgb()), extra=("--page", "-1"))
+
+
+@case("--page of a NIfTI volume", "predict", fails(3, "v.nii.gz", "multi-page images", "not NIfTI"))
+def _page_of_volume(folder: Path, shared: Shared) -> list[str]:
+    volume = write(folder / "v.nii.gz", nifti_gz_bytes(np.ones((8, 8, 3), np.float32)))
+    return predict(shared, folder, volume, extra=("--page", "0"))
+
+
+@case(
+    "multi-page TIFF over the stack cap (frames x pixels)",
+    "predict",
+    fails(
+        3, "pages.tif", "too large: 3 pages of 30x20", "over the limit of 1,000", "--page", absent=(_PAGES,)
+    ),
+    patch=lambda: mock.patch("espmedsam.data.io.MAX_STACK_PIXELS", 1000),
+)
+def _pages_over_cap(folder: Path, shared: Shared) -> list[str]:
+    pages = tiff_bytes(*(Image.fromarray(rgb(seed=i)) for i in range(3)))
+    return predict(shared, folder, write(folder / "pages.tif", pages))
+
+
+@case(
+    "a DICOM folder holding two series: one input each",
+    "predict",
+    reports(
+        0,
+        "wrote 2 of 2 inputs",
+        exists=["out/study_series1_mask.nii.gz", "out/study_series1_montage.png", "out/c_mask.nii.gz"],
+    ),
+)
+def _two_series(folder: Path, shared: Shared) -> list[str]:
+    from pydicom.uid import generate_uid
+
+    first = generate_uid()
+    write(folder / "study" / "a.dcm", _series_dicom(first, 1, seed=0))
+    write(folder / "study" / "b.dcm", _series_dicom(first, 1, seed=1))
+    write(folder / "study" / "c.dcm", _series_dicom(generate_uid(), 2, seed=2))  # one file: a 2D image
+    return predict(shared, folder, folder / "study")
 
 
 # ---------------------------------------------------------------------------- predict's options

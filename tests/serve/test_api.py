@@ -162,6 +162,36 @@ def test_a_volume_gives_one_mask_per_slice_and_a_nifti_file(client, tmp_path):
     assert sum(s["foreground_pixels"] for s in body["slices"]) == mask.sum() == body["foreground_pixels"]
 
 
+@pytest.mark.parametrize("fmt, name", [("TIFF", "pages.tif"), ("GIF", "pages.gif")])
+def test_a_multi_page_image_gives_one_mask_per_page_and_a_multi_page_tiff(client, tmp_path, fmt, name):
+    yy, xx = np.mgrid[:40, :48]
+    pages = [
+        Image.fromarray(((yy - 20) ** 2 + (xx - 8 - 12 * i) ** 2 < 60).astype(np.uint8) * 200)
+        for i in range(3)
+    ]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format=fmt, save_all=True, append_images=pages[1:])
+    body = post(client, buffer.getvalue(), name, modality="xray").json()
+    assert (body["format"], body["frames"], body["mask_png"]) == (fmt.lower(), 3, None)
+    assert len(body["slices"]) == 3 and (body["width"], body["height"]) == (48, 40)
+    assert (
+        body["mask_file"]["filename"] == "pages_mask.tif" and body["mask_file"]["media_type"] == "image/tiff"
+    )
+    with Image.open(io.BytesIO(base64.b64decode(body["mask_file"]["data"]))) as mask:
+        assert mask.n_frames == 3
+        for i, page in enumerate(body["slices"]):
+            mask.seek(i)
+            np.testing.assert_array_equal(np.asarray(mask), decode_png(page["mask_png"]))
+
+
+def test_pages_over_the_frame_cap_are_refused_from_the_header(client):
+    pages = [Image.new("L", (4, 4)) for _ in range(65)]  # TEST_LIMITS: 64 frames
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    response = post(client, buffer.getvalue(), "many.tif", modality="xray")
+    assert response.status_code == 413 and "65 slices" in response.json()["detail"]
+
+
 def test_a_dicom_file_is_read_by_its_content(client):
     from pydicom.data import get_testdata_file
 
@@ -208,6 +238,8 @@ def test_display_names_keep_only_safe_characters():
         (b"II*\x00", "tiff"),
         (b"MM\x00*", "tiff"),
         (b"BM", "bmp"),
+        (b"GIF89a", "gif"),
+        (b"GIF87a", "gif"),
         (bytes(128) + b"DICM", "dicom"),
         (bytes(344) + b"n+1\x00", "nifti"),
     ],

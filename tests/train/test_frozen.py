@@ -68,8 +68,8 @@ def test_cached_entry_is_the_encoder_embedding_of_its_variant(tmp_path, datasets
     model = build_model("tiny")
     folder = SegmentationFolder(parse_dataset_arg(datasets[0]), "train")
     dataset = CachedEmbeddingSet(EncoderCache(tmp_path, "fp"), [folder], [64], variants=2, seed=3)
-    assert build_cache(model, dataset, [0, 1], seed=3, bf16=False, batch_size=3) == 8
-    assert build_cache(model, dataset, [0, 1], seed=3, bf16=False) == 0
+    assert build_cache(model, dataset, seed=3, bf16=False, batch_size=3) == 8
+    assert build_cache(model, dataset, seed=3, bf16=False) == 0
     for variant in (0, 1):
         image, mask, digest = dataset.sample(1)
         x, m, valid = variant_input(model, image, mask, 64, variant, 3, digest)

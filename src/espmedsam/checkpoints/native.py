@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from espmedsam.checkpoints.lineage import LINEAGE_KEY, read_lineage
 from espmedsam.config import ModelConfig, from_dict
 from espmedsam.errors import CheckpointError, ConfigError, InputError
 from espmedsam.files import atomic_write
@@ -49,6 +50,9 @@ def save_model(model: ESPMedSAM, path: str | Path, *, dtype: torch.dtype | None 
     path = Path(path)
     tensors = state_tensors(model, dtype)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    lineage = getattr(model, "lineage", None)
+    if lineage:  # the training runs behind these weights (``checkpoints.lineage``)
+        metadata[LINEAGE_KEY] = json.dumps(lineage)
     return write_safetensors(path, tensors, metadata)
 
 
@@ -109,6 +113,7 @@ def _without_controllers(model: ESPMedSAM | UNetBaseline) -> ESPMedSAM:
     bare = build_model(config)
     kept = {k: v for k, v in model.state_dict().items() if ".controllers." not in k}
     load_strict(bare, kept, "the controller-free model")
+    bare.lineage = model.lineage
     return bare
 
 
@@ -133,6 +138,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> ESPMe
     except (ConfigError, ValueError, IndexError) as error:
         raise CheckpointError(f"{path} has a model config that does not build a model: {error}") from None
     load_strict(model, tensors, str(path))
+    model.lineage = read_lineage(path)
     return model.to(device).eval()
 
 

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from espmedsam.data.stack import ImageStack, is_dicom_file
+from espmedsam.data.stack import DicomSeries, ImageStack, is_dicom_file
 from espmedsam.errors import DataError, MissingDependencyError
 from espmedsam.files import atomic_write
 
@@ -65,23 +65,25 @@ def read_dicom_file(path: str | Path) -> ImageStack:
     return ImageStack(frames, path, "dicom", _spacing(dataset), None, [dataset])
 
 
-def read_dicom_series(folder: str | Path) -> ImageStack:
-    """The DICOM files of a folder (not its subfolders) as one series, one frame per slice.
+def read_dicom_series(folder: str | Path, *, series: DicomSeries | None = None) -> ImageStack:
+    """The DICOM files of a folder (not its subfolders) as one series, one frame per slice; with ``series``,
+    only that series' files (``espmedsam.data.series.list_series`` lists a folder's series).
 
     Files without the DICOM preamble and without a ``.dcm`` suffix are skipped, as are DICOM files that hold
     no image (DICOMDIR, reports). Slices are sorted by ImagePositionPatient along the slice normal, else by
     InstanceNumber, else by file name. A folder with a single (possibly multi-frame) file reads as that file.
 
     Raises:
-        DataError: no DICOM image in the folder, several series, multi-frame files among several, slices of
-            different sizes, or any slice that cannot be read.
+        DataError: no DICOM image in the folder (of ``series``), several series without ``series``,
+            multi-frame files among several, slices of different sizes, or any slice that cannot be read.
     """
     folder = Path(folder)
+    where = folder if series is None else series  # what messages name
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     slices: list[tuple[Path, Dataset]] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if not is_dicom_file(path):
+    for path in dicom_files(folder):
+        if series is not None and _series_uid(path) != series.uid:
             continue
         dataset = _read_dataset(path)
         if dataset.get("SOPClassUID") == MEDIA_DIRECTORY_UID or "PixelData" not in dataset:
@@ -89,24 +91,43 @@ def read_dicom_series(folder: str | Path) -> ImageStack:
             continue
         slices.append((path, dataset))
     if not slices:
-        raise DataError(f"{folder}: no DICOM image files in this folder")
-    series = {str(dataset.get("SeriesInstanceUID", "")) for _, dataset in slices}
-    if len(series) > 1:
+        raise DataError(f"{where}: no DICOM image files in this folder")
+    uids = {str(dataset.get("SeriesInstanceUID", "")) for _, dataset in slices}
+    if len(uids) > 1:
         raise DataError(
-            f"{folder}: {len(series)} DICOM series (SeriesInstanceUID) in one folder; "
-            "pass one folder per series"
+            f"{folder}: {len(uids)} DICOM series (SeriesInstanceUID) in one folder; "
+            "read each on its own (espmedsam.data.series.list_series lists them) or pass one folder per "
+            "series"
         )
     if len(slices) > 1 and any(_frame_count(dataset) > 1 for _, dataset in slices):
-        raise DataError(f"{folder}: multi-frame files among {len(slices)} files; pass each file on its own")
+        raise DataError(f"{where}: multi-frame files among {len(slices)} files; pass each file on its own")
     slices = _sorted_slices(slices)
     sizes = {(int(dataset.Rows), int(dataset.Columns)) for _, dataset in slices}
     if len(sizes) > 1:
-        raise DataError(f"{folder}: slices of different sizes (rows, columns) {sorted(sizes)}")
+        raise DataError(f"{where}: slices of different sizes (rows, columns) {sorted(sizes)}")
     frames = [_frames(dataset, path) for path, dataset in slices]
     if len({frame.shape for frame in frames}) > 1:
-        raise DataError(f"{folder}: slices mix grayscale and colour")
+        raise DataError(f"{where}: slices mix grayscale and colour")
     datasets = [dataset for _, dataset in slices]
-    return ImageStack(np.concatenate(frames), folder, "dicom", _spacing(datasets[0]), None, datasets)
+    spacing = _spacing(datasets[0])
+    return ImageStack(np.concatenate(frames), folder, "dicom", spacing, None, datasets, series=series)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` told DICOM by their preamble or suffix, by name (hidden files left out)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return [path for path in files if is_dicom_file(path)]
+
+
+def _series_uid(path: Path) -> str:
+    """A file's SeriesInstanceUID, from its header alone ("" when it has none)."""
+    try:
+        header = pydicom.dcmread(
+            path, stop_before_pixels=True, force=True, specific_tags=["SeriesInstanceUID"]
+        )
+    except Exception as error:  # as _read_dataset
+        raise DataError(f"{path}: cannot read DICOM ({error})") from None
+    return str(header.get("SeriesInstanceUID", ""))
 
 
 def nifti_affine(datasets: Sequence[Dataset], n_frames: int) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""What prediction runs on: ``ImageStack``, the frames of one 2D image, NIfTI volume or DICOM file/series.
+"""What prediction runs on: ``ImageStack``, the frames of one 2D or multi-page image, NIfTI volume or DICOM
+file/series.
 
 ``read_stack`` picks the reader by content; ``write_masks`` writes predicted masks back in the input's format
-(PNG for images, NIfTI for NIfTI, NIfTI or DICOM-SEG for DICOM).
+(PNG for images, a multi-page TIFF for multi-page images, NIfTI for NIfTI, NIfTI or DICOM-SEG for DICOM).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from espmedsam.data.io import IMAGE_SUFFIXES, check_input_file, read_image, write_png
+from espmedsam.data.io import PAGE_SUFFIXES, check_input_file, read_pages, write_png, write_tiff_pages
 from espmedsam.errors import DataError, InputError, MissingDependencyError
 
 KINDS = ("image", "nifti", "dicom")
@@ -21,12 +22,30 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder that holds several: each is its own input to ``espmedsam predict``.
+
+    ``uid``: its SeriesInstanceUID ("" for files without one). ``label``: ``series<SeriesNumber>``, else
+    ``uid<the UID's last 8 digits>``, unique in the folder: outputs are named ``<folder>_<label>``.
+    """
+
+    folder: Path
+    uid: str
+    label: str
+
+    def __str__(self) -> str:
+        return f"{self.folder} ({self.label})"
+
+
+@dataclass(frozen=True)
 class ImageStack:
     """Display-ready frames of one input and what is needed to write masks back into its format.
 
-    ``frames``: (N, H, W) or (N, H, W, 3) uint8 (N=1 for a 2D image). ``spacing``: (row, column) pixel
-    spacing in mm when known. ``axis``: for NIfTI, the voxel axis sliced along. ``reference``: the nibabel
-    image (NIfTI) or the list of pydicom datasets in frame order (DICOM); None for images.
+    ``frames``: (N, H, W) or (N, H, W, 3) uint8 (N=1 for a 2D image, the pages of a multi-page image).
+    ``spacing``: (row, column) pixel spacing in mm when known. ``axis``: for NIfTI, the voxel axis sliced
+    along. ``reference``: the nibabel image (NIfTI) or the list of pydicom datasets in frame order (DICOM);
+    None for images. ``page``: the page read alone from a multi-page image. ``series``: the series read
+    from a folder holding several.
     """
 
     frames: np.ndarray
@@ -35,6 +54,8 @@ class ImageStack:
     spacing: tuple[float, float] | None = None
     axis: int | None = None
     reference: object | None = None
+    page: int | None = None
+    series: DicomSeries | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,44 +77,63 @@ class ImageStack:
     @property
     def name(self) -> str:
         """The output name: the file name without its format suffix (``.nii.gz``, ``.dcm``...), or the
-        series folder's name."""
+        series folder's name; ``<folder>_<series label>`` for one series of several, ``<name>_page<N>``
+        for one page."""
+        if self.series is not None:
+            return f"{self.source.name}_{self.series.label}"
         if self.source.is_dir():
             return self.source.name
-        return output_stem(self.source.name, self.kind)
+        stem = output_stem(self.source.name, self.kind)
+        return stem if self.page is None else f"{stem}_page{self.page}"
 
 
-def read_stack(path: str | Path, *, axis: int = 2) -> ImageStack:
-    """Read an image, a NIfTI file, a DICOM file or a folder holding one DICOM series.
+def read_stack(path: str | Path | DicomSeries, *, axis: int = 2, page: int | None = None) -> ImageStack:
+    """Read an image (one page, or every page of a multi-page TIFF, GIF or APNG), a NIfTI file, a DICOM
+    file, a folder holding one DICOM series, or one ``DicomSeries`` of a folder holding several.
 
     The format is told by content where it can be: a file with the DICOM preamble (``DICM`` at byte 128)
     is DICOM whatever its suffix, as is any ``.dcm``; ``.nii``/``.nii.gz`` (or the NIfTI magic) is NIfTI;
-    PNG/JPEG/TIFF/BMP go through ``read_image`` (RGBA loses its alpha). ``axis`` (0, 1 or 2) is the voxel
-    axis a NIfTI volume is sliced along.
+    PNG/JPEG/TIFF/BMP/GIF go through ``read_pages`` (RGBA loses its alpha). ``axis`` (0, 1 or 2) is the
+    voxel axis a NIfTI volume is sliced along; ``page`` (0-based) reads that page of an image alone.
 
     Raises:
-        DataError: a missing or unreadable file, an unknown format, or an inconsistent series.
-        InputError: ``axis`` not 0, 1 or 2.
+        DataError: a missing or unreadable file, an unknown format, an inconsistent series or pages, or a
+            page the image does not have.
+        InputError: ``axis`` not 0, 1 or 2; ``page`` negative, or given for a NIfTI or DICOM input.
         MissingDependencyError: pydicom or nibabel is not installed.
     """
-    path = Path(path)
     if axis not in (0, 1, 2):
         raise InputError(f"NIfTI slicing axis must be 0, 1 or 2, got {axis}")
+    if isinstance(path, DicomSeries):
+        _no_page(path, "a DICOM series", page)
+        return _dicom().read_dicom_series(path.folder, series=path)
+    path = Path(path)
     if path.is_dir():
+        _no_page(path, "a DICOM series", page)
         return _dicom().read_dicom_series(path)
     check_input_file(path)  # missing, a broken link or empty: said once for every format
     if is_dicom_file(path):
+        _no_page(path, "DICOM", page)
         return _dicom().read_dicom_file(path)
     if _is_nifti(path):
+        _no_page(path, "NIfTI", page)
         return _nifti().read_nifti(path, axis=axis)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        image = read_image(path)
-        if image.ndim == 3:
-            image = image[..., :3]  # RGBA: the model sees colour only
-        return ImageStack(np.ascontiguousarray(image[None]), path, "image")
+    if path.suffix.lower() in PAGE_SUFFIXES:
+        pages = read_pages(path, page=page)
+        if pages.ndim == 4:
+            pages = pages[..., :3]  # RGBA: the model sees colour only
+        return ImageStack(np.ascontiguousarray(pages), path, "image", page=page)
     raise DataError(
         f"{path}: unsupported file type {path.suffix!r}; expected an image "
-        f"({', '.join(IMAGE_SUFFIXES)}), NIfTI (.nii, .nii.gz) or DICOM (.dcm or the DICM preamble)"
+        f"({', '.join(PAGE_SUFFIXES)}), NIfTI (.nii, .nii.gz) or DICOM (.dcm or the DICM preamble)"
     )
+
+
+def _no_page(path: Path | DicomSeries, kind: str, page: int | None) -> None:
+    if page is not None:
+        raise InputError(
+            f"{path}: a page (--page) is read from multi-page images (TIFF, GIF, PNG), not {kind}"
+        )
 
 
 def write_masks(
@@ -101,7 +141,8 @@ def write_masks(
 ) -> list[Path]:
     """Write (N, H, W) masks (bool, or 0/nonzero) for ``stack`` into ``out_dir`` in the input's format.
 
-    "image" -> ``<name>_mask.png`` (0/255); "nifti" -> ``<name>_mask.nii.gz`` (uint8 0/1, the input's
+    "image" -> ``<name>_mask.png`` (0/255), or for several pages ``<name>_mask.tif`` (one 0/255 page per
+    page, in order); "nifti" -> ``<name>_mask.nii.gz`` (uint8 0/1, the input's
     affine, header and spatial shape); "dicom" -> ``<name>_mask.nii.gz`` (affine from the DICOM geometry)
     or, with ``dicom_format="seg"``, a binary DICOM-SEG ``<name>_seg.dcm``. Each write is atomic.
 
@@ -117,6 +158,8 @@ def write_masks(
         raise InputError(f"{stack.source}: masks of shape {masks.shape}, expected {stack.frames.shape[:3]}")
     masks = masks != 0
     out_dir = Path(out_dir)
+    if stack.kind == "image" and len(masks) > 1:
+        return [write_tiff_pages(out_dir / f"{stack.name}_mask.tif", masks.astype(np.uint8) * 255)]
     if stack.kind == "image":
         return [write_png(out_dir / f"{stack.name}_mask.png", masks[0].astype(np.uint8) * 255)]
     if stack.kind == "nifti":

@@ -73,19 +73,34 @@ class ESPMedSAM(RawImageIO, nn.Module):
         self._check_images(images)
         ids = self.modality_ids(modality, images.shape[0]).to(images.device)
         embeddings = self.image_encoder(images, self.route(ids))
-        return self.decode(embeddings, ids, images.shape[-1])
+        return self.decode(embeddings, ids, images.shape[-1], images)
 
-    def decode(self, embeddings: torch.Tensor, modality: ModalityLike, size: int | None = None) -> ESPOutput:
+    def forward_from_features(
+        self, features: torch.Tensor, depth: int, images: torch.Tensor, modality: ModalityLike
+    ) -> ESPOutput:
+        """``forward`` from the output of the encoder's frozen prefix (``TinyViT.prefix(images, depth)``):
+        training with a frozen, cached prefix calls this. ``images`` are the (B, 3, S, S) inputs."""
+        ids = self.modality_ids(modality, features.shape[0]).to(features.device)
+        embeddings = self.image_encoder.suffix(features, depth, self.route(ids))
+        return self.decode(embeddings, ids, images.shape[-1], images)
+
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        modality: ModalityLike,
+        size: int | None = None,
+        images: torch.Tensor | None = None,
+    ) -> ESPOutput:
         """SPPG and QDMD on (B, C, h, w) image embeddings -> ESPOutput with (B, 1, S, S) masks.
 
         ``size`` S defaults to h times the encoder's output stride. Training with a frozen encoder calls
-        this on cached embeddings.
+        this on cached embeddings. ``images``, the (B, 3, S, S) inputs, feed the detail branch, if any.
         """
         ids = self.modality_ids(modality, embeddings.shape[0]).to(embeddings.device)
         size = size or embeddings.shape[-1] * self.config.encoder.output_stride
         embeddings = self.refiner(embeddings)
         patch_logits, dense_prompt = self.sppg(embeddings)
-        low_res = self.decoder(embeddings + dense_prompt, ids)
+        low_res = self.decoder(embeddings + dense_prompt, ids, images)
         if low_res.shape[-1] != size:
             low_res = F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
         return ESPOutput(masks=low_res, patch_logits=patch_logits, embeddings=embeddings)

@@ -14,6 +14,7 @@ from torch import nn
 from espmedsam.config import DecoderConfig
 from espmedsam.models.common import HyperMLP, LayerNorm2d
 from espmedsam.models.controller import gathered_linear, trace_safe_routing
+from espmedsam.models.detail import DetailBranch
 from espmedsam.models.transformer import PositionEmbeddingRandom, TwoWayTransformer
 
 
@@ -25,8 +26,10 @@ class QueryDecoupledDecoder(nn.Module):
         num_modalities: int,
         embed_dim: int = 256,
         config: DecoderConfig = DecoderConfig(),
+        detail_branch: DetailBranch | None = None,
     ) -> None:
         super().__init__()
+        self.detail_branch = detail_branch  # None: the mask comes from the embedding alone
         self.num_modalities = num_modalities
         self.decode_all_queries = config.decode_all_queries
         self.pe_layer = PositionEmbeddingRandom(embed_dim // 2)
@@ -47,12 +50,15 @@ class QueryDecoupledDecoder(nn.Module):
             HyperMLP(embed_dim, embed_dim, out) for _ in range(num_mlps)
         )
 
-    def forward(self, embeddings: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, modality: torch.Tensor, images: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mask logits of each image's own modality.
 
         Args:
             embeddings: (B, C, h, w) image embedding with the dense prompt added.
             modality: (B,) int64 modality ids.
+            images: the (B, 3, S, S) model inputs, which a decoder with a detail branch needs.
         Returns:
             (B, 1, 4h, 4w) low-resolution mask logits.
         """
@@ -66,6 +72,10 @@ class QueryDecoupledDecoder(nn.Module):
             own = torch.zeros_like(modality)
         queries, keys = self.transformer(embeddings, image_pe, tokens.to(embeddings.dtype))
         upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
+        if self.detail_branch is not None:
+            if images is None:
+                raise ValueError("a decoder with a detail branch needs the input images")
+            upscaled = self.detail_branch(images, upscaled)
         own_query = queries[torch.arange(b, device=queries.device), own]  # (B, C)
         weights = self._hypernetwork(own_query, modality)  # (B, C_up)
         return torch.einsum("bc,bchw->bhw", weights, upscaled).unsqueeze(1)

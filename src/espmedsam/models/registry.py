@@ -16,6 +16,7 @@ from espmedsam.config import (
 )
 from espmedsam.errors import ConfigError
 from espmedsam.models.classifier import ModalityClassifier
+from espmedsam.models.detail import DetailBranch
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.qdmd import QueryDecoupledDecoder
 from espmedsam.models.refiner import EmbeddingRefiner
@@ -103,7 +104,13 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
     sppg = SelfPatchPromptGenerator(
         config.encoder.out_chans, config.sppg.hidden_dim, threshold=config.sppg.threshold
     )
-    decoder = QueryDecoupledDecoder(len(config.modalities), config.encoder.out_chans, config.decoder)
+    detail = None
+    if config.detail.enabled:  # the upscaled features have 4x the embedding's resolution
+        stride = max(1, config.encoder.output_stride // 4)
+        detail = DetailBranch(config.decoder.upscale_dims[-1], config.detail.hidden_dim, stride)
+    decoder = QueryDecoupledDecoder(
+        len(config.modalities), config.encoder.out_chans, config.decoder, detail_branch=detail
+    )
     refiner = EmbeddingRefiner(config.encoder.out_chans, **dataclasses.asdict(config.refiner))
     classifier = None
     if config.classifier.enabled:

@@ -185,7 +185,10 @@ class TinyViTBlock(nn.Module):
         return math.ceil(size / math.ceil(size / self.window_size))
 
     def forward(self, x: torch.Tensor, route: ControllerRoute | None) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, C); ``route`` None runs the shared block with no controller."""
+        """(B, H, W, C) -> (B, H, W, C); ``route`` None (or a block without controllers) runs the shared
+        block alone."""
+        if not len(self.controllers):
+            route = None
         b, h, w, c = x.shape
         wh, ww = self.window_shape(h), self.window_shape(w)
         pad_h, pad_w = (wh - h % wh) % wh, (ww - w % ww) % ww
@@ -249,6 +252,7 @@ class TinyViT(nn.Module):
     ) -> None:
         super().__init__()
         dims = config.embed_dims
+        self.frozen_batchnorm = False  # True: batch norms keep their running statistics in train mode
         self.patch_embed = PatchEmbed(3, dims[0], config.stem)
         layers: list[nn.Module] = [
             ConvLayer(dims[0], dims[1], config.depths[0], config.mbconv_expand_ratio, config.merge_strides[0])
@@ -260,7 +264,8 @@ class TinyViT(nn.Module):
                     config.num_heads[i],
                     config.window_sizes[i],
                     mlp_ratio=config.mlp_ratio,
-                    num_controllers=num_controllers,
+                    # stages before ``first_stage`` carry no controllers (a frozen, cached prefix)
+                    num_controllers=num_controllers if i >= controller.first_stage else 0,
                     controller=controller,
                     balanced_windows=config.balanced_windows,
                 )
@@ -286,8 +291,36 @@ class TinyViT(nn.Module):
         Returns:
             (B, out_chans, S/s, S/s) embedding, s = ``config.output_stride``.
         """
+        return self.suffix(self.prefix(images, 0, route), 0, route)
+
+    def prefix(self, images: torch.Tensor, depth: int, route: ControllerRoute | None = None) -> torch.Tensor:
+        """The stem and the first ``depth`` stages: (B, 3, S, S) -> their output features.
+
+        ``depth`` 0 returns the stem's (B, C0, S', S') map; otherwise the (B, h, w, C) tokens that stage
+        ``depth`` takes (``train.frozen`` caches them when that prefix is frozen).
+        """
         # channels-last convolutions are several times faster on CPU (oneDNN), and match (B, H, W, C) tokens
         x = self.patch_embed(images.contiguous(memory_format=torch.channels_last))
-        for layer in self.layers:
+        for layer in self.layers[:depth]:
+            x = layer(x, route)
+        return x
+
+    def suffix(
+        self, features: torch.Tensor, depth: int, route: ControllerRoute | None = None
+    ) -> torch.Tensor:
+        """Stages ``depth`` onwards and the neck on the output of ``prefix(images, depth)`` -> the
+        (B, out_chans, S/s, S/s) embedding."""
+        x = features
+        for layer in self.layers[depth:]:
             x = layer(x, route)
         return self.neck(x.permute(0, 3, 1, 2))  # B H W C -> B C H W
+
+    def train(self, mode: bool = True) -> TinyViT:
+        """As ``nn.Module.train``; with ``frozen_batchnorm`` the batch norms stay in eval mode (a partly
+        trained encoder on small mixed-modality batches keeps its pretrained statistics)."""
+        super().train(mode)
+        if self.frozen_batchnorm:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self

@@ -44,7 +44,7 @@ ERROR_RESPONSES = {
     for code, text in (
         (400, "an unreadable file"),
         (413, "an upload or image over the server's limits"),
-        (415, "a file that is not PNG, JPEG, TIFF, BMP, DICOM or NIfTI"),
+        (415, "a file that is not PNG, JPEG, TIFF, BMP, GIF, DICOM or NIfTI"),
         (422, "an unknown modality, or a missing file field"),
     )
 }
@@ -125,7 +125,9 @@ def _add_routes(app: FastAPI) -> None:
         summary="Segment one uploaded image or volume",
     )
     def segment(
-        file: Annotated[UploadFile, File(description="PNG, JPEG, TIFF, BMP, DICOM or NIfTI (.nii, .nii.gz)")],
+        file: Annotated[
+            UploadFile, File(description="PNG, JPEG, TIFF, BMP, GIF, DICOM or NIfTI (.nii, .nii.gz)")
+        ],
         modality: Annotated[
             str, Form(description="a modality of /api/info, or auto (the classifier)")
         ] = "auto",

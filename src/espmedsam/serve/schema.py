@@ -77,7 +77,10 @@ class SegmentResult(BaseModel):
     foreground_mm2: float | None = Field(description="when the file gives the pixel spacing")
     spacing_mm: list[float] | None = None
     mask_png: str | None = Field(description="base64 PNG of the mask of a single-frame input")
-    mask_file: MaskFile = Field(description="what espmedsam predict writes: PNG, or NIfTI for volumes")
+    mask_file: MaskFile = Field(
+        description="what espmedsam predict writes: PNG, a multi-page TIFF for multi-page images, or NIfTI "
+        "for volumes"
+    )
     slices: list[Slice]
     seconds: dict[str, float] = Field(description="read, classify, segment, encode and total")
 
@@ -167,7 +170,9 @@ def _parameter_counts(model: torch.nn.Module) -> list[dict]:
 
 
 def _media_type(filename: str) -> str:
-    return "image/png" if filename.endswith(".png") else "application/gzip"
+    if filename.endswith(".png"):
+        return "image/png"
+    return "image/tiff" if filename.endswith(".tif") else "application/gzip"
 
 
 def _b64(data: bytes) -> str:

@@ -30,8 +30,10 @@ _SIGNATURES = (
     (b"n+1\x00", 344, "nifti", ".nii"),
     (b"n+2\x00", 4, "nifti", ".nii"),
     (b"BM", 0, "bmp", ".bmp"),
+    (b"GIF87a", 0, "gif", ".gif"),
+    (b"GIF89a", 0, "gif", ".gif"),
 )
-FORMATS = ("png", "jpeg", "tiff", "bmp", "dicom", "nifti")
+FORMATS = ("png", "jpeg", "tiff", "bmp", "gif", "dicom", "nifti")
 _NIFTI_HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1's is 348
 
 
@@ -45,7 +47,8 @@ class UnsupportedFormat(EspMedSAMError):
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """What one request may bring: bytes of the upload, pixels of one frame, frames of a volume."""
+    """What one request may bring: bytes of the upload, pixels of one frame, frames of a volume (or pages
+    of a multi-page image)."""
 
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 6000 * 6000  # large dermoscopy photographs reach ~6700 x 4500
@@ -82,7 +85,7 @@ def sniff_format(data: bytes) -> SniffedFormat:
             if head[offset : offset + len(magic)] == magic:
                 return SniffedFormat(name, suffix)
     raise UnsupportedFormat(
-        "not a supported file: expected PNG, JPEG, TIFF, BMP, DICOM or NIfTI (told by the content, "
+        "not a supported file: expected PNG, JPEG, TIFF, BMP, GIF, DICOM or NIfTI (told by the content, "
         "not by the file name)"
     )
 

@@ -10,6 +10,11 @@ normalisation and this module's sample recipe, so a different encoder never read
 
 With the encoder frozen, one epoch costs a decoder pass instead of a whole-model pass (at LiteMedSAM's
 pointwise stem the encoder is ~90 % of the forward cost and all of the memory).
+
+With a frozen *prefix* (``frozen_prefix``: the stem and the first stages) the entries hold that prefix's
+(h, w, C) output features and the (3, S, S) model input instead of the embedding; training then runs the
+later stages, their controllers, the neck and the decoder (with its detail branch) on them. The folder's
+name then covers the prefix's depth and weights alone, so training the later stages never invalidates it.
 """
 
 from __future__ import annotations
@@ -38,15 +43,29 @@ RECIPE_VERSION = "appearance-v1"  # bump when the variant recipe changes: it nam
 DEFAULT_CACHE = Path.home() / ".cache" / "espmedsam" / "encoder-embeddings"
 
 
-def encoder_fingerprint(model: ESPMedSAM) -> str:
-    """16 hex digits over the encoder's config and weights, the input normalisation and the recipe."""
+def encoder_fingerprint(model: ESPMedSAM, depth: int | None = None) -> str:
+    """16 hex digits over the encoder's config and weights, the input normalisation and the recipe; with
+    ``depth``, over the frozen prefix of that many stages (``TinyViT.prefix``) alone."""
     config = model.config
-    digest = hashlib.sha256(repr((config.encoder, config.input_normalisation, RECIPE_VERSION)).encode())
+    described: tuple = (config.encoder, config.input_normalisation, RECIPE_VERSION)
+    if depth is not None:
+        described += ("prefix", depth)
+    digest = hashlib.sha256(repr(described).encode())
     for name, tensor in sorted(model.image_encoder.state_dict().items()):
+        if depth is not None and not _in_prefix(name, depth):
+            continue
         if ".controllers." not in name:  # the cache holds controller-free embeddings
             digest.update(name.encode())
             digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _in_prefix(name: str, depth: int) -> bool:
+    """Whether encoder parameter ``name`` belongs to the stem or the first ``depth`` stages."""
+    if name.startswith("patch_embed."):
+        return True
+    parts = name.split(".")
+    return parts[0] == "layers" and int(parts[1]) < depth
 
 
 def sample_digest(image: np.ndarray, mask: np.ndarray) -> str:
@@ -64,23 +83,32 @@ class EncoderCache(EmbeddingCache):
     suffix = ".npz"
 
     def get(self, key: CacheKey) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """{"embedding": (C, h, w) float32, "mask": (1, S, S) float32, "valid": (2,) int64}."""
+        """{"embedding": (C, h, w)} or, of a frozen prefix, {"features": (h, w, C), "image": (3, S, S)},
+        float32; with "mask": (1, S, S) float32 and "valid": (2,) int64."""
         with np.load(self.path(key)) as entry:
-            return {
-                "embedding": torch.from_numpy(entry["embedding"].astype(np.float32)),
-                "mask": torch.from_numpy(entry["mask"].astype(np.float32))[None],
-                "valid": torch.from_numpy(entry["valid"].astype(np.int64)),
+            out = {
+                name: torch.from_numpy(entry[name].astype(np.float32))
+                for name in _FEATURE_KEYS
+                if name in entry
             }
+            out["mask"] = torch.from_numpy(entry["mask"].astype(np.float32))[None]
+            out["valid"] = torch.from_numpy(entry["valid"].astype(np.int64))
+        return out
 
     def put(self, key: CacheKey, entry: dict[str, torch.Tensor]) -> Path:  # type: ignore[override]
         buffer = io.BytesIO()
+        arrays = {
+            name: entry[name].detach().to(torch.float16).cpu().numpy()
+            for name in _FEATURE_KEYS
+            if name in entry
+        }
         np.savez(
-            buffer,
-            embedding=entry["embedding"].detach().to(torch.float16).cpu().numpy(),
-            mask=entry["mask"][0].cpu().numpy() > 0.5,
-            valid=entry["valid"].cpu().numpy(),
+            buffer, **arrays, mask=entry["mask"][0].cpu().numpy() > 0.5, valid=entry["valid"].cpu().numpy()
         )
         return atomic_write(self.path(key), lambda file: file.write(buffer.getvalue()))
+
+
+_FEATURE_KEYS = ("embedding", "features", "image")  # stored as float16
 
 
 def variant_input(
@@ -99,20 +127,24 @@ def variant_input(
 
 class CachedEmbeddingSet(FolderEpochs, Dataset):
     """Folders x variants of cached embeddings; the variant of item ``i`` in an epoch is drawn from
-    (seed, epoch, i) among ``variants``. Items: {"embedding", "mask", "valid", "modality", "dataset"}."""
+    (seed, epoch, i) among its folder's ``variants``. Items: {"embedding", "mask", "valid", "modality",
+    "dataset"}; of a frozen prefix (``depth``), "features", "image" and "depth" instead of "embedding"."""
 
     def __init__(
         self,
         cache: EncoderCache,
         folders: Sequence[SegmentationFolder],
         sizes: Sequence[int],
-        variants: int,
+        variants: int | Sequence[int],
         seed: int = 0,
         modalities: Sequence[str] = MODALITIES,
+        depth: int | None = None,
     ) -> None:
         self.cache, self.folders, self.sizes = cache, list(folders), list(sizes)
         self.modalities = tuple(modalities)  # the model's: items carry ids into it
-        self.variants, self.seed, self.epoch = variants, seed, 0
+        self.depth = depth  # None: whole-encoder embeddings; else the frozen prefix's stage count
+        counts = [variants] * len(self.folders) if isinstance(variants, int) else list(variants)
+        self.folder_variants, self.seed, self.epoch = counts, seed, 0
         self._items = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
         self.digests = [sample_digest(*_pair(self.folders[f][i])) for f, i in self._items]
 
@@ -120,23 +152,27 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
         return len(self._items)
 
     def variant_of(self, index: int) -> int:
-        if self.variants == 1:
+        count = self.folder_variants[self._items[index][0]]
+        if count == 1:
             return 0
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
-        return int(state % self.variants)
+        return int(state % count)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, _ = self._items[index]
         entry = self.cache.get(CacheKey(self.digests[index], self.sizes[which], self.variant_of(index)))
         modality = self.modalities.index(self.folders[which].modality)
-        return {**entry, "modality": torch.tensor(modality), "dataset": torch.tensor(which)}
+        item = {**entry, "modality": torch.tensor(modality), "dataset": torch.tensor(which)}
+        if self.depth is not None:
+            item["depth"] = torch.tensor(self.depth)
+        return item
 
-    def jobs(self, variants: Sequence[int]) -> list[tuple[int, CacheKey]]:
-        """(item index, cache key) of every entry these variants need."""
+    def jobs(self) -> list[tuple[int, CacheKey]]:
+        """(item index, cache key) of every entry the folders' variants need."""
         return [
             (i, CacheKey(self.digests[i], self.sizes[f], v))
             for i, (f, _) in enumerate(self._items)
-            for v in variants
+            for v in range(self.folder_variants[f])
         ]
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -152,20 +188,20 @@ def _pair(sample: Any) -> tuple[np.ndarray, np.ndarray]:
 def build_cache(
     model: ESPMedSAM,
     dataset: CachedEmbeddingSet,
-    variants: Sequence[int],
     *,
     seed: int,
     batch_size: int = 4,
     bf16: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Embed every missing (item, variant) of ``dataset`` with the controller-free encoder; returns the
-    number computed. Same-size inputs are batched; the encoder runs in eval mode under ``no_grad``.
+    """Embed every missing (item, variant) of ``dataset`` with the controller-free encoder (or its
+    frozen prefix, ``dataset.depth``); returns the number computed. Same-size inputs are batched; the
+    encoder runs in eval mode under ``no_grad``.
 
     Under torchrun every rank calls this and embeds every N-th batch (the batches of one process, so the
     same entries); all return once every entry is written. ``progress`` counts this rank's share.
     """
-    todo = [(index, key) for index, key in dataset.jobs(variants) if key not in dataset.cache]
+    todo = [(index, key) for index, key in dataset.jobs() if key not in dataset.cache]
 
     def embed(chunk: Sequence[tuple[int, CacheKey]]) -> int:
         return _embed_chunk(model, dataset, list(chunk), seed=seed, bf16=bf16)
@@ -202,8 +238,13 @@ def _embed_chunk(
         variant_input(model, *dataset.sample(i)[:2], key.size, key.variant, seed, key.digest)
         for i, key in chunk
     ]
+    images = torch.stack([x for x, _, _ in inputs]).to(device)
     with torch.no_grad(), autocast(device, bf16):
-        embeddings = model.encode(torch.stack([x for x, _, _ in inputs]).to(device), None)
-    for (_, key), (_, mask, valid), embedding in zip(chunk, inputs, embeddings, strict=True):
-        dataset.cache.put(key, {"embedding": embedding.float(), "mask": mask, "valid": torch.tensor(valid)})
+        if dataset.depth is None:
+            outputs = [{"embedding": e} for e in model.encode(images, None)]
+        else:
+            features = model.image_encoder.prefix(images, dataset.depth, None)
+            outputs = [{"features": f, "image": x} for f, x in zip(features, images, strict=True)]
+    for (_, key), (_, mask, valid), output in zip(chunk, inputs, outputs, strict=True):
+        dataset.cache.put(key, {**output, "mask": mask, "valid": torch.tensor(valid)})
     return len(chunk)

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from espmedsam.checkpoints.native import load_model, load_unet, save_model, save_unet
-from espmedsam.config import TrainConfig, from_dict
+from espmedsam.checkpoints.lineage import run_record
+from espmedsam.checkpoints.native import default_checkpoint, load_model, load_unet, save_model, save_unet
+from espmedsam.config import TrainConfig, apply_overrides, from_dict
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.data.sampler import BalancedSampler
 from espmedsam.data.training_set import MixedModalityDataset
@@ -112,6 +113,7 @@ class _Counters:
     val_step: int | None = None
     val_dice: dict[str, float] = field(default_factory=dict)
     val_seconds: float = 0.0
+    setup_s: float = 0.0  # building the model and the datasets (and their caches), before step 1
 
 
 def train(
@@ -161,16 +163,85 @@ def build_network(config: TrainConfig) -> nn.Module:
                 else UNetBaseline(UNetConfig(features=config.unet_features))
             )
         else:
-            model = load_model(config.init) if config.init else build_model(get_config(config.model))
+            init = resolve_init(config.init)
+            model = load_model(init) if init else build_model(get_config(config.model))
+            if config.model_overrides:
+                model = with_layout(model, config.model_overrides)
     model.config = dataclasses.replace(
         model.config, image_size=config.image_size, **_sizes_field(model, config.input_sizes)
     )
     if config.frozen_encoder:
         model.image_encoder.requires_grad_(False)
+    if config.frozen_prefix:
+        freeze_prefix(model, config.frozen_prefix, shared_suffix=config.train_shared_suffix)
     if config.train_modalities:  # the shared parts stay as loaded: no gradient, no batch-norm update
         train_only_modalities(model, config.train_modalities)
         return model.eval()
     return model.train()
+
+
+BUNDLED = "bundled"  # ``init: bundled`` continues from the weights shipped in the package
+
+
+def resolve_init(init: str | None) -> str | Path | None:
+    """``init`` as a path: ``bundled`` names the package's default weights.
+
+    Raises:
+        ConfigError: ``bundled`` in an installation without them.
+    """
+    if init != BUNDLED:
+        return init
+    path = default_checkpoint()
+    if path is None:
+        raise ConfigError("init: bundled, but this installation has no bundled weights")
+    return path
+
+
+def with_layout(model: nn.Module, overrides: tuple[str, ...]) -> nn.Module:
+    """``model`` rebuilt with ``ModelConfig`` overrides, its weights kept by name; what the new layout
+    adds (controllers, a detail branch) keeps its fresh initialisation, near or at the identity.
+
+    Raises:
+        ConfigError: a bad override, or one that would drop or reshape existing weights.
+    """
+    config = apply_overrides(model.config, overrides)
+    grown = build_model(config)
+    old, new = model.state_dict(), grown.state_dict()
+    lost = [k for k in old if k not in new or new[k].shape != old[k].shape]
+    if lost:
+        raise ConfigError(
+            f"model_overrides may only add parameters; {len(lost)} existing ones would be dropped or "
+            f"reshaped (first: {lost[0]})"
+        )
+    grown.load_state_dict(old, strict=False)
+    grown.lineage = getattr(model, "lineage", [])
+    return grown
+
+
+def freeze_prefix(model: nn.Module, depth: int, *, shared_suffix: bool = True) -> None:
+    """Stop gradients through the encoder's stem and first ``depth`` stages (and, without
+    ``shared_suffix``, through every shared encoder weight: only the controllers learn), and keep every
+    encoder batch norm on its pretrained statistics (``TinyViT.frozen_batchnorm``).
+
+    Raises:
+        ConfigError: ``depth`` not below the number of stages, or controllers inside the prefix.
+    """
+    encoder = model.image_encoder
+    stages = len(encoder.layers)
+    if depth >= stages:
+        raise ConfigError(f"frozen_prefix must be below the encoder's {stages} stages (use frozen_encoder)")
+    controller = model.config.controller
+    if controller.enabled and controller.first_stage < depth:
+        raise ConfigError(
+            f"frozen_prefix {depth} would freeze controllers: set model controller.first_stage >= {depth}"
+        )
+    encoder.patch_embed.requires_grad_(False)
+    for layer in encoder.layers[:depth]:
+        layer.requires_grad_(False)
+    if not shared_suffix:
+        for name, parameter in encoder.named_parameters():
+            parameter.requires_grad_(".controllers." in name)
+    encoder.frozen_batchnorm = True
 
 
 def _sizes_field(model: nn.Module, sizes: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -206,7 +277,7 @@ def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tup
     _require_modalities(sources, model.config.modalities)
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
     _require_images(folders)
-    if config.frozen_encoder:
+    if config.frozen_encoder or config.frozen_prefix:
         return _cached_datasets(config, model, folders, sources, names)
     mean, std = model.config.pixel_mean, model.config.pixel_std
     normalisation = getattr(model.config, "input_normalisation", "mean_std")  # the U-Net has none
@@ -252,28 +323,40 @@ def _require_images(folders: list[SegmentationFolder]) -> None:
 def _cached_datasets(
     config: TrainConfig, model: nn.Module, folders: list[SegmentationFolder], sources: list, names: tuple
 ) -> tuple[CachedEmbeddingSet, CachedEmbeddingSet | None, tuple[str, ...]]:
-    """Frozen-encoder training and validation sets, their missing embeddings computed first."""
-    cache = EncoderCache(config.cache_dir or DEFAULT_CACHE, encoder_fingerprint(model))
+    """Frozen-encoder (or frozen-prefix) training and validation sets, their missing entries computed
+    first."""
+    depth = config.frozen_prefix or None
+    cache = EncoderCache(config.cache_dir or DEFAULT_CACHE, encoder_fingerprint(model, depth))
     sizes = [model.input_size(folder.modality) for folder in folders]
     modalities = model.config.modalities
+    variants = [cached_variants(config, len(folder)) for folder in folders]
     train_set = CachedEmbeddingSet(
-        cache, folders, sizes, config.variants, seed=config.seed, modalities=modalities
+        cache, folders, sizes, variants, seed=config.seed, modalities=modalities, depth=depth
     )
-    _fill(model, train_set, range(config.variants), config, "embedding the training images")
+    _fill(model, train_set, config, "embedding the training images")
     if not config.val_split:
         return train_set, None, names
     val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
-    val_set = CachedEmbeddingSet(cache, val_folders, sizes, 1, seed=config.seed, modalities=modalities)
-    _fill(model, val_set, [0], config, "embedding the validation images")
+    val_set = CachedEmbeddingSet(
+        cache, val_folders, sizes, 1, seed=config.seed, modalities=modalities, depth=depth
+    )
+    _fill(model, val_set, config, "embedding the validation images")
     return train_set, val_set, names
 
 
-def _fill(model: nn.Module, dataset: CachedEmbeddingSet, variants, config: TrainConfig, what: str) -> None:
+def cached_variants(config: TrainConfig, images: int) -> int:
+    """Cached samples per image of a set of ``images``: ``variants``, or more (at most 8) so that the set
+    holds ``min_cached_samples``."""
+    wanted = -(-config.min_cached_samples // max(images, 1))
+    return max(config.variants, min(8, wanted))
+
+
+def _fill(model: nn.Module, dataset: CachedEmbeddingSet, config: TrainConfig, what: str) -> None:
     def report(done: int, total: int) -> None:
         if done == total or done % 200 < 4:
             logger.info("%s: %d/%d", what, done, total)
 
-    build_cache(model, dataset, list(variants), seed=config.seed, bf16=config.bf16, progress=report)
+    build_cache(model, dataset, seed=config.seed, bf16=config.bf16, progress=report)
     for folder in dataset.folders:  # training reads the embeddings alone from now on
         folder.release_cache()
 
@@ -290,12 +373,14 @@ class _Trainer:
         progress: Callable[[TrainProgress], None] | None,
     ) -> None:
         self.config, self.progress, self.dir = config, progress, config.run_dir
+        setup_start = time.monotonic()
         self.main = distributed.is_main()  # rank 0 writes every file; the other ranks write nothing
         state = load_state(self.dir / STATE_FILE) if resume else None
         if state is not None:
             _check_resumable(config, from_dict(TrainConfig, state["config"]))
         self.device = device
         self.model = build_network(config).to(self.device)
+        self.lineage = list(getattr(self.model, "lineage", []))  # the runs behind ``init``
         if distributed.is_distributed() and config.sync_batchnorm:
             sync_batchnorm(self.model)  # the model is the trainer's own: no need to swap back
         self.train_set, self.val_set, self.names = build_datasets(config, self.model)
@@ -321,6 +406,8 @@ class _Trainer:
         self._validation_pause, self._speed = 0.0, 0.0
         if state is not None:
             self._restore(state)
+        else:
+            self.counters.setup_s = time.monotonic() - setup_start
         self.step_loss = _StepLoss(self.model, self.loss, self.device, config.bf16)
         # the U-Net uses every parameter in every step; ESP-MedSAM trains the modalities of the step's share
         unused = config.arch != "unet"
@@ -463,15 +550,21 @@ class _Trainer:
         mean = _mean(scores)  # the same on every rank: the best checkpoint is chosen alike everywhere
         counters.val_step, counters.val_dice = counters.step, scores
         self._saved_step = None  # the counters changed: the next checkpoint must be written
-        if counters.best_dice is None or mean > counters.best_dice:
+        improved = counters.best_dice is None or mean > counters.best_dice
+        if improved:
             counters.best_dice, counters.best_step = mean, counters.step
-            if self.main:
-                save_weights(self.model, self.dir / BEST_FILE)
         epoch = (counters.step - 1) // self.config.steps_per_epoch
         record = {"kind": "val", "step": counters.step, "epoch": epoch, "val_dice": scores}
         if self.history is not None:
-            self.history.append({**record, "val_mean_dice": mean, "best_dice": counters.best_dice})
+            record |= {
+                "val_mean_dice": mean,
+                "best_dice": counters.best_dice,
+                "elapsed_s": counters.elapsed_s,
+            }
+            self.history.append(record)
             self.history.plot(self.dir / CURVES_FILE)
+        if improved and self.main:
+            self._save(BEST_FILE)
         counters.val_seconds = time.monotonic() - start
         self._validation_pause += counters.val_seconds
         logger.info("step %d: validation Dice %.4f (best %.4f)", counters.step, mean, counters.best_dice)
@@ -480,7 +573,7 @@ class _Trainer:
         if self._saved_step == self.counters.step or not self.main:
             self._saved_step = self.counters.step
             return
-        save_weights(self.model, self.dir / LAST_FILE)
+        self._save(LAST_FILE)
         state = {
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -494,6 +587,21 @@ class _Trainer:
         }
         save_state(self.dir / STATE_FILE, state)
         self._saved_step = self.counters.step
+
+    def _save(self, name: str) -> Path:
+        """Write the weights, their lineage extended by this run so far (``checkpoints.lineage``)."""
+        cfg, counters = self.config, self.counters
+        records = self.history.records if self.history is not None else []
+        run = run_record(
+            cfg.name,
+            cfg.init,
+            records,
+            steps=counters.step,
+            train_s=counters.elapsed_s,
+            setup_s=counters.setup_s,
+        )
+        self.model.lineage = [*self.lineage, run]
+        return save_weights(self.model, self.dir / name)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])

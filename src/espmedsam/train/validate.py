@@ -116,8 +116,12 @@ def _reduced_means(scores: dict[int, list[float]], names: Sequence[str]) -> dict
 
 
 def forward_group(model: nn.Module, group: dict[str, torch.Tensor]) -> Any:
-    """The model's output on one same-size group: images through the whole model, or cached embeddings
-    (key ``embedding``) through SPPG and QDMD alone."""
+    """The model's output on one same-size group: images through the whole model, cached embeddings
+    (key ``embedding``) through SPPG and QDMD alone, or a frozen prefix's cached ``features`` through the
+    rest of the model."""
+    if "features" in group:
+        depth = int(group["depth"][0])
+        return model.forward_from_features(group["features"], depth, group["image"], group["modality"])
     if "embedding" in group:
         return model.decode(group["embedding"], group["modality"], group["mask"].shape[-1])
     return model(group["image"], group["modality"])
@@ -125,7 +129,7 @@ def forward_group(model: nn.Module, group: dict[str, torch.Tensor]) -> Any:
 
 def collate_by_size(items: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """Items -> one stacked batch per input size, in order of first appearance (one group when all agree)."""
-    key = "embedding" if "embedding" in items[0] else "image"
+    key = next(k for k in ("features", "embedding", "image") if k in items[0])
     groups: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
     for item in items:
         groups.setdefault(tuple(item[key].shape), []).append(item)

@@ -596,7 +596,7 @@
     const ctx = canvas.getContext("2d");
     ctx.drawImage(el.imageCanvas, 0, 0);
     ctx.drawImage(el.overlayCanvas, 0, 0);
-    const stem = view.result.mask_file.filename.replace(/_mask\.(png|nii\.gz|nii)$/, "");
+    const stem = view.result.mask_file.filename.replace(/_mask\.(png|tif|nii\.gz|nii)$/, "");
     const slice = view.result.frames > 1 ? `_slice${String(view.index + 1).padStart(3, "0")}` : "";
     canvas.toBlob((blob) => saveBlob(blob, `${stem}${slice}_overlay.png`), "image/png");
   }

@@ -30,10 +30,11 @@ def test_info_shows_parameter_table():
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0, result.output
     assert "shared TinyViT encoder" in result.output
-    # the bundled weights: LiteMedSAM's encoder without its identity controllers, the refiner, the classifier
-    assert "pointwise stem" in result.output and "controllers none" in result.output
+    # the bundled weights: LiteMedSAM's encoder with trained controllers in its last stage, the refiner,
+    # the detail branch, the classifier
+    assert "pointwise stem" in result.output and "controllers 6, in the" in result.output
     assert "embedding refiner" in result.output and "modality classifier" in result.output
-    assert "10,685,499" in result.output
+    assert "detail branch" in result.output and "13,175,927" in result.output
     assert "% of SAM ViT-B" in result.output
 
 

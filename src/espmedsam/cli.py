@@ -211,11 +211,11 @@ def history(
     for column in ("run", "started from", "minutes", "cumulative", "steps", "best val Dice", "gain"):
         table.add_column(column, justify="left" if column in ("run", "started from") else "right")
     for row in lineage_rows(lineage):
-        gain = "-" if row["gain"] is None else f"{row['gain']:+.4f}"
+        gain = "-" if row["gain"] is None else f"{row['gain']:+.4f} ({row['gain_sets']} sets)"
         best = "-" if row.get("best_val_dice") is None else f"{row['best_val_dice']:.4f}"
         table.add_row(
             row["run"],
-            str(row.get("init") or "scratch"),
+            Path(row["init"]).name if row.get("init") else "scratch",
             f"{row['minutes']:.1f}",
             f"{row['cumulative_minutes']:.1f}",
             str(row.get("steps", "-")),

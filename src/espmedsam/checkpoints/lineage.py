@@ -65,20 +65,30 @@ def read_lineage(path: str | Path) -> list[dict[str, Any]]:
 
 
 def lineage_rows(lineage: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per run: its name, minutes, cumulative minutes, steps, best validation Dice and its gain over the
-    previous run's best (None for the first or when the validation sets differ)."""
+    """Per run: its name, minutes, cumulative minutes, steps, best validation Dice and ``gain``, its gain
+    over the previous run: of the best mean Dice when both validated the same sets, else of the mean of
+    the last validation over the sets both have (``gain_sets`` counts them; None for the first run)."""
     rows, total, previous = [], 0.0, None
     for run in lineage:
         minutes = run.get("setup_minutes", 0.0) + run.get("train_minutes", 0.0)
         total += minutes
-        best = run.get("best_val_dice")
-        comparable = previous is not None and previous.get("val_sets") == run.get("val_sets")
-        gain = best - previous["best_val_dice"] if comparable and best is not None else None
+        gain, sets = _gain(previous, run) if previous is not None else (None, 0)
         rows.append(
             {**run, "minutes": round(minutes, 1), "cumulative_minutes": round(total, 1), "gain": gain}
+            | {"gain_sets": sets}
         )
         previous = run
     return rows
+
+
+def _gain(previous: dict[str, Any], run: dict[str, Any]) -> tuple[float | None, int]:
+    if previous.get("val_sets") == run.get("val_sets") and run.get("best_val_dice") is not None:
+        return run["best_val_dice"] - previous["best_val_dice"], len(run["val_sets"])
+    before, after = previous.get("last_val_dice", {}), run.get("last_val_dice", {})
+    common = sorted(set(before) & set(after))
+    if not common:
+        return None, 0
+    return sum(after[k] - before[k] for k in common) / len(common), len(common)
 
 
 def plot_lineage(lineage: Sequence[dict[str, Any]], path: str | Path) -> Path | None:

@@ -81,7 +81,7 @@ def test_litemedsam_recipe_trains_eight_sets_on_a_frozen_encoder():
     [
         ({"variants": 0}, "variants must be at least 1"),
         ({"input_sizes": (192, 100)}, "input_sizes must be positive multiples of 8"),
-        ({"frozen_encoder": True, "arch": "unet"}, "frozen_encoder needs arch: espmedsam"),
+        ({"frozen_encoder": True, "arch": "unet"}, "frozen_encoder and frozen_prefix need arch: espmedsam"),
     ],
 )
 def test_frozen_encoder_fields_are_checked(changes, message):

@@ -16,8 +16,8 @@ class ComponentCount:
 
 
 def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
-    """Shared TinyViT, each controller, refiner, SPPG, QDMD (its detail branch also on a row of its own),
-    classifier and the total, in that order."""
+    """Shared TinyViT, each controller, refiner, SPPG, QDMD, its detail branch (if any), classifier and the
+    total, in that order; the rows before the total add up to it."""
     controller_names = model.modalities if not model.config.controller.shared else ("all modalities",)
     controller_names = controller_names if model.config.controller.enabled else ()
     shared = 0
@@ -33,9 +33,12 @@ def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
     if _count(model.refiner):
         rows.append(ComponentCount("embedding refiner", _count(model.refiner)))
     rows.append(ComponentCount("SPPG (self-patch prompt generator)", _count(model.sppg)))
-    rows.append(ComponentCount("QDMD (query-decoupled modality decoder)", _count(model.decoder)))
-    if model.decoder.detail_branch is not None:
-        rows.append(ComponentCount("  of which the detail branch", _count(model.decoder.detail_branch)))
+    detail = model.decoder.detail_branch
+    detail_count = _count(detail) if detail is not None else 0
+    qdmd = "QDMD (query-decoupled modality decoder)"
+    rows.append(ComponentCount(qdmd, _count(model.decoder) - detail_count))
+    if detail is not None:  # inside QDMD's module, counted on its own row
+        rows.append(ComponentCount("detail branch (image-resolution features into QDMD)", detail_count))
     if model.classifier is not None:
         rows.append(ComponentCount("modality classifier", _count(model.classifier)))
     rows.append(ComponentCount("total", _count(model)))

@@ -11,6 +11,7 @@ its controllers and without its detail branch (the same weights otherwise), whic
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def per_modality_seconds(model: ESPMedSAM, runs: int) -> dict[str, float]:
 
 
 def without_controllers(model: ESPMedSAM) -> ESPMedSAM:
-    bare = load_model_copy(model)
+    bare = copy.deepcopy(model)
     bare.config = dataclasses.replace(
         bare.config, controller=dataclasses.replace(bare.config.controller, enabled=False)
     )
@@ -44,15 +45,9 @@ def without_controllers(model: ESPMedSAM) -> ESPMedSAM:
 
 
 def without_detail(model: ESPMedSAM) -> ESPMedSAM:
-    bare = load_model_copy(model)
+    bare = copy.deepcopy(model)
     bare.decoder.detail_branch = None
     return bare
-
-
-def load_model_copy(model: ESPMedSAM) -> ESPMedSAM:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def main() -> None:

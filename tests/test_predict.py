@@ -89,3 +89,56 @@ def test_large_inputs_run_in_smaller_batches():
     predictor._forward = lambda x, ids: batches.append(len(x)) or segment(x, ids)
     predictor.predict_many([np.zeros((20, 20), np.uint8)] * 5, "xray")
     assert batches == [2, 2, 1]
+
+
+def _model_with_classifier(statistics: bool):
+    """The tiny model with a classifier; with statistics fitted on random pooled features."""
+    import dataclasses
+
+    import torch
+
+    from espmedsam.config import ClassifierConfig
+    from espmedsam.models.registry import get_config
+    from espmedsam.train.classifier_statistics import fit_statistics
+
+    head = ClassifierConfig(
+        enabled=True, input_size=32, hidden_dim=16, statistics=statistics, statistics_rank=4
+    )
+    model = build_model(dataclasses.replace(get_config("tiny"), classifier=head))
+    if statistics:
+        generator = torch.Generator().manual_seed(0)
+        features = torch.randn(60, model.classifier.fc1.in_features, generator=generator)
+        fit_statistics(model.classifier, features, torch.arange(60) % len(model.modalities))
+    return model
+
+
+def test_an_older_checkpoint_without_statistics_loads_and_classifies(tmp_path):
+    from safetensors import safe_open
+
+    from espmedsam.checkpoints.native import load_model, save_model
+
+    path = save_model(_model_with_classifier(statistics=False), tmp_path / "old.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        assert not [k for k in file.keys() if "statistics" in k or "unknown" in k]
+    guess = Predictor(load_model(path)).classify(np.zeros((40, 50, 3), np.uint8))
+    assert guess.known and guess.distance is None and guess.threshold is None
+    assert guess.modality in guess.probabilities
+
+
+def test_classify_says_unknown_over_the_threshold():
+    model = _model_with_classifier(statistics=True)
+    predictor = Predictor(model, bfloat16=False)
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    assert predictor.unknown_threshold == float("inf")  # not calibrated: everything passes
+    assert predictor.classify(image).known
+    model.classifier.unknown_threshold.fill_(0.0)
+    guess = predictor.classify(image)
+    assert not guess.known and guess.distance > 0 and guess.threshold == 0.0
+    volume = predictor.classify([image, image[::-1]])  # a volume: its slices' mean distance
+    assert not volume.known and volume.distance > 0
+    # the logits are the model's own: the check changes nothing of the choice
+    import torch
+
+    with torch.no_grad():
+        expected = model.classify(model.classifier_input(image)).softmax(-1)[0]
+    assert guess.probability == pytest.approx(float(expected.max()), abs=1e-6)

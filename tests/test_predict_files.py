@@ -212,3 +212,63 @@ def test_a_dicom_folder_of_one_series_is_one_volume_as_before(tmp_path):
     [result] = predict_files(_predictor(), [folder], tmp_path / "out", PredictOptions(modality="xray"))
     assert result.ok and result.frames == 3 and result.series == series and result.source == folder
     assert nib.load(tmp_path / "out" / "ct_mask.nii.gz").shape == (16, 12, 3)
+
+
+def _unknown_everywhere_predictor() -> Predictor:
+    """A predictor whose classifier has statistics and a threshold of 0: every image is unknown."""
+    import torch
+
+    from espmedsam.config import ClassifierConfig
+    from espmedsam.train.classifier_statistics import fit_statistics
+
+    head = ClassifierConfig(enabled=True, input_size=32, hidden_dim=16, statistics=True, statistics_rank=4)
+    model = build_model(dataclasses.replace(get_config("tiny"), classifier=head))
+    features = torch.randn(60, model.classifier.fc1.in_features, generator=torch.Generator().manual_seed(0))
+    fit_statistics(model.classifier, features, torch.arange(60) % len(model.modalities))
+    model.classifier.unknown_threshold.fill_(0.0)
+    return Predictor(model, size=64)
+
+
+def test_an_unknown_image_is_flagged_and_segmented_or_with_skip_unknown_left_out(tmp_path):
+    predictor = _unknown_everywhere_predictor()
+    path = _png(tmp_path / "case.png")
+    [result] = predict_files(predictor, [path], tmp_path / "out")
+    assert result.ok and result.known is False and result.distance > 0 and not result.skipped
+    assert (tmp_path / "out" / "case_mask.png").is_file()
+    assert _rows(tmp_path / "out")[0]["known"] == "no"
+    options = PredictOptions(skip_unknown=True)
+    [result] = predict_files(predictor, [path], tmp_path / "skip", options)
+    assert result.ok and result.skipped and result.outputs == () and result.chosen_by == "classifier"
+    assert not (tmp_path / "skip" / "case_mask.png").exists()
+    [row] = _rows(tmp_path / "skip")
+    assert (row["known"], row["outputs"], row["error"]) == ("no", "", "")
+
+
+def test_a_modality_given_by_option_or_file_name_is_never_checked(tmp_path):
+    predictor = _unknown_everywhere_predictor()
+    paths = [_png(tmp_path / "case.png"), _png(tmp_path / "xray_case.png", seed=1)]
+    options = PredictOptions(modality="fundus", skip_unknown=True)
+    chosen = list(predict_files(predictor, paths[:1], tmp_path / "out", options))
+    named = list(predict_files(predictor, paths[1:], tmp_path / "named", PredictOptions(skip_unknown=True)))
+    for result in chosen + named:
+        assert result.ok and result.known is None and result.outputs and not result.skipped
+    assert _rows(tmp_path / "out")[0]["known"] == ""
+
+
+def test_the_cli_warns_about_unknown_images_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from espmedsam.cli import app
+
+    checkpoint = save_model(_unknown_everywhere_predictor().model, tmp_path / "m.safetensors")
+    path = _png(tmp_path / "case.png")
+    base = ["predict", str(path), "-c", str(checkpoint), "--size", "64", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "looks like none" in line]
+    assert len(warnings) == 1 and "segmented as" in warnings[0]
+    assert (tmp_path / "a" / "case_mask.png").is_file()
+    result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "b"), "--skip-unknown"])
+    assert result.exit_code == 0, result.output
+    assert "no mask written" in result.output and "skipped 1" in result.output
+    assert not (tmp_path / "b" / "case_mask.png").exists()

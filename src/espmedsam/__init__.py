@@ -9,6 +9,7 @@ from espmedsam.modalities import MODALITIES
 from espmedsam.models.espmedsam import ESPMedSAM, ESPOutput
 from espmedsam.models.registry import build_model
 from espmedsam.predict import Predictor
+from espmedsam.prompting import Prompts
 
 __all__ = [
     "MODALITIES",
@@ -16,6 +17,7 @@ __all__ = [
     "ESPOutput",
     "ModelConfig",
     "Predictor",
+    "Prompts",
     "build_model",
     "import_litemedsam",
     "import_mobilesam",

@@ -125,6 +125,10 @@ OverridesOpt = Annotated[
     list[str] | None, typer.Option("--set", help="key=value config override, e.g. epochs=5 (repeatable).")
 ]
 DistillOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: out_dir).")]
+SamplesOpt = Annotated[
+    int, typer.Option("--samples-per-modality", help="Embeddings per modality (augmented variants).")
+]
+Fp16Opt = Annotated[bool, typer.Option("--fp16", help="Store floating tensors as float16.")]
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Native .safetensors checkpoint (default: bundled).")
 ]
@@ -177,6 +181,14 @@ def info(
     )
     if cfg.classifier.enabled:
         out.print(f"modality classifier: --modality auto (input {cfg.classifier.input_size}², whole image)")
+    if cfg.prompt.enabled:
+        out.print("promptable decoder: boxes and clicks (predict --box, --point) with a predicted IoU")
+    if cfg.classifier.enabled and cfg.classifier.statistics:
+        threshold = float(net.classifier.unknown_threshold)
+        out.print(
+            f"  with feature statistics (rank {cfg.classifier.statistics_rank}): unknown images flagged "
+            f"(distance > {threshold:.2f}); add-modality needs no old-modality images"
+        )
     table = Table(title="Parameters")
     table.add_column("component")
     table.add_column("parameters", justify="right")
@@ -327,7 +339,8 @@ def add_modality_cmd(
         list[str] | None,
         typer.Option(
             "--classifier-data",
-            help="DIR:MODALITY of an existing modality: counter-examples for the classifier.",
+            help="DIR:MODALITY of an existing modality: counter-examples for the classifier (needed "
+            "unless the checkpoint has feature statistics: espmedsam classifier stats).",
         ),
     ] = None,
     drop_classifier: Annotated[
@@ -341,7 +354,7 @@ def add_modality_cmd(
         Path | None, typer.Option("--run-dir", help="The run's folder (default: runs/add_NAME).")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its state.pt.")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Store floating tensors as float16.")] = False,
+    fp16: Fp16Opt = False,
 ) -> None:
     """Teach a trained model one more modality: only its own controller, query and hypernetwork learn, so
     every other modality's outputs stay bitwise the same; the classifier learns the new class."""
@@ -490,6 +503,37 @@ def predict(
     min_confidence: Annotated[
         float, typer.Option(help="Warn when the classifier's probability is below this.")
     ] = 0.6,
+    skip_unknown: Annotated[
+        bool,
+        typer.Option(
+            "--skip-unknown",
+            help="--modality auto: write no mask for an image unlike every modality (it is flagged anyway).",
+        ),
+    ] = False,
+    box: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--box",
+            help="x0,y0,x1,y1 in the image's pixels: segment the object in this box with the promptable "
+            "decoder (repeatable: one object each; one 2D input).",
+        ),
+    ] = None,
+    point: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--point",
+            help="x,y[,label] in the image's pixels, label 1 foreground (default) or 0 background "
+            "(repeatable; one 2D input).",
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="CSV (image,kind,x0,y0,x1,y1,label) or JSON file of boxes and points per image file name; "
+            "images it does not name are segmented prompt-free.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images of one input size per forward pass.")] = 8,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for the model (default: all cores).")
@@ -499,7 +543,8 @@ def predict(
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast (torch backend).")] = False,
 ) -> None:
     """Segment images and volumes: masks in the input's format (PNG, NIfTI; DICOM -> NIfTI or DICOM-SEG),
-    an overlay or montage per file, and predictions.csv."""
+    an overlay or montage per file, and predictions.csv. --box, --point and --prompts correct masks with
+    the promptable decoder."""
     from rich.markup import escape
 
     from espmedsam.errors import DataError
@@ -508,17 +553,24 @@ def predict(
     from espmedsam.predict_files import PredictOptions, expand_inputs, predict_files
 
     paths = expand_inputs(inputs or [str(EXAMPLES_DIR)])
+    prompts = _prompts(paths, box, point, prompts_file)
     check_output_folder(out)
     predictor = _predictor(checkpoint, backend, device, size, not fp32, batch_size, threads)
+    if prompts and getattr(predictor.model, "prompt_decoder", None) is None:
+        raise InputError(
+            "this checkpoint has no promptable decoder (espmedsam import litemedsam --into CKPT adds one)"
+        )
     options = PredictOptions(
         modality=modality,
         min_confidence=min_confidence,
+        skip_unknown=skip_unknown,
         axis=axis,
         page=page,
         dicom_format=dicom_output,
         overlays=overlays,
+        prompts=prompts,
     )
-    failures = []
+    failures, skipped = [], 0
     with _progress() as progress:
         task = progress.add_task("predicting", total=len(paths))
         for result in predict_files(predictor, paths, out, options):
@@ -529,10 +581,17 @@ def predict(
                     message = escape(result.error or "")
                     progress.console.print(f"[red]failed[/red] {message}", highlight=False, soft_wrap=True)
                 continue
-            progress.console.print(_result_line(result), highlight=False, soft_wrap=True)
+            if result.known is False:
+                line = _unknown_line(result, predictor.unknown_threshold)
+                progress.console.print(line, highlight=False, soft_wrap=True)
+            if not result.skipped:
+                progress.console.print(_result_line(result), highlight=False, soft_wrap=True)
+            skipped += result.skipped
     if failures and len(paths) == 1:
         raise DataError(failures[0].error or f"{paths[0]}: failed")
-    console.print(f"wrote {len(paths) - len(failures)} of {len(paths)} inputs to {out} (predictions.csv)")
+    done = len(paths) - len(failures) - skipped
+    note = f"; skipped {skipped} unlike every modality" if skipped else ""
+    console.print(f"wrote {done} of {len(paths)} inputs to {out} (predictions.csv){note}")
     if failures:
         console.print(f"[red]{len(failures)} failed:[/red]", highlight=False)
         for result in failures:
@@ -618,6 +677,48 @@ def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batc
     return Predictor(model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size)
 
 
+def _prompts(paths, boxes: list[str] | None, points: list[str] | None, prompts_file: Path | None):
+    """File name -> Prompts from --box/--point (one input) or --prompts; None without any.
+
+    Raises:
+        InputError: a malformed prompt, --box/--point with several inputs or with --prompts, or a prompt
+            file naming no input.
+    """
+    from espmedsam.prompting import prompts_from_options, read_prompt_file
+
+    if (boxes or points) and prompts_file is not None:
+        raise InputError("give prompts either with --box/--point or in --prompts FILE, not both")
+    if boxes or points:
+        if len(paths) != 1:
+            raise InputError(f"--box and --point apply to one image, got {len(paths)}: use --prompts FILE")
+        return {_input_name(paths[0]): prompts_from_options(boxes, points)}
+    if prompts_file is None:
+        return None
+    prompts = read_prompt_file(prompts_file)
+    unknown = sorted(set(prompts) - {_input_name(p) for p in paths})
+    if unknown:
+        raise InputError(f"{prompts_file}: prompts for {', '.join(unknown[:5])}, which no input is named")
+    return prompts
+
+
+def _input_name(item) -> str:
+    """An input's file name, as prompt files and predictions.csv name it (a DICOM series: none)."""
+    return item.name if isinstance(item, Path) else ""
+
+
+def _unknown_line(result, threshold: float | None) -> str:
+    """One warning line for a file the classifier finds unlike every modality."""
+    from rich.markup import escape
+
+    then = (
+        "skipped (--skip-unknown), no mask written" if result.skipped else f"segmented as {result.modality}"
+    )
+    return (
+        f"[yellow]warning:[/yellow] {escape(result.source.name)} looks like none of the model's modalities "
+        f"(distance {result.distance:.2f} > {threshold or 0:.2f}): {then}; pass --modality if it is one"
+    )
+
+
 def _result_line(result) -> str:
     from rich.markup import escape
 
@@ -630,6 +731,8 @@ def _result_line(result) -> str:
     if result.foreground_mm2 is not None:
         area += f" = {result.foreground_mm2:.1f} mm²"
     frames = f", {result.frames} slices" if result.frames > 1 else ""
+    if result.prompt_passes:
+        frames += f", prompted: {result.prompt_passes} pass(es), predicted IoU {result.predicted_iou:.2f}"
     name, output = escape(result.source.name), escape(str(result.outputs[0]))
     return f"{name} ({result.modality}, {chosen}{frames}): {area} -> {output}"
 
@@ -844,12 +947,27 @@ def import_litemedsam_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file.")] = Path(
         "litemedsam.safetensors"
     ),
+    into: Annotated[
+        Path | None,
+        typer.Option(
+            "--into",
+            help="Add LiteMedSAM's prompt encoder, mask decoder and IoU head to this ESP-MedSAM checkpoint "
+            "as its promptable decoder (boxes and clicks); its other weights are copied unchanged.",
+        ),
+    ] = None,
+    fp16: Fp16Opt = False,
 ) -> None:
-    """Start a six-modality model from LiteMedSAM (encoder, decoder; identity controllers, fresh SPPG)."""
-    from espmedsam.checkpoints.litemedsam import import_litemedsam
-    from espmedsam.checkpoints.native import save_model
+    """Start a six-modality model from LiteMedSAM (encoder, decoder; identity controllers, fresh SPPG), or
+    with --into, give a model LiteMedSAM's promptable decoder."""
+    import torch
 
-    model, report = import_litemedsam(checkpoint)
+    from espmedsam.checkpoints.litemedsam import add_prompt_decoder, import_litemedsam
+    from espmedsam.checkpoints.native import load_model, save_model
+
+    if into is not None:
+        model, report = add_prompt_decoder(load_model(into), checkpoint)
+    else:
+        model, report = import_litemedsam(checkpoint)
     verdict = "the published checkpoint" if report.published else "NOT the published checkpoint"
     console.print(f"{report.source}: SHA-256 {report.sha256[:16]}... ({verdict})")
     console.print(f"used {len(report.used)} tensors of the file")
@@ -857,7 +975,7 @@ def import_litemedsam_cmd(
         console.print(f"left out {len(names)} tensors: {why}")
     for why, names in report.initialised.items():
         console.print(f"initialised {len(names)} tensors: {why}")
-    console.print(f"wrote {save_model(model, out)}")
+    console.print(f"wrote {save_model(model, out, dtype=torch.float16 if fp16 else None)}")
 
 
 @import_app.command("sam")
@@ -978,11 +1096,9 @@ def classifier_train(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + head).")],
     input_size: Annotated[int, typer.Option(help="Classifier input side (the whole image squashed).")] = 128,
-    samples: Annotated[
-        int, typer.Option("--samples-per-modality", help="Embeddings per modality (augmented variants).")
-    ] = 600,
+    samples: SamplesOpt = 600,
     seed: Annotated[int, typer.Option(help="Augmentation and training seed.")] = 0,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Store floating tensors as float16.")] = False,
+    fp16: Fp16Opt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Train the modality classifier on a checkpoint's frozen encoder and write the checkpoint with it."""
@@ -1008,8 +1124,60 @@ def classifier_train(
         )
     if confusion is not None:
         console.print(_confusion_table(confusion, model.config.modalities, "val splits"))
+    if model.classifier.has_statistics:
+        where = "val splits" if confusion is not None else "training features (no val split)"
+        threshold = float(model.classifier.unknown_threshold)
+        console.print(f"unknown threshold {threshold:.3f}: 99.5th percentile of the {where}' distances")
     path = save_model(model, out, dtype=torch.float16 if fp16 else None)
     console.print(f"wrote {path}")
+
+
+@classifier_app.command("stats")
+def classifier_stats(
+    checkpoint: Annotated[Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint with a classifier.")],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with train and val splits."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + statistics).")
+    ],
+    rank: Annotated[int, typer.Option(help="Principal directions kept per modality.")] = 32,
+    percentile: Annotated[
+        float, typer.Option(help="Share (%) of val images accepted: sets the unknown threshold.")
+    ] = 99.5,
+    samples: SamplesOpt = 600,
+    seed: Annotated[int, typer.Option(help="Augmentation seed.")] = 0,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Give a checkpoint's classifier per-modality feature statistics (train splits) and an unknown-image
+    threshold (val splits): --modality auto then flags images unlike every modality, and add-modality
+    needs no images of the old modalities. The segmentation weights are copied unchanged."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.device import resolve_device
+    from espmedsam.train.classifier_statistics import compute_statistics
+
+    sources = [parse_dataset_arg(item) for item in data]
+    target = resolve_device(device)
+    dtype = torch.float16 if fp16 else None
+    with _progress() as progress:
+        task = progress.add_task("encoder features", total=None)
+        model, calibration = compute_statistics(
+            load_model(checkpoint).to(target), sources, rank=rank, percentile=percentile,
+            samples_per_modality=samples, seed=seed, device=target, round_to=dtype,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )  # fmt: skip
+    shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in calibration.accepted.items())
+    console.print(
+        f"unknown threshold {calibration.threshold:.3f} ({percentile:g}th percentile of "
+        f"{calibration.images} val images); accepted: {shares}"
+    )
+    path = save_model(model, out, dtype=dtype)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes; {checkpoint.stat().st_size:,} before)")
 
 
 def _confusion_table(matrix, names, title: str) -> Table:

@@ -153,6 +153,14 @@ class DetailConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """The optional promptable decoder (``models/prompt_decoder.py``): SAM's prompt encoder, mask decoder
+    and IoU head beside QDMD, for boxes and clicks that correct a mask."""
+
+    enabled: bool = False  # False: prompt-free only, as in the paper
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     """The modality classifier behind ``--modality auto`` (``models/classifier.py``)."""
 
@@ -160,6 +168,10 @@ class ClassifierConfig:
     # the whole image squashed to input_size x input_size: neither its size nor its aspect ratio is a cue
     input_size: int = 128
     hidden_dim: int = 256
+    # per-modality Gaussians of the hidden features (``train/classifier_statistics.py``): add-modality
+    # without the old modalities' images, and "unknown" for an image that is none of the modalities
+    statistics: bool = False
+    statistics_rank: int = 32  # principal directions kept per modality, fewer than 2 x encoder.out_chans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +190,7 @@ class ModelConfig(SerialisableConfig):
     refiner: RefinerConfig = RefinerConfig()
     detail: DetailConfig = DetailConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    prompt: PromptConfig = PromptConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
     # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
     input_normalisation: str = "mean_std"
@@ -193,6 +206,9 @@ class ModelConfig(SerialisableConfig):
         side = self.classifier.input_size
         if self.classifier.enabled and (side % multiple or side < multiple):
             raise ConfigError(f"classifier.input_size must be a positive multiple of {multiple}, got {side}")
+        rank, size = self.classifier.statistics_rank, 2 * self.encoder.out_chans
+        if self.classifier.enabled and self.classifier.statistics and not 0 < rank < size:
+            raise ConfigError(f"classifier.statistics_rank must be in [1, {size}), got {rank}")
 
     @property
     def size_multiple(self) -> int:

@@ -1,10 +1,11 @@
 """Adding, removing and renaming a trained model's modalities, and training one modality alone.
 
 Semi-parameter sharing puts each modality in parameters of its own: its controller in every attention
-block, its query and hypernetwork in QDMD, its row of the classifier's last layer. ``remap_modalities``
-builds a model with another list of modalities, each slot filled from an old modality's parameters (or
-freshly initialised: a new controller is the identity), and every shared parameter copied as it is. Since
-an image only meets its own modality's parameters, every kept modality gives bitwise the same outputs.
+block, its query and hypernetwork in QDMD, its row of the classifier's last layer and its feature
+statistics. ``remap_modalities`` builds a model with another list of modalities, each slot filled from an
+old modality's parameters (or freshly initialised: a new controller is the identity; fresh statistics are
+empty), and every shared parameter copied as it is. Since an image only meets its own modality's
+parameters, every kept modality gives bitwise the same outputs.
 
 ``train_only_modalities`` makes a model trainable in the given modalities' parameters alone; a gradient
 mask keeps the other rows of the tensors that hold one row per modality (queries, classifier) untouched.
@@ -31,7 +32,15 @@ _OWN_MODULES = (
 )
 # tensors holding one row per modality (their leading axis); the classifier's rows are trained apart
 _QUERY_ROWS = "decoder.mask_query.weight"
-_ROW_TENSORS = (_QUERY_ROWS, "classifier.fc2.weight", "classifier.fc2.bias")
+_ROW_TENSORS = (
+    _QUERY_ROWS,
+    "classifier.fc2.weight",
+    "classifier.fc2.bias",
+    # the classifier's per-modality feature statistics; a fresh modality has none (count 0) until fitted
+    *(f"classifier.statistics_{name}" for name in ("mean", "basis", "log_variance", "log_residual")),
+    "classifier.statistics_scale",
+    "classifier.statistics_count",
+)
 
 
 def remap_modalities(

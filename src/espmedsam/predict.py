@@ -23,9 +23,11 @@ from espmedsam.memory import release_freed_memory
 from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.models.image_io import RawImageIO
+from espmedsam.prompting import Prompts
 
 if TYPE_CHECKING:
     from espmedsam.config import ModelConfig
+    from espmedsam.interactive import PromptedMask, PromptPredictor
     from espmedsam.models.unet import UNetBaseline
     from espmedsam.onnx_backend import OnnxBackend
 
@@ -42,11 +44,19 @@ class MaskWithPatchMap:
 
 @dataclass(frozen=True)
 class ModalityGuess:
-    """The classifier's answer for one image (or one volume)."""
+    """The classifier's answer for one image (or one volume).
+
+    ``known`` is False when the image is far from every modality's feature statistics (``distance``, to
+    the closest one, over ``threshold``): it is likely none of the model's modalities. Without statistics
+    (older checkpoints, ONNX files) nothing is checked: ``known`` True, ``distance`` None.
+    """
 
     modality: str
     probability: float  # of ``modality``
     probabilities: dict[str, float]  # every modality's
+    known: bool = True
+    distance: float | None = None  # to the closest modality's statistics (a volume: its slices' mean)
+    threshold: float | None = None  # the checkpoint's unknown threshold
 
 
 class ConfigImageIO(RawImageIO):
@@ -102,6 +112,7 @@ class Predictor:
         self.bfloat16 = bfloat16
         self.batch_size = max(1, batch_size)
         self.max_batch_pixels = max_batch_pixels
+        self._prompter: PromptPredictor | None = None  # made at the first prompt; keeps its embedding
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -123,9 +134,42 @@ class Predictor:
         ids = self._ids(modality, 1)
         return self.io.postprocess(self._segment(x, ids), meta)[0, 0].cpu().numpy()
 
-    def predict(self, image: np.ndarray, modality: ModalityLike) -> np.ndarray:
-        """(H, W[, C]) uint8 image -> (H, W) bool mask (logit > 0, i.e. probability > 0.5)."""
-        return self.predict_logits(image, modality) > 0
+    def predict(
+        self,
+        image: np.ndarray,
+        modality: ModalityLike,
+        *,
+        boxes=None,
+        points=None,
+        labels=None,
+    ) -> np.ndarray:
+        """(H, W[, C]) uint8 image -> (H, W) bool mask (logit > 0, i.e. probability > 0.5).
+
+        Without prompts the mask is prompt-free. ``boxes`` (K, 4) (x0, y0, x1, y1), ``points`` (P, 2)
+        (x, y) and ``labels`` (P,) (1 foreground, the default; 0 background), in the image's pixels, go
+        through the promptable decoder instead (``predict_prompted``).
+
+        Raises:
+            InputError: a malformed prompt, one outside the image, or prompts for a model without a
+                promptable decoder.
+        """
+        prompts = Prompts.of(boxes, points, labels)
+        if not prompts:
+            return self.predict_logits(image, modality) > 0
+        return self.predict_prompted(image, modality, prompts).mask
+
+    def predict_prompted(self, image: np.ndarray, modality: ModalityLike, prompts: Prompts) -> PromptedMask:
+        """The mask of boxes and clicks on ``image`` and each decoder pass's predicted IoU
+        (``interactive.PromptPredictor.predict``; the image is embedded once for all its corrections)."""
+        if self._prompter is None:
+            from espmedsam.interactive import PromptPredictor
+
+            self._prompter = PromptPredictor(self)
+        return self._prompter.predict(image, modality, prompts)
+
+    def autocast(self):
+        """The torch backend's autocast context: bfloat16 unless ``bfloat16`` is off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
 
     def predict_many(self, images: Sequence[np.ndarray], modality: str | Sequence[str]) -> list[np.ndarray]:
         """Images of any sizes -> one (H, W) bool mask each; inputs of one size share batches of up to
@@ -168,9 +212,17 @@ class Predictor:
             raise InputError(f"a volume must be (N, H, W) or (N, H, W, 3), got shape {frames.shape}")
         return np.stack(self.predict_many(list(frames), modality))
 
+    @property
+    def unknown_threshold(self) -> float | None:
+        """The distance over which ``classify`` calls an image unknown; None without statistics."""
+        classifier = getattr(self.model, "classifier", None)
+        if classifier is None or not getattr(classifier, "has_statistics", False):
+            return None
+        return float(classifier.unknown_threshold)
+
     def classify(self, image: np.ndarray | Sequence[np.ndarray]) -> ModalityGuess:
         """The modality of an (H, W[, C]) uint8 image, or of a volume from a list of its slices (their
-        probabilities averaged).
+        probabilities and distances averaged), and whether it looks like any modality at all.
 
         Raises:
             InputError: the model has no classifier.
@@ -179,13 +231,19 @@ class Predictor:
             raise InputError("this checkpoint has no modality classifier; pass the modality")
         images = [image] if isinstance(image, np.ndarray) and image.ndim in (2, 3) else list(image)
         x = torch.cat([self.io.classifier_input(i) for i in images])
-        probabilities = self._classify(x).softmax(-1).mean(0)
+        logits, distances = self._classify(x)
+        probabilities = logits.softmax(-1).mean(0)
         best = int(probabilities.argmax())
         names = self.modalities
+        threshold = self.unknown_threshold
+        distance = None if distances is None else float(distances.mean())
         return ModalityGuess(
             names[best],
             float(probabilities[best]),
             {n: float(p) for n, p in zip(names, probabilities, strict=True)},
+            known=distance is None or threshold is None or distance <= threshold,
+            distance=distance,
+            threshold=threshold,
         )
 
     def _ids(self, modality: ModalityLike, batch_size: int) -> torch.Tensor:
@@ -227,8 +285,16 @@ class Predictor:
         return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy())), None
 
     @torch.inference_mode()
-    def _classify(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.model, torch.nn.Module):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
-                return self.model.classify(x.to(self.device)).float().cpu()
-        return torch.from_numpy(self.model.classify(x.numpy()))
+    def _classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, s, s) classifier inputs -> (B, M) float32 logits and (B,) distances to the closest
+        modality's statistics (None without statistics), on the CPU."""
+        if not isinstance(self.model, torch.nn.Module):
+            return torch.from_numpy(self.model.classify(x.numpy())), None
+        classifier = self.model.classifier
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
+            embeddings = self.model.encode(x.to(self.device), None)
+            logits = classifier(embeddings)  # what ``model.classify`` computes
+        if not classifier.has_statistics:
+            return logits.float().cpu(), None
+        distances = classifier.unknown_distance(classifier.pool(embeddings))  # float32
+        return logits.float().cpu(), distances.cpu()

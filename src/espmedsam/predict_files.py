@@ -14,7 +14,7 @@ import glob
 import io
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from espmedsam.data.stack import (
 from espmedsam.errors import EspMedSAMError, InputError
 from espmedsam.files import write_text
 from espmedsam.predict import Predictor
+from espmedsam.prompting import Prompts
 from espmedsam.visualize import montage, overlay
 
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES
@@ -44,6 +45,10 @@ CSV_COLUMNS = (
     "modality",
     "probability",
     "chosen_by",
+    "known",
+    "distance",
+    "prompt_passes",
+    "predicted_iou",
     "frames",
     "foreground_pixels",
     "foreground_mm2",
@@ -59,18 +64,24 @@ class PredictOptions:
 
     ``modality``: a model modality for every file, or "auto": a file-name prefix (``xray_case1.png``),
     else the model's classifier. ``min_confidence``: classifier probabilities below it are flagged.
+    ``skip_unknown``: write no mask for a file the classifier finds unlike every modality (it is
+    segmented otherwise, and flagged; a modality given by option or file name is never checked).
     ``dicom_format``: "nifti" or "seg" (DICOM-SEG). ``axis``: NIfTI volumes are cut along it. ``page``:
-    segment that page (0-based) of each image as a 2D image, not all of a multi-page one.
+    segment that page (0-based) of each image as a 2D image, not all of a multi-page one. ``prompts``:
+    file name -> boxes and clicks for that 2D image (``espmedsam.prompting``), decoded by the promptable
+    decoder instead of the prompt-free path.
     """
 
     modality: str = "auto"
     min_confidence: float = 0.6
+    skip_unknown: bool = False
     axis: int = 2
     page: int | None = None
     dicom_format: str = "nifti"
     overlays: bool = True
     read_ahead: int = 8
     writers: int = 2
+    prompts: Mapping[str, Prompts] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,13 @@ class FileResult:
     outputs: tuple[Path, ...] = ()
     error: str | None = None
     low_confidence: bool = False
+    known: bool | None = (
+        None  # the classifier's verdict; None: not checked (option, file name, no statistics)
+    )
+    distance: float | None = None  # to the closest modality's statistics, when checked
+    skipped: bool = False  # unknown under ``skip_unknown``: no mask written
+    prompt_passes: int = 0  # promptable-decoder passes (boxes and click groups); 0: prompt-free
+    predicted_iou: float | None = None  # the IoU head's estimate (the lowest of the passes'), when prompted
 
     @property
     def ok(self) -> bool:
@@ -104,6 +122,10 @@ class FileResult:
             "modality": self.modality,
             "probability": "" if self.probability is None else f"{self.probability:.4f}",
             "chosen_by": self.chosen_by,
+            "known": "" if self.known is None else "yes" if self.known else "no",
+            "distance": "" if self.distance is None else f"{self.distance:.3f}",
+            "prompt_passes": self.prompt_passes,
+            "predicted_iou": "" if self.predicted_iou is None else f"{self.predicted_iou:.4f}",
             "frames": self.frames,
             "foreground_pixels": self.foreground_pixels,
             "foreground_mm2": "" if self.foreground_mm2 is None else f"{self.foreground_mm2:.2f}",
@@ -122,7 +144,11 @@ class _Job:
     modality: str = ""
     probability: float | None = None
     chosen_by: str = ""
+    known: bool | None = None
+    distance: float | None = None
     masks: np.ndarray | None = field(default=None, repr=False)
+    prompt_passes: int = 0
+    predicted_iou: float | None = None
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | DicomSeries]:
@@ -284,9 +310,12 @@ def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Ite
     try:
         for job in jobs:
             _choose_modality(predictor, job, options)
-        frames = [frame for job in jobs for frame in job.stack.frames]
-        names = [job.modality for job in jobs for _ in job.stack.frames]
-        masks = predictor.predict_many(frames, names)
+        skip = [options.skip_unknown and job.known is False for job in jobs]
+        prompts = [_prompts_of(job, options) for job in jobs]
+        kept = [job for job, s, p in zip(jobs, skip, prompts, strict=True) if not s and not p]
+        frames = [frame for job in kept for frame in job.stack.frames]
+        names = [job.modality for job in kept for _ in job.stack.frames]
+        masks = predictor.predict_many(frames, names) if kept else []
     except Exception as error:
         if len(jobs) > 1:
             for job in jobs:
@@ -296,16 +325,63 @@ def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Ite
         return
     share = (time.perf_counter() - start) / len(jobs)
     done = 0
-    for job in jobs:
+    for job, skipped, prompt in zip(jobs, skip, prompts, strict=True):
+        if skipped:
+            yield _skipped(job, job.seconds + share)
+            continue
+        if prompt:
+            yield _prompted(predictor, job, prompt)
+            continue
         count = len(job.stack.frames)
         job.masks, job.seconds = np.stack(masks[done : done + count]), job.seconds + share
         done += count
         yield job
 
 
+def _prompts_of(job: _Job, options: PredictOptions) -> Prompts | None:
+    return options.prompts.get(job.stack.source.name) if options.prompts else None
+
+
+def _prompted(predictor: Predictor, job: _Job, prompts: Prompts) -> _Job | FileResult:
+    """The job with the mask of its prompts (one encoder pass, one decoder pass per box or click group),
+    or its failure."""
+    start = time.perf_counter()
+    try:
+        if len(job.stack.frames) != 1:
+            raise InputError(
+                f"{job.stack.source.name}: prompts apply to 2D images, and it has {len(job.stack.frames)} "
+                "slices or pages (segment one with --page N)"
+            )
+        result = predictor.predict_prompted(job.stack.frames[0], job.modality, prompts)
+    except Exception as error:
+        return _failure(job, error)
+    job.masks, job.seconds = result.mask[None], job.seconds + time.perf_counter() - start
+    job.prompt_passes, job.predicted_iou = len(result.iou), min(result.iou)
+    return job
+
+
 def _choose_modality(predictor: Predictor, job: _Job, options: PredictOptions) -> None:
     choice = choose_modality(predictor, job.stack, options.modality)
     job.modality, job.probability, job.chosen_by = choice.modality, choice.probability, choice.chosen_by
+    job.known, job.distance = choice.known, choice.distance
+
+
+def _skipped(job: _Job, seconds: float) -> FileResult:
+    """The row of a file left unsegmented: unknown under ``skip_unknown``."""
+    return FileResult(**_job_fields(job), seconds=seconds, known=False, distance=job.distance, skipped=True)
+
+
+def _job_fields(job: _Job) -> dict:
+    """The ``FileResult`` fields every row of a read file has: what it is and how its modality was chosen."""
+    stack = job.stack
+    return {
+        "source": stack.source,
+        "series": _series_uid(stack),
+        "page": stack.page,
+        "modality": job.modality,
+        "probability": job.probability,
+        "chosen_by": job.chosen_by,
+    }
 
 
 def check_modality_option(predictor: Predictor, requested: str) -> None:
@@ -317,12 +393,15 @@ def check_modality_option(predictor: Predictor, requested: str) -> None:
 
 @dataclass(frozen=True)
 class ModalityChoice:
-    """The modality a file is segmented as, and who chose it ("option", "file name" or "classifier")."""
+    """The modality a file is segmented as, and who chose it ("option", "file name" or "classifier");
+    when the classifier chose with feature statistics, whether the file looks like any modality."""
 
     modality: str
     chosen_by: str
     probability: float | None = None  # the classifier's, when it chose
     probabilities: dict[str, float] | None = None  # every modality's, when the classifier chose
+    known: bool | None = None  # None: not checked
+    distance: float | None = None  # to the closest modality's statistics, when checked
 
 
 def choose_modality(predictor: Predictor, stack: ImageStack, requested: str = "auto") -> ModalityChoice:
@@ -345,7 +424,15 @@ def choose_modality(predictor: Predictor, stack: ImageStack, requested: str = "a
     frames = stack.frames
     picked = sorted({len(frames) // 4, len(frames) // 2, (3 * len(frames)) // 4})
     guess = predictor.classify([frames[i] for i in picked])
-    return ModalityChoice(guess.modality, "classifier", guess.probability, guess.probabilities)
+    checked = guess.distance is not None
+    return ModalityChoice(
+        guess.modality,
+        "classifier",
+        guess.probability,
+        guess.probabilities,
+        known=guess.known if checked else None,
+        distance=guess.distance,
+    )
 
 
 def _read_failure(path: Path | DicomSeries, message: str) -> FileResult:
@@ -390,18 +477,17 @@ def _write_outputs(job: _Job, out_dir: Path, options: PredictOptions) -> FileRes
     pixels = int(masks.sum())
     spacing = stack.spacing
     return FileResult(
-        source=stack.source,
-        series=_series_uid(stack),
-        page=stack.page,
-        modality=job.modality,
-        probability=job.probability,
-        chosen_by=job.chosen_by,
+        **_job_fields(job),
         frames=len(masks),
         foreground_pixels=pixels,
         foreground_mm2=None if spacing is None else pixels * spacing[0] * spacing[1],
         seconds=job.seconds + time.perf_counter() - start,
         outputs=tuple(outputs),
         low_confidence=job.probability is not None and job.probability < options.min_confidence,
+        known=job.known,
+        distance=job.distance,
+        prompt_passes=job.prompt_passes,
+        predicted_iou=job.predicted_iou,
     )
 
 

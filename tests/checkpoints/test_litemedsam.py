@@ -283,3 +283,48 @@ def test_dropping_identity_controllers_keeps_the_output(published_layout, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(bare(x, "xray").masks, model(x, "xray").masks, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(bare.encode(x, "xray"), model.encode(x, None))
+
+
+def test_into_adds_the_promptable_decoder_and_keeps_the_prompt_free_path(published_layout, tmp_path):
+    from espmedsam.checkpoints.litemedsam import add_prompt_decoder
+
+    base, _ = import_litemedsam(published_layout)
+    state = torch.load(published_layout, weights_only=True)
+    model, report = add_prompt_decoder(base, published_layout)
+    assert model.config.prompt.enabled
+    ours = model.state_dict()
+    for name, tensor in base.state_dict().items():  # every weight of the model, unchanged
+        assert torch.equal(ours[name], tensor), name
+    assert torch.equal(
+        ours["prompt_decoder.mask_decoder.iou_prediction_head.layers.2.weight"],
+        state["mask_decoder.iou_prediction_head.layers.2.weight"],
+    )
+    assert torch.equal(
+        ours["prompt_decoder.prompt_encoder.point_embeddings.2.weight"],
+        state["prompt_encoder.point_embeddings.2.weight"],
+    )
+    used = set(report.used)
+    unused = {name for names in report.unused.values() for name in names}
+    assert used | unused == set(state) and not used & unused
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(images, "xray").masks, base(images, "xray").masks)
+    written = tmp_path / "base.safetensors"
+    from espmedsam.checkpoints.native import save_model
+
+    save_model(base, written)
+    out = tmp_path / "prompted.safetensors"
+    result = CliRunner().invoke(
+        app, ["import", "litemedsam", str(published_layout), "--into", str(written), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_model(out).prompt_decoder is not None
+
+
+def test_into_refuses_a_model_not_started_from_litemedsam(published_layout):
+    from espmedsam.checkpoints.litemedsam import add_prompt_decoder
+
+    model, _ = import_litemedsam(published_layout)
+    model.decoder.pe_layer.positional_encoding_gaussian_matrix.add_(1.0)  # as a model of its own would
+    with pytest.raises(CheckpointError, match="position encoding is not LiteMedSAM's"):
+        add_prompt_decoder(model, published_layout)

@@ -266,3 +266,29 @@ def test_the_page_loads_no_asset_from_elsewhere(client):
         )
         assert not external, f"{path.name} loads {external}"
         assert client.get(f"/static/{path.name}").status_code == 200 or path.name == "index.html"
+
+
+def test_the_answer_says_when_an_image_looks_like_no_modality(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from espmedsam import Predictor, build_model
+    from espmedsam.config import ClassifierConfig
+    from espmedsam.models.registry import get_config
+    from espmedsam.serve.app import create_app
+    from espmedsam.train.classifier_statistics import fit_statistics
+
+    head = ClassifierConfig(enabled=True, input_size=32, hidden_dim=16, statistics=True, statistics_rank=4)
+    model = build_model(dataclasses.replace(get_config("tiny"), classifier=head))
+    features = torch.randn(60, model.classifier.fc1.in_features, generator=torch.Generator().manual_seed(0))
+    fit_statistics(model.classifier, features, torch.arange(60) % len(model.modalities))
+    model.classifier.unknown_threshold.fill_(0.0)  # every image is unknown
+    app = create_app(Predictor(model, size=64), checkpoint_name="tiny", workspace=tmp_path)
+    image = png_bytes(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    with TestClient(app) as tiny:
+        body = post(tiny, image).json()
+        assert body["chosen_by"] == "classifier" and body["known"] is False
+        assert body["distance"] > body["unknown_threshold"] == 0.0 and body["mask_png"]  # still segmented
+        chosen = post(tiny, image, modality="xray").json()
+        assert chosen["known"] is None and chosen["distance"] is None  # a chosen modality is not checked

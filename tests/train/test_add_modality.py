@@ -217,3 +217,41 @@ def test_an_interrupted_addition_resumes_to_the_same_weights(tmp_path, dental):
         run("cut", progress=stop_at_two)
     resumed = load_model(run("cut", resume=True).checkpoint).state_dict()
     assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+
+def test_the_classifier_extension_needs_no_old_images_with_statistics(tmp_path, dental, datasets):
+    from espmedsam.add_modality import _check_classifier_data, extend_classifier
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.train.classifier import ClassifierTraining
+    from espmedsam.train.classifier_statistics import compute_statistics
+
+    start = build_model(
+        dataclasses.replace(
+            get_config("tiny"),
+            modalities=("dermoscopy", "fundus"),
+            classifier=ClassifierConfig(enabled=True, input_size=64, hidden_dim=16),
+        )
+    )
+    with pytest.raises(ConfigError, match="espmedsam classifier stats"):
+        _check_classifier_data(start, [])
+    start, _ = compute_statistics(
+        start, [parse_dataset_arg(d) for d in datasets], rank=4, samples_per_modality=8
+    )
+    _check_classifier_data(start, [])  # statistics stand in for the old modalities' images
+    bigger = append_modality(start, "dental")
+    assert bigger.classifier.statistics_count.tolist() == [8, 8, 0]  # the new class has none yet
+    settings = ClassifierTraining(samples_per_modality=16, epochs=20, batch_size=16)
+    recall = extend_classifier(bigger, "dental", [parse_dataset_arg(dental)], [], settings)
+    assert recall > 0.9
+    old, new = _outputs(start, start.modalities), _outputs(bigger, start.modalities)
+    assert torch.equal(old[2], new[2][:, :2])  # the old classes' logits, bitwise
+    classifier = bigger.classifier
+    assert classifier.statistics_count.tolist() == [8, 8, 16]  # fitted on samples_per_modality of its own
+    for name in ("statistics_mean", "statistics_basis", "statistics_scale", "unknown_threshold"):
+        before, after = getattr(start.classifier, name), getattr(classifier, name)
+        assert torch.equal(before, after if name == "unknown_threshold" else after[:2]), name
+    # a saved and loaded copy keeps all of it; removing a modality removes its statistics' rows
+    loaded = load_model(save_model(bigger, tmp_path / "three.safetensors"))
+    assert torch.equal(loaded.classifier.statistics_mean, classifier.statistics_mean)
+    smaller = remove_modality(loaded, "fundus").classifier
+    assert torch.equal(smaller.statistics_basis, classifier.statistics_basis[[0, 2]])

@@ -89,3 +89,13 @@ def test_classifier_train_command_writes_a_checkpoint_with_the_head(datasets, tm
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "accuracy" in result.output and load_model(out).classifier is not None
+    assert "unknown threshold" in result.output and load_model(out).classifier.has_statistics
+
+
+def test_classifier_training_stores_statistics_too(datasets):
+    settings = ClassifierTraining(input_size=32, samples_per_modality=8, epochs=2, hidden_dim=16)
+    model, _ = train_classifier(_two_modality_model(), [parse_dataset_arg(d) for d in datasets], settings)
+    assert model.config.classifier.statistics and model.classifier.has_statistics
+    assert model.classifier.statistics_rank == 32  # the default, below the 64 pooled features
+    assert model.classifier.statistics_count.tolist() == [8, 8]
+    assert torch.isfinite(model.classifier.unknown_threshold)

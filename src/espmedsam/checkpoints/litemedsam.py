@@ -132,6 +132,70 @@ def import_litemedsam(path: str | Path | None = None) -> tuple[ESPMedSAM, Import
     return model.eval(), report
 
 
+# LiteMedSAM name prefix -> ours, for the promptable decoder (``add_prompt_decoder``)
+PROMPT_DIRECT: tuple[tuple[str, str], ...] = (
+    ("prompt_encoder.point_embeddings.", "prompt_decoder.prompt_encoder.point_embeddings."),
+    ("prompt_encoder.not_a_point_embed.", "prompt_decoder.prompt_encoder.not_a_point_embed."),
+    ("prompt_encoder.no_mask_embed.", "prompt_decoder.prompt_encoder.no_mask_embed."),
+    ("mask_decoder.transformer.", "prompt_decoder.mask_decoder.transformer."),
+    ("mask_decoder.iou_token.", "prompt_decoder.mask_decoder.iou_token."),
+    ("mask_decoder.mask_tokens.", "prompt_decoder.mask_decoder.mask_tokens."),
+    ("mask_decoder.output_upscaling.", "prompt_decoder.mask_decoder.output_upscaling."),
+    ("mask_decoder.output_hypernetworks_mlps.0.", "prompt_decoder.mask_decoder.output_hypernetworks_mlps.0."),
+    ("mask_decoder.iou_prediction_head.", "prompt_decoder.mask_decoder.iou_prediction_head."),
+)
+PROMPT_UNUSED: dict[str, str] = {
+    "image_encoder.": "the checkpoint keeps its own image encoder",
+    "prompt_encoder.pe_layer.": "the checkpoint's own position encoding, checked equal",
+    "prompt_encoder.mask_downscaling.": "mask prompts: the corrections are points and boxes",
+    "mask_decoder.output_hypernetworks_mlps.": "multi-mask outputs 1-3: only the single-mask output is used",
+}
+PE_KEY = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+
+
+def add_prompt_decoder(model: ESPMedSAM, path: str | Path | None = None) -> tuple[ESPMedSAM, ImportReport]:
+    """``model`` rebuilt with LiteMedSAM's prompt encoder, mask decoder and IoU head as its promptable
+    decoder (``config.prompt.enabled``); every other weight copied unchanged, so the prompt-free outputs
+    are bitwise the same.
+
+    Raises:
+        CheckpointError: not a LiteMedSAM checkpoint, or a model whose position encoding is not
+            LiteMedSAM's (its encoder and decoder did not start from LiteMedSAM, so LiteMedSAM's prompt
+            embeddings would not fit its image embedding).
+        MissingDependencyError: no path and no installed package.
+    """
+    import dataclasses
+
+    from espmedsam.config import PromptConfig
+
+    path = Path(path) if path is not None else installed_checkpoint()
+    state = read_torch_state_dict(path)
+    if PE_KEY not in state or "mask_decoder.iou_token.weight" not in state:
+        raise CheckpointError(f"{path}: no prompt_encoder.* or mask_decoder.*, not a LiteMedSAM checkpoint")
+    ours = model.decoder.pe_layer.positional_encoding_gaussian_matrix.cpu().float()
+    # equal up to float16 storage (the bundled weights are float16)
+    if not torch.allclose(state[PE_KEY].float(), ours, rtol=1e-3, atol=1e-4):
+        raise CheckpointError(
+            "this model's position encoding is not LiteMedSAM's: only a model started from LiteMedSAM "
+            "(espmedsam import litemedsam, or the bundled weights) can take its promptable decoder"
+        )
+    config = dataclasses.replace(model.config, prompt=PromptConfig(enabled=True))
+    new = build_model(config)
+    merged = {k: v for k, v in model.state_dict().items() if not k.startswith("prompt_decoder.")}
+    report = ImportReport(source=path, sha256=sha256_of(path))
+    for name, tensor in state.items():
+        target = next((new_ + name[len(old) :] for old, new_ in PROMPT_DIRECT if name.startswith(old)), None)
+        if target is not None:
+            merged[target] = tensor
+            report.used.append(name)
+            continue
+        reason = next((why for prefix, why in PROMPT_UNUSED.items() if name.startswith(prefix)), "not used")
+        report.unused.setdefault(reason, []).append(name)
+    load_strict(new, merged, str(path))
+    new.lineage = getattr(model, "lineage", [])
+    return new.to(next(model.parameters()).device).eval(), report
+
+
 def _direct_key(name: str) -> str | None:
     for old, new in DIRECT:
         if name.startswith(old):

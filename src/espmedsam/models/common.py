@@ -101,3 +101,15 @@ class Conv2dBN(nn.Sequential):
         bias = self.bn.bias - self.bn.running_mean * scale
         conv = self.c
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def output_upscaling(embed_dim: int, mid: int, out: int) -> nn.Sequential:
+    """SAM's mask-decoder upscaling: two stride-2 transposed convolutions, (B, C, h, w) -> (B, out, 4h, 4w)
+    (keys ``0``, ``1`` and ``3`` as in SAM's ``output_upscaling``)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(embed_dim, mid, kernel_size=2, stride=2),
+        LayerNorm2d(mid),
+        nn.GELU(),
+        nn.ConvTranspose2d(mid, out, kernel_size=2, stride=2),
+        nn.GELU(),
+    )

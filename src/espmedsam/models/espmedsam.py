@@ -19,6 +19,7 @@ from espmedsam.modalities import modality_ids
 from espmedsam.models.classifier import ModalityClassifier
 from espmedsam.models.controller import ControllerRoute, trace_safe_routing
 from espmedsam.models.image_io import RawImageIO
+from espmedsam.models.prompt_decoder import PromptDecoder, PromptedMasks
 from espmedsam.models.qdmd import QueryDecoupledDecoder
 from espmedsam.models.refiner import EmbeddingRefiner
 from espmedsam.models.sppg import SelfPatchPromptGenerator
@@ -47,6 +48,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         decoder: QueryDecoupledDecoder,
         refiner: EmbeddingRefiner | None = None,
         classifier: ModalityClassifier | None = None,
+        prompt_decoder: PromptDecoder | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -55,6 +57,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         self.sppg = sppg
         self.decoder = decoder
         self.classifier = classifier  # None: the modality must be given
+        self.prompt_decoder = prompt_decoder  # None: prompt-free only
         self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 
     def forward(self, images: torch.Tensor, modality: ModalityLike) -> ESPOutput:
@@ -104,6 +107,33 @@ class ESPMedSAM(RawImageIO, nn.Module):
         if low_res.shape[-1] != size:
             low_res = F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
         return ESPOutput(masks=low_res, patch_logits=patch_logits, embeddings=embeddings)
+
+    def decode_prompt(
+        self,
+        embeddings: torch.Tensor,
+        size: int,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> PromptedMasks:
+        """One prompt per image on (B, C, h, w) embeddings from ``encode`` (with the image's modality) ->
+        PromptedMasks with (B, 1, S, S) mask logits and (B,) predicted IoU.
+
+        Args:
+            size: S, the model input's side; points (B, P, 2) and labels (B, P), 1 foreground and 0
+                background, and boxes (B, 4) (x0, y0, x1, y1) are in its pixels.
+        Raises:
+            InputError: a model without a promptable decoder.
+        """
+        if self.prompt_decoder is None:
+            raise InputError(
+                "this checkpoint has no promptable decoder (espmedsam import litemedsam --into CKPT adds one)"
+            )
+        out = self.prompt_decoder(embeddings, self.decoder.pe_layer, size, points, labels, boxes)
+        masks = out.masks
+        if masks.shape[-1] != size:
+            masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
+        return PromptedMasks(masks=masks, iou=out.iou)
 
     @property
     def size_multiple(self) -> int:  # type: ignore[override]

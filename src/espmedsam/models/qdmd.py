@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from espmedsam.config import DecoderConfig
-from espmedsam.models.common import HyperMLP, LayerNorm2d
+from espmedsam.models.common import HyperMLP, output_upscaling
 from espmedsam.models.controller import gathered_linear, trace_safe_routing
 from espmedsam.models.detail import DetailBranch
 from espmedsam.models.transformer import PositionEmbeddingRandom, TwoWayTransformer
@@ -38,13 +38,7 @@ class QueryDecoupledDecoder(nn.Module):
         )
         self.mask_query = nn.Embedding(num_modalities + config.extra_queries, embed_dim)
         mid, out = config.upscale_dims
-        self.output_upscaling = nn.Sequential(
-            nn.ConvTranspose2d(embed_dim, mid, kernel_size=2, stride=2),
-            LayerNorm2d(mid),
-            nn.GELU(),
-            nn.ConvTranspose2d(mid, out, kernel_size=2, stride=2),
-            nn.GELU(),
-        )
+        self.output_upscaling = output_upscaling(embed_dim, mid, out)
         num_mlps = 1 if config.shared_hypernetwork else num_modalities
         self.output_hypernetworks_mlps = nn.ModuleList(
             HyperMLP(embed_dim, embed_dim, out) for _ in range(num_mlps)

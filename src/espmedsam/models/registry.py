@@ -18,6 +18,7 @@ from espmedsam.errors import ConfigError
 from espmedsam.models.classifier import ModalityClassifier
 from espmedsam.models.detail import DetailBranch
 from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.models.prompt_decoder import PromptDecoder
 from espmedsam.models.qdmd import QueryDecoupledDecoder
 from espmedsam.models.refiner import EmbeddingRefiner
 from espmedsam.models.sppg import SelfPatchPromptGenerator
@@ -114,7 +115,14 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
     refiner = EmbeddingRefiner(config.encoder.out_chans, **dataclasses.asdict(config.refiner))
     classifier = None
     if config.classifier.enabled:
+        head = config.classifier
         classifier = ModalityClassifier(
-            config.encoder.out_chans, len(config.modalities), config.classifier.hidden_dim
+            config.encoder.out_chans,
+            len(config.modalities),
+            head.hidden_dim,
+            statistics_rank=head.statistics_rank if head.statistics else 0,
         )
-    return ESPMedSAM(config, encoder, sppg, decoder, refiner, classifier).eval()
+    prompt_decoder = None
+    if config.prompt.enabled:
+        prompt_decoder = PromptDecoder(config.encoder.out_chans, config.decoder)
+    return ESPMedSAM(config, encoder, sppg, decoder, refiner, classifier, prompt_decoder).eval()

@@ -16,8 +16,8 @@ class ComponentCount:
 
 
 def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
-    """Shared TinyViT, each controller, refiner, SPPG, QDMD, its detail branch (if any), classifier and the
-    total, in that order; the rows before the total add up to it."""
+    """Shared TinyViT, each controller, refiner, SPPG, QDMD, its detail branch, classifier and promptable
+    decoder (each if any) and the total, in that order; the rows before the total add up to it."""
     controller_names = model.modalities if not model.config.controller.shared else ("all modalities",)
     controller_names = controller_names if model.config.controller.enabled else ()
     shared = 0
@@ -41,6 +41,9 @@ def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
         rows.append(ComponentCount("detail branch (image-resolution features into QDMD)", detail_count))
     if model.classifier is not None:
         rows.append(ComponentCount("modality classifier", _count(model.classifier)))
+    if model.prompt_decoder is not None:
+        prompts = _count(model.prompt_decoder)
+        rows.append(ComponentCount("promptable decoder (boxes, clicks, IoU head)", prompts))
     rows.append(ComponentCount("total", _count(model)))
     return rows
 

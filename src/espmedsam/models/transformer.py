@@ -27,8 +27,13 @@ class PositionEmbeddingRandom(nn.Module):
         ys = (torch.arange(height, device=matrix.device, dtype=matrix.dtype) + 0.5) / height
         xs = (torch.arange(width, device=matrix.device, dtype=matrix.dtype) + 0.5) / width
         coords = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # H W 2, x first
-        coords = 2 * math.pi * ((2 * coords - 1) @ matrix)
-        return torch.cat([coords.sin(), coords.cos()], dim=-1).permute(2, 0, 1)
+        return self.encode_coords(coords).permute(2, 0, 1)
+
+    def encode_coords(self, coords: torch.Tensor) -> torch.Tensor:
+        """(..., 2) (x, y) in [0, 1] of the image's width and height -> (..., 2·num_pos_feats)."""
+        matrix = self.positional_encoding_gaussian_matrix
+        coords = 2 * math.pi * ((2 * coords.to(matrix.dtype) - 1) @ matrix)
+        return torch.cat([coords.sin(), coords.cos()], dim=-1)
 
 
 class Attention(nn.Module):

@@ -137,7 +137,8 @@ def _add_routes(app: FastAPI) -> None:
     ) -> dict:
         """The mask as base64 PNG (``mask_png``; one per slice in ``slices``), the mask file `espmedsam
         predict` writes for the same input (``mask_file``: PNG, or NIfTI for NIfTI and DICOM), the modality,
-        its probability when the classifier chose it, the size, the foreground and the time taken."""
+        its probability when the classifier chose it and whether the image looks like any modality at all
+        (``known``), the size, the foreground and the time taken."""
         name = display_name(file.filename)
         data = file.file.read()
         segmentation = app.state.segmenter.segment(data, name, modality)

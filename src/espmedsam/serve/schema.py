@@ -69,6 +69,13 @@ class SegmentResult(BaseModel):
     chosen_by: str = Field(description="option (the request's modality) or classifier")
     probability: float | None = Field(description="the classifier's probability of the modality")
     probabilities: dict[str, float] | None = None
+    known: bool | None = Field(
+        None,
+        description="classifier with feature statistics: false when the image looks like none of the "
+        "model's modalities (the mask is then likely meaningless); null when not checked",
+    )
+    distance: float | None = Field(None, description="to the closest modality's feature statistics")
+    unknown_threshold: float | None = Field(None, description="distances over it are unknown")
     width: int
     height: int
     frames: int
@@ -103,6 +110,9 @@ def result_of(segmentation: Segmentation, details: bool) -> dict:
         "chosen_by": segmentation.choice.chosen_by,
         "probability": segmentation.choice.probability,
         "probabilities": segmentation.choice.probabilities,
+        "known": segmentation.choice.known,
+        "distance": segmentation.choice.distance,
+        "unknown_threshold": segmentation.unknown_threshold,
         "width": int(stack.frames.shape[2]),
         "height": int(stack.frames.shape[1]),
         "frames": len(masks),

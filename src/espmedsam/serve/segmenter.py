@@ -44,6 +44,7 @@ class Segmentation:
     masks: np.ndarray  # (N, H, W) bool, the results' masks
     mask_file: tuple[str, bytes]  # (suggested file name, contents)
     seconds: dict[str, float]  # read, classify, segment, total
+    unknown_threshold: float | None = None  # the classifier's, when it has feature statistics
 
 
 class Segmenter:
@@ -91,7 +92,8 @@ class Segmenter:
             "segment": segmented - classified,
             "total": time.perf_counter() - start,
         }
-        return Segmentation(name, fmt.name, stack, choice, results, masks, mask_file, seconds)
+        threshold = self.predictor.unknown_threshold
+        return Segmentation(name, fmt.name, stack, choice, results, masks, mask_file, seconds, threshold)
 
     def _check_modality(self, modality: str) -> None:
         check_modality_option(self.predictor, modality)

@@ -25,6 +25,15 @@ from espmedsam.device import autocast
 from espmedsam.errors import ConfigError
 from espmedsam.models.classifier import ModalityClassifier
 from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.train.classifier_statistics import (
+    DEFAULT_PERCENTILE,
+    DEFAULT_RANK,
+    attach_statistics,
+    calibrate,
+    fit_statistics,
+    has_split,
+    with_room_for_statistics,
+)
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -43,6 +52,9 @@ class ClassifierTraining:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     seed: int = 0
+    # per-modality feature statistics (``classifier_statistics``; 0: none; at most 2C - 1)
+    statistics_rank: int = DEFAULT_RANK
+    unknown_percentile: float = DEFAULT_PERCENTILE  # of the val images' distances: the unknown threshold
 
 
 @dataclass(frozen=True)
@@ -165,8 +177,7 @@ def attach_classifier(model: ESPMedSAM, head: ModalityClassifier, input_size: in
         model.config,
         classifier=ClassifierConfig(enabled=True, input_size=input_size, hidden_dim=head.fc1.out_features),
     )
-    model.classifier = head.to(next(model.parameters()).device)
-    return model
+    return attach_statistics(model, head)
 
 
 def train_classifier(
@@ -179,6 +190,10 @@ def train_classifier(
 ) -> tuple[ESPMedSAM, np.ndarray | None]:
     """Give ``model`` a classifier trained on the sources' train splits; returns it and the confusion
     matrix on their val splits (None when no source has one).
+
+    With ``settings.statistics_rank``, the classifier also gets per-modality feature statistics fitted on
+    the training features, and the unknown threshold calibrated on the val splits (on the training
+    features when there are none: then fewer in-domain images than the percentile may pass).
 
     Raises:
         ConfigError: a modality the model does not know, or a model modality with no training images.
@@ -199,16 +214,15 @@ def train_classifier(
     train = extract_features(
         model, train_folders, variants, seed=settings.seed, device=device, progress=progress
     )
-    head = fit_head(train, len(model.config.modalities), settings)
+    names = model.config.modalities
+    head = fit_head(train, len(names), settings)
+    val_folders = [SegmentationFolder(s, "val") for s in sources if has_split(s, "val")]
+    val = extract_features(model, val_folders, 1, device=device) if val_folders else None
+    if settings.statistics_rank:
+        rank = min(settings.statistics_rank, train.features.shape[1] - 1)
+        head = with_room_for_statistics(head, rank)
+        fit_statistics(head, train.features, train.labels)
+        held_out = val or train
+        calibrate(head, held_out.features, held_out.labels, names, settings.unknown_percentile)
     model = attach_classifier(model, head, settings.input_size)
-    val_folders = [SegmentationFolder(s, "val") for s in sources if _has_split(s, "val")]
-    if not val_folders:
-        return model, None
-    val = extract_features(model, val_folders, 1, device=device)
-    return model, confusion_matrix(head, val, len(model.config.modalities))
-
-
-def _has_split(source: DatasetSource, split: str) -> bool:
-    from espmedsam.data.dataset import read_split
-
-    return (source.root / "split.json").is_file() and split in read_split(source.root)
+    return model, None if val is None else confusion_matrix(head, val, len(names))

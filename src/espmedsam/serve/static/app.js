@@ -693,7 +693,14 @@
       .sort((a, b) => b[1] - a[1])
       .map(([name, p]) => `${name} ${p.toFixed(2)}`)
       .join(", ");
-    if (probability !== null && probability < LOW_CONFIDENCE) {
+    if (result.known === false) {
+      el.resultModality.textContent += " · unknown image";
+      el.resultWarning.textContent =
+        `This image looks like none of the model's modalities (distance ${result.distance.toFixed(2)} > ` +
+        `${result.unknown_threshold.toFixed(2)}): the mask is likely meaningless. ` +
+        "Choose the modality above if it is one.";
+      el.resultWarning.hidden = false;
+    } else if (probability !== null && probability < LOW_CONFIDENCE) {
       el.resultWarning.textContent = "Low classifier confidence: check the modality, or choose it above.";
       el.resultWarning.hidden = false;
     }

@@ -1,0 +1,223 @@
+"""Boxes and clicks through the promptable decoder, on an image embedded once ("embed once, decode many", as
+SAM's ``SamPredictor``): ``Predictor.predict(image, modality, boxes=..., points=..., labels=...)``.
+
+Two ways a prompt makes a mask:
+
+- **With boxes**, each box is one object: one decoder pass with the box and the clicks inside it. Clicks
+  inside no box make one pass of their own. The mask is the union of the passes'; the prompt-free mask
+  plays no part.
+- **Clicks alone correct the prompt-free mask, locally, one click after the other.** The decoder
+  (LiteMedSAM's) was trained with boxes, and point tokens alone mislead it, so a click steers boxes:
+  - a foreground click inside an object's bounding box grows that box to take the click in; on nothing,
+    square boxes of four sizes are tried around it and the mask with the highest predicted IoU that holds
+    the click wins. Of that mask, the region the current mask lacks and the click is in is added;
+  - a background click on an object decodes the object's box again, and the region the new mask drops
+    and the click is in is removed (if it drops none there, nothing changes).
+  Everything else keeps its pixels, so a click changes the error it is on and not the rest of the mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from espmedsam.errors import InputError
+from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
+from espmedsam.models.image_io import PreprocessMeta
+from espmedsam.prompting import FOREGROUND, PromptPass, Prompts, prompt_passes, to_model_input
+
+if TYPE_CHECKING:
+    from espmedsam.predict import Predictor
+
+NO_PROMPT_DECODER = (
+    "this checkpoint has no promptable decoder (espmedsam import litemedsam --into CKPT adds one)"
+)
+
+
+@dataclass
+class ImageEmbedding:
+    """One image encoded for prompting, reused by every correction of it."""
+
+    inputs: torch.Tensor  # (1, 3, S, S) model input, on the model's device
+    embeddings: torch.Tensor  # (1, C, h, w), the modality's controllers included
+    modality: str
+    meta: PreprocessMeta
+    key: bytes  # the image's pixels, shape, modality and S, digested
+    prompt_free: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool, once decoded
+
+    @property
+    def size(self) -> int:
+        return self.meta.input_size
+
+
+@dataclass(frozen=True)
+class PromptedMask:
+    """The mask of a prompt and the IoU head's estimate for each decoder pass it took."""
+
+    mask: np.ndarray  # (H, W) bool
+    iou: tuple[float, ...]  # one per pass; () when no pass ran (clicks on nothing to change)
+
+
+class PromptPredictor:
+    """The prompt path of a ``Predictor`` (torch backend, an ESP-MedSAM with a promptable decoder); keeps
+    the last image's embedding, so each further correction of it costs decoder passes only."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.embedded: ImageEmbedding | None = None
+        self.encoder_calls = 0  # images embedded so far (the embedding's reuse is visible in it)
+
+    @property
+    def model(self) -> ESPMedSAM:
+        model = self.predictor.model
+        if not isinstance(model, ESPMedSAM):
+            raise InputError("prompts need the torch backend and an ESP-MedSAM checkpoint")
+        if model.prompt_decoder is None:
+            raise InputError(NO_PROMPT_DECODER)
+        return model
+
+    def embed(self, image: np.ndarray, modality: ModalityLike) -> ImageEmbedding:
+        """The image's embedding: the kept one when it is the same image, modality and input size."""
+        model, predictor = self.model, self.predictor
+        size = predictor.input_size(modality)
+        name = model.modalities[int(model.modality_ids(modality, 1)[0])]
+        key = _embedding_key(image, name, size)
+        if self.embedded is not None and self.embedded.key == key:
+            return self.embedded
+        x, meta = model.preprocess(image, size)
+        with torch.inference_mode(), predictor.autocast():
+            embeddings = model.encode(x, name)
+        self.encoder_calls += 1
+        self.embedded = ImageEmbedding(x, embeddings, name, meta, key)
+        return self.embedded
+
+    def prompt_free(self, embedded: ImageEmbedding) -> np.ndarray:
+        """The prompt-free mask from the kept embedding: the same operations as ``Predictor.predict``."""
+        if embedded.prompt_free is None:
+            model = self.model
+            with torch.inference_mode(), self.predictor.autocast():
+                ids = model.modality_ids(embedded.modality, 1).to(embedded.inputs.device)
+                out = model.decode(embedded.embeddings, ids, embedded.size, embedded.inputs)
+            embedded.prompt_free = model.postprocess(out.masks.float().cpu(), embedded.meta)[0, 0].numpy() > 0
+        return embedded.prompt_free
+
+    def predict(self, image: np.ndarray, modality: ModalityLike, prompts: Prompts) -> PromptedMask:
+        """The mask of ``prompts`` on ``image`` (the module docstring says how).
+
+        Raises:
+            InputError: no prompt, one outside the image, or a model without a promptable decoder.
+        """
+        if not prompts:
+            raise InputError("no prompt: give a box or a point")
+        self.model  # noqa: B018  (says what is missing before anything runs)
+        prompts.check_inside(*np.asarray(image).shape[:2])
+        embedded = self.embed(image, modality)
+        if prompts.boxes:
+            mask = np.zeros(embedded.meta.original_size, dtype=bool)
+            ious = []
+            for prompt_pass in prompt_passes(prompts):
+                proposal, iou = self._decode(embedded, prompt_pass)
+                mask |= proposal
+                ious.append(iou)
+            return PromptedMask(mask, tuple(ious))
+        return self._correct(embedded, prompts)
+
+    def _correct(self, embedded: ImageEmbedding, clicks: Prompts) -> PromptedMask:
+        """Clicks alone, in order: each a local edit of the mask so far (module docstring)."""
+        mask = self.prompt_free(embedded).copy()
+        ious = []
+        for (x, y), label in zip(clicks.points, clicks.labels, strict=True):
+            column, row = round(x), round(y)
+            objects, _ = ndimage.label(mask)
+            boxes = [_bounding_box(found) for found in ndimage.find_objects(objects)]
+            holders = [box for box in boxes if _contains(box, x, y)]
+            if label == FOREGROUND:
+                candidates = (
+                    [_grown(holders[0], x, y, mask.shape)] if holders else _boxes_around(x, y, mask.shape)
+                )
+                proposal = self._best_containing(embedded, candidates, row, column, ious)
+                if proposal is not None:
+                    _take_region(mask, proposal & ~mask, row, column, add=True)
+            elif objects[row, column]:
+                proposal, iou = self._decode(embedded, PromptPass(boxes[objects[row, column] - 1]))
+                ious.append(iou)
+                _take_region(mask, mask & ~proposal, row, column, add=False)
+        return PromptedMask(mask, tuple(ious))
+
+    def _best_containing(
+        self, embedded: ImageEmbedding, boxes: list, row: int, column: int, ious: list[float]
+    ) -> np.ndarray | None:
+        """Of the boxes' masks, the one with the highest predicted IoU that holds the click; None if none
+        does. Each pass's IoU is appended to ``ious``."""
+        best, best_iou = None, -np.inf
+        for box in boxes:
+            proposal, iou = self._decode(embedded, PromptPass(box))
+            ious.append(iou)
+            if proposal[row, column] and iou > best_iou:
+                best, best_iou = proposal, iou
+        return best
+
+    def _decode(self, embedded: ImageEmbedding, prompt_pass: PromptPass) -> tuple[np.ndarray, float]:
+        """One decoder pass -> its (H, W) bool mask and predicted IoU."""
+        model = self.model
+        prompt = to_model_input(prompt_pass, embedded.meta)
+        device = embedded.inputs.device
+        tensors = [None if t is None else t.to(device) for t in (prompt.points, prompt.labels, prompt.boxes)]
+        with torch.inference_mode(), self.predictor.autocast():
+            out = model.decode_prompt(embedded.embeddings, embedded.size, *tensors)
+        mask = model.postprocess(out.masks.float().cpu(), embedded.meta)[0, 0].numpy() > 0
+        return mask, float(out.iou.float()[0])
+
+
+# half-sides of the boxes tried around a foreground click on nothing, as shares of the image's long side
+CLICK_BOX_SCALES = (0.03, 0.06, 0.12, 0.25)
+
+
+def _take_region(mask: np.ndarray, change: np.ndarray, row: int, column: int, *, add: bool) -> None:
+    """Add (or remove) the connected region of ``change`` that holds the click, in place."""
+    regions, _ = ndimage.label(change)
+    if regions[row, column]:
+        region = regions == regions[row, column]
+        mask[region] = add
+
+
+def _contains(box: tuple[float, float, float, float], x: float, y: float) -> bool:
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def _grown(box, x: float, y: float, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """An object's box grown to take in the click, with a margin of 5 % of its long side plus 2 px."""
+    margin = 0.05 * max(box[2] - box[0], box[3] - box[1]) + 2
+    return _clipped((min(box[0], x - margin), min(box[1], y - margin), max(box[2], x + margin),
+                     max(box[3], y + margin)), shape)  # fmt: skip
+
+
+def _boxes_around(x: float, y: float, shape: tuple[int, int]) -> list[tuple[float, float, float, float]]:
+    """Square boxes of several sizes centred on the click (``CLICK_BOX_SCALES``)."""
+    side = max(shape)
+    return [
+        _clipped((x - s * side, y - s * side, x + s * side, y + s * side), shape) for s in CLICK_BOX_SCALES
+    ]
+
+
+def _clipped(box, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    height, width = shape
+    return max(0.0, box[0]), max(0.0, box[1]), min(width - 1.0, box[2]), min(height - 1.0, box[3])
+
+
+def _bounding_box(found: tuple[slice, slice]) -> tuple[float, float, float, float]:
+    """A component's (rows, columns) slices -> its (x0, y0, x1, y1) box, corners inclusive."""
+    rows, columns = found
+    return float(columns.start), float(rows.start), float(columns.stop - 1), float(rows.stop - 1)
+
+
+def _embedding_key(image: np.ndarray, modality: str, size: int) -> bytes:
+    array = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(array.tobytes(), digest_size=16)
+    digest.update(f"{array.shape}{array.dtype}{modality}{size}".encode())
+    return digest.digest()

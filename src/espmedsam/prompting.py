@@ -27,8 +27,7 @@ import torch
 
 from espmedsam.errors import InputError
 from espmedsam.models.image_io import PreprocessMeta
-
-FOREGROUND, BACKGROUND = 1, 0
+from espmedsam.models.prompt import BACKGROUND, FOREGROUND
 
 
 @dataclass(frozen=True)

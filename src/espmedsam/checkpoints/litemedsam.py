@@ -19,6 +19,7 @@ prompt-free, single-mask model has no use for them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from espmedsam.config import PromptConfig
 from espmedsam.errors import CheckpointError, MissingDependencyError
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
@@ -164,10 +166,6 @@ def add_prompt_decoder(model: ESPMedSAM, path: str | Path | None = None) -> tupl
             embeddings would not fit its image embedding).
         MissingDependencyError: no path and no installed package.
     """
-    import dataclasses
-
-    from espmedsam.config import PromptConfig
-
     path = Path(path) if path is not None else installed_checkpoint()
     state = read_torch_state_dict(path)
     if PE_KEY not in state or "mask_decoder.iou_token.weight" not in state:

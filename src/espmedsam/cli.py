@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,6 +112,8 @@ classifier_app = typer.Typer(help="The modality classifier behind --modality aut
 app.add_typer(classifier_app, name="classifier")
 modality_app = typer.Typer(help="A checkpoint's modalities: remove or rename one (add-modality adds one).")
 app.add_typer(modality_app, name="modality")
+predictions_app = typer.Typer(help="Tables predict wrote: join the parts of a spread run.")
+app.add_typer(predictions_app, name="predictions")
 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (a CUDA GPU when present, else the CPU), cpu, cuda or cuda:N.")
@@ -541,6 +544,21 @@ def predict(
     overlays: Annotated[bool, typer.Option(help="Write an overlay (2D) or a montage (volumes).")] = True,
     device: DeviceOpt = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast (torch backend).")] = False,
+    num_parts: Annotated[
+        int,
+        typer.Option(
+            "--num-parts",
+            help="Spread the inputs over this many runs (machines or processes); see --part-id.",
+        ),
+    ] = 1,
+    part_id: Annotated[
+        int,
+        typer.Option(
+            "--part-id",
+            help="This run's part, 0 to --num-parts - 1: every N-th input from the K-th, its table in "
+            "predictions.partKofN.csv (espmedsam predictions merge joins them).",
+        ),
+    ] = 0,
 ) -> None:
     """Segment images and volumes: masks in the input's format (PNG, NIfTI; DICOM -> NIfTI or DICOM-SEG),
     an overlay or montage per file, and predictions.csv. --box, --point and --prompts correct masks with
@@ -549,10 +567,16 @@ def predict(
 
     from espmedsam.errors import DataError
     from espmedsam.files import check_output_folder
+    from espmedsam.parts import part_csv_name, select_part
     from espmedsam.predict import EXAMPLES_DIR
     from espmedsam.predict_files import PredictOptions, expand_inputs, predict_files
 
-    paths = expand_inputs(inputs or [str(EXAMPLES_DIR)])
+    csv_name = part_csv_name(num_parts, part_id)
+    paths = select_part(expand_inputs(inputs or [str(EXAMPLES_DIR)]), num_parts, part_id)
+    if not paths:
+        console.print(f"part {part_id} of {num_parts}: no inputs (fewer inputs than parts)")
+        _write_empty_part(out, csv_name)
+        return
     prompts = _prompts(paths, box, point, prompts_file)
     check_output_folder(out)
     predictor = _predictor(checkpoint, backend, device, size, not fp32, batch_size, threads)
@@ -569,6 +593,7 @@ def predict(
         dicom_format=dicom_output,
         overlays=overlays,
         prompts=prompts,
+        csv_name=csv_name,
     )
     failures, skipped = [], 0
     with _progress() as progress:
@@ -591,7 +616,7 @@ def predict(
         raise DataError(failures[0].error or f"{paths[0]}: failed")
     done = len(paths) - len(failures) - skipped
     note = f"; skipped {skipped} unlike every modality" if skipped else ""
-    console.print(f"wrote {done} of {len(paths)} inputs to {out} (predictions.csv){note}")
+    console.print(f"wrote {done} of {len(paths)} inputs to {out} ({csv_name}){note}")
     if failures:
         console.print(f"[red]{len(failures)} failed:[/red]", highlight=False)
         for result in failures:
@@ -619,14 +644,23 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn's: critical, error, warning, info, debug.")
     ] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Model processes behind the one port, each with its own model and --threads "
+            "(default: cores / workers): more than one core's worth of requests at once.",
+            min=1,
+        ),
+    ] = 1,
 ) -> None:
     """Start the web page and its JSON API (OpenAPI at /docs): upload images or volumes, see and download
-    their masks. One model, loaded once, serves every request; uploads live in a temporary folder."""
+    their masks. One model, loaded once per worker, serves every request; uploads live in a temporary
+    folder."""
     from espmedsam.errors import InputError
 
     try:
         from espmedsam.serve.app import create_app
-        from espmedsam.serve.server import LOOPBACK, bind, serve_forever, url_of
+        from espmedsam.serve.server import LOOPBACK, bind, serve_forever, serve_workers, url_of
         from espmedsam.serve.uploads import UploadLimits
     except ModuleNotFoundError as error:
         from espmedsam.errors import MissingDependencyError
@@ -638,9 +672,20 @@ def serve(
         raise InputError("serve runs native checkpoints (.safetensors); it has no ONNX backend")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_frames=max_frames)
     sock = bind(host, port)  # before the model loads: a taken port is said at once
-    predictor = _predictor(checkpoint, "torch", device, None, not fp32, 8, threads)
     name = checkpoint.name if checkpoint else "bundled default weights"
-    app_ = create_app(predictor, limits=limits, checkpoint_name=name)
+    if workers > 1 and checkpoint is not None and not checkpoint.is_file():
+        from espmedsam.errors import CheckpointError
+
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file")  # said once, not by each worker
+    if workers > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def make_app():
+        predictor = _predictor(checkpoint, "torch", device, None, not fp32, 8, threads)
+        return create_app(predictor, limits=limits, checkpoint_name=name)
+
+    if workers == 1:
+        app_ = make_app()
     url = url_of(sock)
     console.print(
         f"espmedsam serve: [bold]{url}[/bold] (API docs {url}/docs); Ctrl+C stops it", highlight=False
@@ -649,7 +694,11 @@ def serve(
         console.print(
             "[yellow]warning:[/yellow] listening beyond this machine: anyone who can reach it can upload"
         )
-    serve_forever(app_, sock, log_level)
+    if workers == 1:
+        serve_forever(app_, sock, log_level)
+    else:
+        console.print(f"{workers} workers of {threads} thread(s) each, loading their models")
+        serve_workers(make_app, sock, workers, log_level)
 
 
 def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batch_size: int, threads):
@@ -675,6 +724,29 @@ def _predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batc
     else:
         raise InputError(f"--backend must be torch or onnxruntime, got {backend!r}")
     return Predictor(model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size)
+
+
+def _write_empty_part(out: Path, csv_name: str) -> None:
+    """A part with no inputs still writes its (header-only) table, so that merge sees every part."""
+    from espmedsam.predict_files import write_csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / csv_name, [])
+
+
+@predictions_app.command("merge")
+def predictions_merge(
+    folder: Annotated[Path, typer.Argument(help="The output folder the parts wrote to.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Merged table (default: FOLDER/predictions.csv).")
+    ] = None,
+) -> None:
+    """Join the predictions.partKofN.csv tables of predict --num-parts N into one predictions.csv, rows
+    in the order one run over every input would give."""
+    from espmedsam.parts import merge_predictions
+
+    target, rows = merge_predictions(folder, out)
+    console.print(f"wrote {target}: {rows} rows")
 
 
 def _prompts(paths, boxes: list[str] | None, points: list[str] | None, prompts_file: Path | None):

@@ -69,7 +69,8 @@ class PredictOptions:
     ``dicom_format``: "nifti" or "seg" (DICOM-SEG). ``axis``: NIfTI volumes are cut along it. ``page``:
     segment that page (0-based) of each image as a 2D image, not all of a multi-page one. ``prompts``:
     file name -> boxes and clicks for that 2D image (``espmedsam.prompting``), decoded by the promptable
-    decoder instead of the prompt-free path.
+    decoder instead of the prompt-free path. ``csv_name``: the table's file name in the output folder
+    (one part of a spread run writes its own, ``espmedsam.parts``).
     """
 
     modality: str = "auto"
@@ -82,6 +83,7 @@ class PredictOptions:
     read_ahead: int = 8
     writers: int = 2
     prompts: Mapping[str, Prompts] | None = None
+    csv_name: str = "predictions.csv"
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def predict_files(
 ) -> Iterator[FileResult]:
     """Predict every input (a file, a DICOM series folder, a ``DicomSeries``) and write its outputs to
     ``out_dir``; yields one ``FileResult`` per input as it finishes, failures included (``error`` set).
-    Writes ``predictions.csv`` at the end.
+    Writes ``predictions.csv`` (``options.csv_name``) at the end.
 
     Raises:
         InputError: an unknown ``options.modality`` or ``options.dicom_format``, a negative ``options.page``.
@@ -248,7 +250,7 @@ def predict_files(
         while writes:
             results.append(writes.popleft().result())
             yield results[-1]
-    write_csv(out_dir / "predictions.csv", results)
+    write_csv(out_dir / options.csv_name, results)
 
 
 def _check_options(predictor: Predictor, options: PredictOptions) -> None:

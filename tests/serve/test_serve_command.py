@@ -68,3 +68,49 @@ def _wait_for_url(server: subprocess.Popen) -> str:
         if server.poll() is not None:
             break
     raise AssertionError(f"no URL printed: {seen!r}")
+
+
+def test_two_workers_answer_behind_one_port_with_the_same_masks(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from espmedsam import build_model
+    from espmedsam.checkpoints.native import save_model
+    from espmedsam.serve.server import WORKER_HEADER
+
+    checkpoint = save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
+    image = tmp_path / "case.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "espmedsam", "serve", "--port", "0", "--log-level", "warning"]
+    command += ["--workers", "2", "--checkpoint", str(checkpoint)]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = _wait_for_url(server)
+        masks = {}  # worker pid -> the mask it returned; each request on a new connection
+        deadline = time.monotonic() + 90
+        while len(masks) < 2 and time.monotonic() < deadline:
+            try:
+                files = {"file": ("case.png", image.read_bytes())}
+                response = httpx.post(
+                    f"{url}/api/segment", files=files, data={"modality": "fundus"}, timeout=30
+                )
+            except httpx.TransportError:  # the workers are still loading their models
+                time.sleep(0.2)
+                continue
+            assert response.status_code == 200, response.text
+            masks[response.headers[WORKER_HEADER]] = response.json()["mask_png"]
+        assert len(masks) == 2, f"answers from {len(masks)} worker(s) only"
+        assert len(set(masks.values())) == 1  # the same model in both: byte-identical masks
+        assert all(int(pid) != server.pid for pid in masks)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    assert list(tmp_path.glob("espmedsam-serve-*")) == []  # each worker cleaned its workspace
+
+
+def test_workers_with_a_missing_checkpoint_is_one_line():
+    result = _espmedsam("serve", "--port", "0", "--workers", "2", "--checkpoint", "missing.safetensors")
+    assert (
+        result.returncode == 4 and "missing.safetensors" in result.stderr and "Traceback" not in result.stderr
+    )

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
 from fastapi import FastAPI
 
-from espmedsam.errors import InputError
+from espmedsam.errors import EspMedSAMError, InputError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -64,3 +67,49 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> I
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+WORKER_HEADER = "X-Espmedsam-Worker"
+
+
+def serve_workers(make_app: Callable[[], FastAPI], sock: socket.socket, workers: int, log_level: str) -> None:
+    """Serve on ``sock`` from ``workers`` processes, each with its own model (``make_app``, called in the
+    worker), until Ctrl+C. The kernel hands each new connection to one of the processes waiting on the
+    shared socket; the API keeps no state between requests, so any worker can answer any request.
+    Each response names its worker's process id in the ``X-Espmedsam-Worker`` header."""
+    # fork: the listening socket and make_app (a closure over the parsed options) pass to the children as
+    # they are; the parent has loaded no model and started no threads yet
+    context = multiprocessing.get_context("fork")
+    processes = [
+        context.Process(target=_worker, args=(make_app, sock, log_level), name=f"espmedsam-worker-{k}")
+        for k in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+    failed = [p for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise EspMedSAMError(f"{len(failed)} of {workers} workers stopped with an error (above)")
+
+
+def _worker(make_app: Callable[[], FastAPI], sock: socket.socket, log_level: str) -> None:
+    app = make_app()
+    pid = str(os.getpid())
+
+    @app.middleware("http")
+    async def name_the_worker(request, call_next):
+        response = await call_next(request)
+        response.headers[WORKER_HEADER] = pid
+        return response
+
+    serve_forever(app, sock, log_level)

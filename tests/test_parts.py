@@ -114,3 +114,11 @@ def test_merge_refuses_parts_with_different_columns(tmp_path):
     _write_part(tmp_path, "predictions.part1of2.csv", ["b"], header="file")
     with pytest.raises(InputError, match="columns differ"):
         merge_predictions(tmp_path)
+
+
+def test_an_empty_part_into_a_file_named_out_is_one_line(tmp_path):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "fundus_0.png")
+    (tmp_path / "taken").write_text("a file, not a folder")
+    args = ["predict", str(tmp_path / "fundus_0.png"), "--out", str(tmp_path / "taken")]
+    result = runner.invoke(app, [*args, "--num-parts", "2", "--part-id", "1"])
+    assert result.exit_code != 0 and "not a folder" in str(result.exception)

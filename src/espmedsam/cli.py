@@ -573,12 +573,12 @@ def predict(
 
     csv_name = part_csv_name(num_parts, part_id)
     paths = select_part(expand_inputs(inputs or [str(EXAMPLES_DIR)]), num_parts, part_id)
+    check_output_folder(out)  # also before an empty part writes its table: a file named --out is one line
     if not paths:
         console.print(f"part {part_id} of {num_parts}: no inputs (fewer inputs than parts)")
         _write_empty_part(out, csv_name)
         return
     prompts = _prompts(paths, box, point, prompts_file)
-    check_output_folder(out)
     predictor = _predictor(checkpoint, backend, device, size, not fp32, batch_size, threads)
     if prompts and getattr(predictor.model, "prompt_decoder", None) is None:
         raise InputError(

@@ -85,8 +85,9 @@ def test_native_protocol_values_and_files(tmp_path, fake_dataset):
 
     rows = {row["stem"]: row for row in _read_csv(tmp_path / "report" / "per_image.csv")}
     assert list(next(iter(rows.values()))) == [
-        "dataset", "modality", "stem", "dice", "iou", "hd95", "nsd", "height", "width"
+        "dataset", "modality", "stem", "dice", "iou", "hd95", "nsd", "height", "width", "predicted_dice"
     ]  # fmt: skip
+    assert {row["predicted_dice"] for row in rows.values()} == {""}  # no calibrated quality score
     assert sorted(rows) == ["a", "b", "c"]
     assert {(row["dataset"], row["modality"], row["height"], row["width"]) for row in rows.values()} == {
         ("fakeds", "fundus", "40", "50")

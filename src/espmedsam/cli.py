@@ -112,6 +112,8 @@ classifier_app = typer.Typer(help="The modality classifier behind --modality aut
 app.add_typer(classifier_app, name="classifier")
 modality_app = typer.Typer(help="A checkpoint's modalities: remove or rename one (add-modality adds one).")
 app.add_typer(modality_app, name="modality")
+quality_app = typer.Typer(help="The quality score of prompt-free masks: their predicted Dice.")
+app.add_typer(quality_app, name="quality")
 predictions_app = typer.Typer(help="Tables predict wrote: join the parts of a spread run.")
 app.add_typer(predictions_app, name="predictions")
 
@@ -186,6 +188,12 @@ def info(
         out.print(f"modality classifier: --modality auto (input {cfg.classifier.input_size}², whole image)")
     if cfg.prompt.enabled:
         out.print("promptable decoder: boxes and clicks (predict --box, --point) with a predicted IoU")
+    if cfg.quality.enabled:
+        quality = net.quality
+        state = (
+            f"review below {float(quality.review_below):.2f}" if quality.is_calibrated else "not calibrated"
+        )
+        out.print(f"quality score: each prompt-free mask's predicted Dice ({state})")
     if cfg.classifier.enabled and cfg.classifier.statistics:
         threshold = float(net.classifier.unknown_threshold)
         out.print(
@@ -805,6 +813,9 @@ def _result_line(result) -> str:
     frames = f", {result.frames} slices" if result.frames > 1 else ""
     if result.prompt_passes:
         frames += f", prompted: {result.prompt_passes} pass(es), predicted IoU {result.predicted_iou:.2f}"
+    if result.predicted_dice is not None:
+        frames += f", predicted Dice {result.predicted_dice:.2f}"
+        frames += " [yellow]review it[/yellow]" if result.review else ""
     name, output = escape(result.source.name), escape(str(result.outputs[0]))
     return f"{name} ({result.modality}, {chosen}{frames}): {area} -> {output}"
 
@@ -1250,6 +1261,77 @@ def classifier_stats(
     )
     path = save_model(model, out, dtype=dtype)
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes; {checkpoint.stat().st_size:,} before)")
+
+
+@quality_app.command("calibrate")
+def quality_calibrate(
+    checkpoint: Annotated[Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with a val split.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + score).")],
+    split: Annotated[str, typer.Option(help="The split to calibrate on (never the test split).")] = "val",
+    review_below: Annotated[
+        float | None,
+        typer.Option(
+            help="Predicted Dice under which predict and the page flag a mask; default: the lowest that "
+            "flags --review-recall of the split's masks with Dice < 0.5."
+        ),
+    ] = None,
+    review_recall: Annotated[
+        float, typer.Option(help="Share of the split's failed masks (Dice < 0.5) the threshold flags.")
+    ] = 0.7,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fit the quality score (each prompt-free mask's predicted Dice, in predictions.csv, evaluate's
+    per_image.csv, the API and the page) on validation splits: every image is segmented and its score
+    fitted to its true Dice. The segmentation weights are copied unchanged; redo it whenever they change."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.metrics import agreement
+    from espmedsam.predict import Predictor
+    from espmedsam.train.quality import (
+        collect_samples,
+        fit_quality,
+        review_threshold,
+        with_quality_head,
+    )  # fmt: skip
+
+    if split == "test":
+        raise InputError("calibrate on a validation split; the test split is for measuring the score")
+    for name, value in (("--review-below", review_below), ("--review-recall", review_recall)):
+        if value is not None and not 0 < value <= 1:
+            raise InputError(f"{name} must lie in (0, 1], got {value}")
+    sources = [parse_dataset_arg(item) for item in data]
+    model = with_quality_head(load_model(checkpoint))
+    predictor = Predictor(model, device=device)
+    with _progress() as progress:
+        task = progress.add_task(f"{split} masks", total=None)
+
+        def track(items):
+            items = list(items)
+            progress.update(task, total=len(items))
+            for item in items:
+                yield item
+                progress.advance(task)
+
+        samples = collect_samples(predictor, sources, split, track)
+    fit_quality(model.quality, samples)
+    scores = model.quality(samples.features, samples.modality_ids).numpy()
+    if review_below is None:
+        review_below = review_threshold(scores, samples.dice.numpy(), review_recall)
+    model.quality.review_below.fill_(review_below)
+    fit = agreement(scores, samples.dice.numpy(), review_below)
+    console.print(
+        f"fitted on {fit.images} {split} masks: Spearman {fit.spearman:.3f}, AUROC {fit.auroc:.3f} for "
+        f"Dice < 0.5 ({fit.failures} such masks; {fit.flagged} flagged below {review_below:.3f}, "
+        f"{fit.caught} of them failures)"
+    )
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    console.print(f"wrote {path}")
 
 
 def _confusion_table(matrix, names, title: str) -> Table:

@@ -161,6 +161,15 @@ class PromptConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    """The quality score of prompt-free masks (``models/quality.py``): a predicted Dice per mask, fitted on
+    validation splits by ``espmedsam quality calibrate``."""
+
+    enabled: bool = False
+    max_components: int = 3  # a mask's largest components whose boxes the promptable decoder checks
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     """The modality classifier behind ``--modality auto`` (``models/classifier.py``)."""
 
@@ -191,6 +200,7 @@ class ModelConfig(SerialisableConfig):
     detail: DetailConfig = DetailConfig()
     classifier: ClassifierConfig = ClassifierConfig()
     prompt: PromptConfig = PromptConfig()
+    quality: QualityConfig = QualityConfig()
     inference_sizes: tuple[int, ...] = ()  # per modality, in ``modalities`` order; () = image_size for all
     # mean_std: (x - pixel_mean) / pixel_std; minmax: per image to [0, 1]
     input_normalisation: str = "mean_std"

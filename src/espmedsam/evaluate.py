@@ -34,7 +34,7 @@ from espmedsam.data.dataset import DatasetSource, Sample, SegmentationFolder
 from espmedsam.data.io import write_png
 from espmedsam.errors import DataError, InputError
 from espmedsam.files import make_folder, write_text
-from espmedsam.metrics import METRIC_NAMES, dice, segmentation_metrics, summarise
+from espmedsam.metrics import LOW_DICE, METRIC_NAMES, agreement, dice, segmentation_metrics, summarise
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.predict import Predictor
 from espmedsam.visualize import montage, overlay, overlay_tile
@@ -53,7 +53,6 @@ EMPTY_RULE = (
     "in n_skipped"
 )
 ProgressCallback = Callable[[int, int], None]  # (images done, images in total)
-LOW_DICE = 0.5  # summary.json counts the images of a dataset with Dice below this ("n_below")
 WORST_TILE = 256  # pixels, the long side of a tile in worst_<dataset>.png
 
 
@@ -70,6 +69,8 @@ class ImageResult:
     nsd: float
     height: int
     width: int
+    # the quality score's estimate of the Dice (``models/quality.py``); None (written "") without one
+    predicted_dice: float | None = None
 
 
 @dataclass(frozen=True)
@@ -304,8 +305,9 @@ def choose_input_sizes(
 def score_sample(
     predictor: Predictor, sample: Sample, protocol: Protocol = "native"
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of one sample under ``protocol`` and the (H, W) bool prediction at the original size."""
-    logits = predictor.predict_logits(sample.image, sample.modality)
+    """Metrics of one sample under ``protocol`` and the (H, W) bool prediction at the original size; with
+    a calibrated quality score (``Predictor.has_quality``) the metrics hold its ``predicted_dice``."""
+    logits, quality = predictor.predict_logits_with_quality(sample.image, sample.modality)
     prediction = logits > 0
     truth = np.asarray(sample.mask, dtype=bool)
     if protocol == "paper":
@@ -316,7 +318,7 @@ def score_sample(
         )
     else:
         metrics = segmentation_metrics(prediction, truth, tolerance=NSD_TOLERANCE, percentile=95.0)
-    return metrics, prediction
+    return {**metrics, "predicted_dice": quality}, prediction
 
 
 def summarise_rows(
@@ -344,6 +346,7 @@ def summarise_rows(
             "n": len(group),
             **_metric_block(group),
             "dice_distribution": dice_distribution([row.dice for row in group]),
+            **_quality_block(group),
         }
         for name, group in datasets.items()
     }
@@ -360,7 +363,7 @@ def summarise_rows(
     overall["aggregation"] = "mean of dataset means"
     for metric in METRIC_NAMES:
         overall[metric] = asdict(summarise([entry[metric]["mean"] for entry in per_dataset.values()]))
-    overall["pooled"] = {"aggregation": "images pooled", **_metric_block(rows)}
+    overall["pooled"] = {"aggregation": "images pooled", **_metric_block(rows), **_quality_block(rows)}
     return {
         "protocol": protocol,
         "split": split,
@@ -493,6 +496,20 @@ def _resize(array: np.ndarray, side: int, mode: str) -> np.ndarray:
     return F.interpolate(tensor, size=(side, side), mode=mode, **kwargs)[0, 0].numpy()
 
 
+def _quality_block(rows: Sequence[ImageResult]) -> dict[str, dict[str, float | int]]:
+    """How the quality score ranks the rows' Dice ({} without scores): Spearman, the AUROC of flagging
+    Dice below ``LOW_DICE``, and the failures."""
+    scored = [row for row in rows if row.predicted_dice is not None]
+    if not scored:
+        return {}
+    fit = agreement(
+        np.array([r.predicted_dice for r in scored]), np.array([r.dice for r in scored]), LOW_DICE
+    )
+    return {
+        "quality": {"n": fit.images, "spearman": fit.spearman, "auroc": fit.auroc, "failures": fit.failures}
+    }
+
+
 def _metric_block(rows: Sequence[ImageResult]) -> dict[str, dict[str, float | int]]:
     return {metric: asdict(summarise([getattr(row, metric) for row in rows])) for metric in METRIC_NAMES}
 
@@ -538,6 +555,8 @@ def _md_number(value: float | None) -> str:
 
 
 def _csv_value(value: object) -> object:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6f}"
     return value

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 
 from espmedsam.errors import InputError
 
@@ -203,3 +204,36 @@ def _skeletonize():
             "clDice and thin-vessel recall need scikit-image: pip install scikit-image"
         ) from None
     return skeletonize
+
+
+LOW_DICE = 0.5  # a mask below this Dice counts as a failure
+
+
+@dataclass(frozen=True)
+class QualityAgreement:
+    """How well predicted Dice ranks true Dice on a set of masks."""
+
+    images: int
+    spearman: float  # rank correlation of predicted and true Dice; NaN when either is constant
+    auroc: float  # of flagging true Dice below ``LOW_DICE`` by low predicted Dice; NaN without both kinds
+    failures: int  # masks with true Dice below ``LOW_DICE``
+    flagged: int  # masks with predicted Dice below the review threshold
+    caught: int  # failures among the flagged
+
+
+def agreement(predicted: np.ndarray, dice: np.ndarray, review_below: float) -> QualityAgreement:
+    """Spearman correlation and failure AUROC of ``predicted`` against true ``dice`` (both (N,))."""
+    predicted, dice = np.asarray(predicted, float), np.asarray(dice, float)
+    failed = dice < LOW_DICE
+    flagged = predicted < review_below
+    rho = float("nan")
+    if len(dice) > 1 and np.ptp(predicted) > 0 and np.ptp(dice) > 0:
+        rho = float(stats.spearmanr(predicted, dice).statistic)
+    auroc = float("nan")
+    if failed.any() and (~failed).any():  # Mann-Whitney: P(a failure scores below a success)
+        ranks = stats.rankdata(-predicted)
+        n_fail, n_ok = int(failed.sum()), int((~failed).sum())
+        auroc = (ranks[failed].sum() - n_fail * (n_fail + 1) / 2) / (n_fail * n_ok)
+    return QualityAgreement(
+        len(dice), rho, float(auroc), int(failed.sum()), int(flagged.sum()), int((failed & flagged).sum())
+    )

@@ -40,6 +40,7 @@ _ROW_TENSORS = (
     *(f"classifier.statistics_{name}" for name in ("mean", "basis", "log_variance", "log_residual")),
     "classifier.statistics_scale",
     "classifier.statistics_count",
+    "quality.modality_bias",  # the quality score's; a fresh modality takes the others' mean
 )
 
 
@@ -184,6 +185,8 @@ def _remapped(key: str, fresh: torch.Tensor, old: dict[str, torch.Tensor], sourc
             source = sources[int(found.group(2))]
             return fresh if source is None else old[f"{found.group(1)}{source}{found.group(3)}"]
     if key in _ROW_TENSORS:
+        if key.startswith("quality."):
+            fresh = torch.full_like(fresh, float(old[key].mean()))
         return torch.stack([fresh[j] if s is None else old[key][s] for j, s in enumerate(sources)])
     return old[key]
 

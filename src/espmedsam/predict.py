@@ -8,6 +8,7 @@ in both, so they give the same masks up to float rounding. Files, folders and vo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from espmedsam.memory import release_freed_memory
 from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.models.image_io import RawImageIO
+from espmedsam.models.quality import DEFAULT_REVIEW_BELOW
 from espmedsam.prompting import Prompts
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ class MaskWithPatchMap:
 
     mask: np.ndarray  # (H, W) bool
     patch_map: np.ndarray | None  # (H, W) float32 patch probabilities; None: the network has no SPPG
+    quality: float | None = None  # the predicted Dice (``models/quality.py``); None: not calibrated
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,16 @@ class Predictor:
         ids = self._ids(modality, 1)
         return self.io.postprocess(self._segment(x, ids), meta)[0, 0].cpu().numpy()
 
+    def predict_logits_with_quality(
+        self, image: np.ndarray, modality: ModalityLike
+    ) -> tuple[np.ndarray, float | None]:
+        """As ``predict_logits`` (the same logits), and the mask's predicted Dice when ``has_quality``."""
+        if not self.has_quality:
+            return self.predict_logits(image, modality), None
+        x, meta = self.io.preprocess(image, self.input_size(modality))
+        logits, _, scores = self._forward_with_quality(x, self._ids(modality, 1), [meta.resized_size])
+        return self.io.postprocess(logits, meta)[0, 0].numpy(), scores[0]
+
     def predict(
         self,
         image: np.ndarray,
@@ -180,15 +193,52 @@ class Predictor:
         return [result.mask for result in self._predict_batches(images, modality, patch_maps=False)]
 
     def predict_with_patch_maps(
-        self, images: Sequence[np.ndarray], modality: str | Sequence[str]
+        self, images: Sequence[np.ndarray], modality: str | Sequence[str], *, quality: bool = False
     ) -> list[MaskWithPatchMap]:
-        """As ``predict_many`` (the same masks), with each image's SPPG patch probabilities beside it."""
-        return self._predict_batches(images, modality, patch_maps=True)
+        """As ``predict_many`` (the same masks), with each image's SPPG patch probabilities beside it and,
+        with ``quality`` and a calibrated quality score (``has_quality``), each mask's predicted Dice."""
+        return self._predict_batches(images, modality, patch_maps=True, quality=quality)
+
+    def predict_with_quality(
+        self,
+        images: Sequence[np.ndarray],
+        modality: str | Sequence[str],
+        scored: Sequence[bool] | None = None,
+    ) -> list[MaskWithPatchMap]:
+        """As ``predict_many`` (the same masks), each with its predicted Dice when ``has_quality`` and its
+        ``scored`` entry (default: every image) is True; no patch maps."""
+        return self._predict_batches(images, modality, patch_maps=False, quality=scored or True)
+
+    @property
+    def review_below(self) -> float:
+        """Masks whose predicted Dice is below this are flagged for review."""
+        quality = getattr(self.model, "quality", None)
+        return DEFAULT_REVIEW_BELOW if quality is None else float(quality.review_below)
+
+    @property
+    def has_quality(self) -> bool:
+        """Whether masks get a quality score: the torch backend and a calibrated ``MaskQuality``."""
+        quality = getattr(self.model, "quality", None)
+        return quality is not None and quality.is_calibrated
+
+    def quality_features(self, image: np.ndarray, modality: ModalityLike) -> tuple[np.ndarray, torch.Tensor]:
+        """One image -> its prompt-free (H, W) bool mask and its (F,) quality features (what calibration
+        fits on; ``models/quality.py``)."""
+        name = self.modalities[int(self._ids(modality, 1)[0])]
+        size = self.input_size(name)
+        x, meta = self.io.preprocess(image, size)
+        logits, _, features = self._forward_with_features(x, self._ids([name], 1), [meta.resized_size])
+        return self.io.postprocess(logits, meta)[0, 0].numpy() > 0, features[0]
 
     def _predict_batches(
-        self, images: Sequence[np.ndarray], modality: str | Sequence[str], patch_maps: bool
+        self,
+        images: Sequence[np.ndarray],
+        modality: str | Sequence[str],
+        patch_maps: bool,
+        quality: bool | Sequence[bool] = False,
     ) -> list[MaskWithPatchMap]:
         names = [modality] * len(images) if isinstance(modality, str) else list(modality)
+        scored = [quality] * len(images) if isinstance(quality, bool) else list(quality)
         if len(names) != len(images):
             raise InputError(f"{len(images)} images but {len(names)} modalities")
         results: list[MaskWithPatchMap | None] = [None] * len(images)
@@ -200,10 +250,14 @@ class Predictor:
             for start in range(0, len(members), step):
                 chunk = members[start : start + step]
                 batch = self._segment_batch(
-                    [images[i] for i in chunk], size, [names[i] for i in chunk], patch_maps
+                    [images[i] for i in chunk],
+                    size,
+                    [names[i] for i in chunk],
+                    patch_maps,
+                    any(scored[i] for i in chunk),
                 )
                 for i, result in zip(chunk, batch, strict=True):
-                    results[i] = result
+                    results[i] = result if scored[i] else dataclasses.replace(result, quality=None)
         return results  # type: ignore[return-value]
 
     def predict_volume(self, frames: np.ndarray, modality: str) -> np.ndarray:
@@ -250,13 +304,23 @@ class Predictor:
         return modality_ids(modality, self.modalities, batch_size=batch_size)
 
     def _segment_batch(
-        self, images: Sequence[np.ndarray], size: int, names: Sequence[str], patch_maps: bool
+        self,
+        images: Sequence[np.ndarray],
+        size: int,
+        names: Sequence[str],
+        patch_maps: bool,
+        quality: bool = False,
     ) -> list[MaskWithPatchMap]:
-        """Same-size inputs in one forward pass -> one mask (and patch map) per image."""
+        """Same-size inputs in one forward pass -> one mask (and patch map, and quality) per image."""
         prepared = [self.io.preprocess(image, size) for image in images]
-        logits, patches = self._forward(
-            torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names))
-        )
+        x, ids = torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names))
+        scores: list[float | None] = [None] * len(images)
+        if quality and self.has_quality:
+            logits, patches, scores = self._forward_with_quality(
+                x, ids, [m.resized_size for _, m in prepared]
+            )
+        else:
+            logits, patches = self._forward(x, ids)
         results = []
         for i, (_, meta) in enumerate(prepared):
             mask = self.io.postprocess(logits[i : i + 1], meta)[0, 0].numpy() > 0
@@ -265,7 +329,7 @@ class Predictor:
                 # each patch logit covers its square of the padded input: map it back as the mask is
                 square = F.interpolate(patches[i : i + 1].float(), size=(size, size), mode="nearest")
                 patch_map = self.io.postprocess(square, meta)[0, 0].sigmoid().numpy()
-            results.append(MaskWithPatchMap(mask, patch_map))
+            results.append(MaskWithPatchMap(mask, patch_map, scores[i]))
         release_freed_memory()  # the forward's activations are freed: give their pages back
         return results
 
@@ -283,6 +347,33 @@ class Predictor:
             patches = getattr(out, "patch_logits", None)
             return out.masks.float().cpu(), None if patches is None else patches.float().cpu()
         return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy())), None
+
+    @torch.inference_mode()
+    def _forward_with_features(
+        self, x: torch.Tensor, ids: torch.Tensor, valid_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``_forward`` (the same operations: ``encode`` then ``decode`` is ``forward``), plus the (B, F)
+        quality features: the promptable decoder reads the encoder's embedding for ``box_agreement``."""
+        model = self.model
+        if not isinstance(model, ESPMedSAM) or model.quality is None:
+            raise InputError("quality scores need the torch backend and a checkpoint with a quality head")
+        x, ids = x.to(self.device), ids.to(self.device)
+        with self.autocast():
+            embeddings = model.encode(x, ids)
+            out = model.decode(embeddings, ids, x.shape[-1], x)
+            decode_boxes = (
+                None if model.prompt_decoder is None else model.box_decoder(embeddings, x.shape[-1])
+            )
+            features = model.quality.features(out.masks, out.patch_logits, valid_sizes, decode_boxes)
+        return out.masks.float().cpu(), out.patch_logits.float().cpu(), features
+
+    def _forward_with_quality(
+        self, x: torch.Tensor, ids: torch.Tensor, valid_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
+        """(B, 3, S, S) inputs -> mask logits, patch logits and each mask's predicted Dice."""
+        logits, patches, features = self._forward_with_features(x, ids, valid_sizes)
+        scores = self.model.quality(features, ids.cpu())  # type: ignore[union-attr]
+        return logits, patches, [float(v) for v in scores]
 
     @torch.inference_mode()
     def _classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

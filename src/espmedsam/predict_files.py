@@ -49,6 +49,8 @@ CSV_COLUMNS = (
     "distance",
     "prompt_passes",
     "predicted_iou",
+    "predicted_dice",
+    "review",
     "frames",
     "foreground_pixels",
     "foreground_mm2",
@@ -111,6 +113,10 @@ class FileResult:
     skipped: bool = False  # unknown under ``skip_unknown``: no mask written
     prompt_passes: int = 0  # promptable-decoder passes (boxes and click groups); 0: prompt-free
     predicted_iou: float | None = None  # the IoU head's estimate (the lowest of the passes'), when prompted
+    # the quality score of a prompt-free 2D mask (``models/quality.py``) and whether it is below the
+    # checkpoint's review threshold; None: no calibrated score, a volume or stack, or prompted
+    predicted_dice: float | None = None
+    review: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -128,6 +134,8 @@ class FileResult:
             "distance": "" if self.distance is None else f"{self.distance:.3f}",
             "prompt_passes": self.prompt_passes,
             "predicted_iou": "" if self.predicted_iou is None else f"{self.predicted_iou:.4f}",
+            "predicted_dice": "" if self.predicted_dice is None else f"{self.predicted_dice:.4f}",
+            "review": "" if self.review is None else "yes" if self.review else "no",
             "frames": self.frames,
             "foreground_pixels": self.foreground_pixels,
             "foreground_mm2": "" if self.foreground_mm2 is None else f"{self.foreground_mm2:.2f}",
@@ -151,6 +159,8 @@ class _Job:
     masks: np.ndarray | None = field(default=None, repr=False)
     prompt_passes: int = 0
     predicted_iou: float | None = None
+    predicted_dice: float | None = None
+    review: bool | None = None
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path | DicomSeries]:
@@ -317,7 +327,10 @@ def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Ite
         kept = [job for job, s, p in zip(jobs, skip, prompts, strict=True) if not s and not p]
         frames = [frame for job in kept for frame in job.stack.frames]
         names = [job.modality for job in kept for _ in job.stack.frames]
-        masks = predictor.predict_many(frames, names) if kept else []
+        # 2D images get the quality score; a volume's or stack's slices do not (a slice without the
+        # structure is no failure)
+        scored = [len(job.stack.frames) == 1 for job in kept for _ in job.stack.frames]
+        results = predictor.predict_with_quality(frames, names, scored) if kept else []
     except Exception as error:
         if len(jobs) > 1:
             for job in jobs:
@@ -335,7 +348,10 @@ def _run(predictor: Predictor, jobs: list[_Job], options: PredictOptions) -> Ite
             yield _prompted(predictor, job, prompt)
             continue
         count = len(job.stack.frames)
-        job.masks, job.seconds = np.stack(masks[done : done + count]), job.seconds + share
+        mine = results[done : done + count]
+        job.masks, job.seconds = np.stack([r.mask for r in mine]), job.seconds + share
+        job.predicted_dice = mine[0].quality if count == 1 else None
+        job.review = None if job.predicted_dice is None else job.predicted_dice < predictor.review_below
         done += count
         yield job
 
@@ -490,6 +506,8 @@ def _write_outputs(job: _Job, out_dir: Path, options: PredictOptions) -> FileRes
         distance=job.distance,
         prompt_passes=job.prompt_passes,
         predicted_iou=job.predicted_iou,
+        predicted_dice=job.predicted_dice,
+        review=job.review,
     )
 
 

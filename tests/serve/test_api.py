@@ -87,6 +87,13 @@ def test_a_good_file_gives_the_predictors_mask(client, predictor, example):
     patch = decode_png(frame["patch_map_png"])
     assert patch.shape == image.shape[:2] and patch.max() > patch.min()
     assert set(body["seconds"]) == {"read", "classify", "segment", "encode", "total"}
+    # the quality score: the predictor's own, with the review flag its threshold gives
+    _, score = predictor.predict_logits_with_quality(image, body["modality"])
+    if score is None:
+        assert body["predicted_dice"] is None and body["review"] is None
+    else:
+        assert body["predicted_dice"] == pytest.approx(score, abs=1e-4)
+        assert body["review"] == (score < predictor.review_below) and body["review_below"] > 0
 
 
 def test_a_chosen_modality_is_used_and_details_are_optional(client, example):

@@ -21,6 +21,7 @@ from espmedsam.models.controller import ControllerRoute, trace_safe_routing
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.prompt_decoder import PromptDecoder, PromptedMasks
 from espmedsam.models.qdmd import QueryDecoupledDecoder
+from espmedsam.models.quality import BoxDecoder, MaskQuality
 from espmedsam.models.refiner import EmbeddingRefiner
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
@@ -49,6 +50,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         refiner: EmbeddingRefiner | None = None,
         classifier: ModalityClassifier | None = None,
         prompt_decoder: PromptDecoder | None = None,
+        quality: MaskQuality | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -58,6 +60,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         self.decoder = decoder
         self.classifier = classifier  # None: the modality must be given
         self.prompt_decoder = prompt_decoder  # None: prompt-free only
+        self.quality = quality  # None: no quality score for the prompt-free masks
         self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 
     def forward(self, images: torch.Tensor, modality: ModalityLike) -> ESPOutput:
@@ -134,6 +137,16 @@ class ESPMedSAM(RawImageIO, nn.Module):
         if masks.shape[-1] != size:
             masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
         return PromptedMasks(masks=masks, iou=out.iou)
+
+    def box_decoder(self, embeddings: torch.Tensor, size: int) -> BoxDecoder:
+        """Boxes on the (B, C, h, w) ``encode`` embeddings of S = ``size`` inputs, each with the index of
+        its image, -> their (N, 1, S, S) mask logits and (N,) predicted IoU, in one decoder pass."""
+
+        def decode(boxes: torch.Tensor, owners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.decode_prompt(embeddings[owners], size, boxes=boxes)
+            return out.masks, out.iou
+
+        return decode
 
     @property
     def size_multiple(self) -> int:  # type: ignore[override]

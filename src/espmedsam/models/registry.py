@@ -20,6 +20,7 @@ from espmedsam.models.detail import DetailBranch
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.prompt_decoder import PromptDecoder
 from espmedsam.models.qdmd import QueryDecoupledDecoder
+from espmedsam.models.quality import MaskQuality
 from espmedsam.models.refiner import EmbeddingRefiner
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
@@ -125,4 +126,7 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
     prompt_decoder = None
     if config.prompt.enabled:
         prompt_decoder = PromptDecoder(config.encoder.out_chans, config.decoder)
-    return ESPMedSAM(config, encoder, sppg, decoder, refiner, classifier, prompt_decoder).eval()
+    quality = None
+    if config.quality.enabled:
+        quality = MaskQuality(len(config.modalities), config.quality.max_components)
+    return ESPMedSAM(config, encoder, sppg, decoder, refiner, classifier, prompt_decoder, quality).eval()

@@ -84,6 +84,13 @@ class SegmentResult(BaseModel):
     foreground_mm2: float | None = Field(description="when the file gives the pixel spacing")
     spacing_mm: list[float] | None = None
     mask_png: str | None = Field(description="base64 PNG of the mask of a single-frame input")
+    predicted_dice: float | None = Field(
+        None,
+        description="the quality score of a single-frame input's mask: its predicted Dice, calibrated on "
+        "validation splits; null without a calibrated score",
+    )
+    review: bool | None = Field(None, description="predicted_dice is below review_below: check this mask")
+    review_below: float | None = Field(None, description="the checkpoint's review threshold")
     mask_file: MaskFile = Field(
         description="what espmedsam predict writes: PNG, a multi-page TIFF for multi-page images, or NIfTI "
         "for volumes"
@@ -121,10 +128,19 @@ def result_of(segmentation: Segmentation, details: bool) -> dict:
         "foreground_mm2": None if spacing is None else pixels * spacing[0] * spacing[1],
         "spacing_mm": None if spacing is None else [float(s) for s in spacing],
         "mask_png": slices[0]["mask_png"] if len(slices) == 1 else None,
+        **_quality(segmentation),
         "mask_file": {"filename": filename, "media_type": _media_type(filename), "data": _b64(contents)},
         "slices": slices,
         "seconds": {key: round(value, 4) for key, value in seconds.items()},
     }
+
+
+def _quality(segmentation: Segmentation) -> dict:
+    score = segmentation.results[0].quality if len(segmentation.results) == 1 else None
+    if score is None:
+        return {"predicted_dice": None, "review": None, "review_below": None}
+    below = segmentation.review_below
+    return {"predicted_dice": round(score, 4), "review": score < below, "review_below": below}
 
 
 def _slice(frame: np.ndarray, result, details: bool) -> dict:

@@ -45,6 +45,7 @@ class Segmentation:
     mask_file: tuple[str, bytes]  # (suggested file name, contents)
     seconds: dict[str, float]  # read, classify, segment, total
     unknown_threshold: float | None = None  # the classifier's, when it has feature statistics
+    review_below: float = 0.5  # masks whose predicted Dice is below it are flagged
 
 
 class Segmenter:
@@ -77,7 +78,10 @@ class Segmenter:
                     with self._model_lock:
                         choice = choose_modality(self.predictor, stack, modality)
                         classified = time.perf_counter()
-                        results = self.predictor.predict_with_patch_maps(list(stack.frames), choice.modality)
+                        # a single image gets its quality score; a volume's slices are not failures one by one
+                        results = self.predictor.predict_with_patch_maps(
+                            list(stack.frames), choice.modality, quality=len(stack.frames) == 1
+                        )
                     segmented = time.perf_counter()
                     masks = np.stack([result.mask for result in results])
                     mask_file = _mask_file(stack, masks, path.parent, name)
@@ -93,7 +97,10 @@ class Segmenter:
             "total": time.perf_counter() - start,
         }
         threshold = self.predictor.unknown_threshold
-        return Segmentation(name, fmt.name, stack, choice, results, masks, mask_file, seconds, threshold)
+        return Segmentation(
+            name, fmt.name, stack, choice, results, masks, mask_file, seconds, threshold,
+            self.predictor.review_below,
+        )  # fmt: skip
 
     def _check_modality(self, modality: str) -> None:
         check_modality_option(self.predictor, modality)

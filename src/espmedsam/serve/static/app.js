@@ -56,6 +56,7 @@
     resultProbability: $("result-probability"),
     resultSize: $("result-size"),
     resultArea: $("result-area"),
+    resultQuality: $("result-quality"),
     resultTime: $("result-time"),
     resultWarning: $("result-warning"),
     downloadMask: $("download-mask"),
@@ -618,7 +619,10 @@
     const button = item.li.querySelector(".result-button");
     item.li.dataset.status = item.status;
     item.li.classList.toggle("selected", item === state.selected);
-    item.li.querySelector(".result-status").textContent = STATUS_TEXT[item.status];
+    // a mask the quality score doubts is flagged in the list, so a person reviews it first
+    const review = item.status === "done" && item.result && item.result.review === true;
+    item.li.dataset.review = review ? "yes" : "no";
+    item.li.querySelector(".result-status").textContent = review ? "review" : STATUS_TEXT[item.status];
     button.setAttribute("aria-current", item === state.selected ? "true" : "false");
     button.title = item.error || item.name;
   }
@@ -669,7 +673,8 @@
     el.downloadOverlay.disabled = !shownResult();
     el.resultWarning.hidden = true;
     if (!result) {
-      for (const node of [el.resultModality, el.resultSize, el.resultArea, el.resultTime]) node.textContent = "—";
+      const facts = [el.resultModality, el.resultSize, el.resultArea, el.resultQuality, el.resultTime];
+      for (const node of facts) node.textContent = "—";
       el.resultProbability.textContent = "";
       el.resultProbability.hidden = true;
       return;
@@ -677,6 +682,7 @@
     showModality(result);
     el.resultSize.textContent = sizeText(result);
     el.resultArea.textContent = areaText(result);
+    showQuality(result);
     el.resultTime.textContent = timeText(result, item.roundTripMs);
     el.resultTime.title = Object.entries(result.seconds)
       .map(([step, seconds]) => `${step} ${seconds.toFixed(3)} s`)
@@ -702,6 +708,19 @@
       el.resultWarning.hidden = false;
     } else if (probability !== null && probability < LOW_CONFIDENCE) {
       el.resultWarning.textContent = "Low classifier confidence: check the modality, or choose it above.";
+      el.resultWarning.hidden = false;
+    }
+  }
+
+  function showQuality(result) {
+    const score = result.predicted_dice;
+    el.resultQuality.textContent =
+      score === null || score === undefined ? "no score" : `predicted Dice ${score.toFixed(2)}`;
+    el.resultQuality.title = "the quality score, calibrated on validation images";
+    if (result.review && el.resultWarning.hidden) {
+      el.resultWarning.textContent =
+        `The quality score doubts this mask (predicted Dice ${score.toFixed(2)} < ` +
+        `${result.review_below.toFixed(2)}): check it before using it.`;
       el.resultWarning.hidden = false;
     }
   }

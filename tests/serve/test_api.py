@@ -299,3 +299,42 @@ def test_the_answer_says_when_an_image_looks_like_no_modality(tmp_path):
         assert body["distance"] > body["unknown_threshold"] == 0.0 and body["mask_png"]  # still segmented
         chosen = post(tiny, image, modality="xray").json()
         assert chosen["known"] is None and chosen["distance"] is None  # a chosen modality is not checked
+
+
+def test_a_box_and_clicks_correct_a_kept_image(client, predictor, example):
+    body = post(client, example.read_bytes(), example.name).json()
+    assert body["image_id"] and client.get("/api/info").json()["prompts"] is True
+    image = read_image(example)
+    h, w = image.shape[:2]
+    box = [w * 0.25, h * 0.25, w * 0.75, h * 0.75]
+    answer = client.post("/api/prompt", json={"image_id": body["image_id"], "boxes": [box]})
+    assert answer.status_code == 200, answer.text
+    corrected = answer.json()
+    expected = predictor.predict(image, body["modality"], boxes=[box])
+    np.testing.assert_array_equal(decode_png(corrected["mask_png"]) > 0, expected)
+    np.testing.assert_array_equal(decode_png(corrected["mask_file"]["data"]) > 0, expected)
+    assert corrected["foreground_pixels"] == expected.sum() and len(corrected["predicted_iou"]) == 1
+    # a background click inside the box, with it: the same call predict makes
+    point = [w * 0.5, h * 0.5]
+    answer = client.post(
+        "/api/prompt", json={"image_id": body["image_id"], "boxes": [box], "points": [point], "labels": [0]}
+    )
+    expected = predictor.predict(image, body["modality"], boxes=[box], points=[point], labels=[0])
+    np.testing.assert_array_equal(decode_png(answer.json()["mask_png"]) > 0, expected)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ({"boxes": [[0, 0, 1e6, 10]]}, "outside"),
+        ({"points": [[5, 5]], "labels": [3]}, "labels"),
+        ({"boxes": [[1, 2, 3]]}, "boxes must be"),
+        ({}, "no prompt"),
+        ({"image_id": "nope", "points": [[1, 1]]}, "upload it again"),
+    ],
+)
+def test_bad_prompts_are_422_in_one_line(client, example, prompt, message):
+    image_id = post(client, example.read_bytes(), example.name).json()["image_id"]
+    answer = client.post("/api/prompt", json={"image_id": image_id, **prompt})
+    assert answer.status_code == 422 and message in answer.json()["detail"]
+    assert "\n" not in answer.json()["detail"]

@@ -249,3 +249,82 @@ def test_changing_the_modality_segments_the_file_again(page, example):
     )
     assert page.is_hidden("#result-probability")  # chosen, not classified
     assert page.locator(".result-item").count() == 1
+
+
+CANVAS_RECT = """c => {
+    const r = c.getBoundingClientRect();
+    return {x: r.x, y: r.y, w: r.width, h: r.height, cw: c.width, ch: c.height};
+}"""
+
+
+def _drag(page, box: tuple[int, int, int, int]) -> None:
+    """Drag over the image from pixel (x0, y0) to pixel (x1, y1), through the pixels' centres."""
+    rect = page.eval_on_selector("#prompt-canvas", CANVAS_RECT)
+
+    def screen(x: int, y: int) -> tuple[float, float]:
+        return rect["x"] + (x + 0.5) * rect["w"] / rect["cw"], rect["y"] + (y + 0.5) * rect["h"] / rect["ch"]
+
+    page.mouse.move(*screen(box[0], box[1]))
+    page.mouse.down()
+    page.mouse.move(*screen((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), steps=3)
+    page.mouse.move(*screen(box[2], box[3]))
+    page.mouse.up()
+
+
+def _corrections(page, count: int) -> dict:
+    page.wait_for_function(
+        "(n) => window.espmedsamCorrection && window.espmedsamCorrection.prompts === n"
+        " && document.body.dataset.state === 'done'",
+        arg=count,
+        timeout=DONE_TIMEOUT_MS,
+    )
+    return page.evaluate("window.espmedsamCorrection")
+
+
+def _downloaded_mask(page) -> bytes:
+    with page.expect_download() as info:
+        page.click("#download-mask")
+    return Path(info.value.path()).read_bytes()
+
+
+def test_a_box_and_a_click_correct_the_mask_and_undo_takes_them_back(page, example, tmp_path):
+    upload(page, str(example), 1)
+    free = overlay(page)
+    assert page.is_visible("#prompt-control") and page.is_disabled("#undo-prompt")
+    with Image.open(example) as image:
+        width, height = image.size
+    box = (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
+    _drag(page, box)
+    timing = _corrections(page, 1)
+    assert timing["clickToOverlayMs"] > 0
+    boxed = wait_overlay(page, f"s.count !== {free['count']}")
+    saved = _downloaded_mask(page)
+    mask = np.asarray(Image.open(io.BytesIO(saved))) > 0
+    assert boxed["count"] == mask.sum() > 0
+    inside = mask[box[1] : box[3] + 1, box[0] : box[2] + 1].sum()
+    assert inside >= 0.95 * mask.sum()  # a box is one object, inside it
+    assert page.text_content("#result-quality").startswith("corrected with 1 prompt")
+
+    modality = shown_modality(page)
+    cli = ["predict", str(example), "--modality", modality, "--box", ",".join(map(str, box))]
+    result = CliRunner().invoke(cli_app, [*cli, "--out", str(tmp_path / "box")])
+    assert result.exit_code == 0, result.output
+    assert saved == (tmp_path / "box" / f"{example.stem}_mask.png").read_bytes()
+
+    page.check("input[name=prompt-tool][value='0']")  # a background click inside the box
+    point = (width // 2, height // 2)
+    _drag(page, (*point, *point))
+    _corrections(page, 2)
+    result = CliRunner().invoke(
+        cli_app, [*cli, "--point", f"{point[0]},{point[1]},0", "--out", str(tmp_path / "pt")]
+    )
+    assert result.exit_code == 0, result.output
+    assert _downloaded_mask(page) == (tmp_path / "pt" / f"{example.stem}_mask.png").read_bytes()
+
+    page.click("#undo-prompt")
+    _corrections(page, 1)
+    wait_overlay(page, f"s.count === {boxed['count']}")
+    page.keyboard.press("Control+z")  # undo from the keyboard too
+    _corrections(page, 0)
+    wait_overlay(page, f"s.count === {free['count']}")
+    assert page.is_disabled("#undo-prompt") and page.is_disabled("#reset-prompts")

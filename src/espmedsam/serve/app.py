@@ -25,8 +25,19 @@ from starlette.formparsers import MultiPartParser
 from espmedsam import __version__
 from espmedsam.errors import DataError, EspMedSAMError, InputError, MissingDependencyError
 from espmedsam.predict import Predictor
+from espmedsam.prompting import Prompts
 from espmedsam.serve.limits import BodySizeLimit
-from espmedsam.serve.schema import ErrorBody, Health, Info, SegmentResult, info_of, result_of
+from espmedsam.serve.schema import (
+    ErrorBody,
+    Health,
+    Info,
+    PromptRequest,
+    PromptResult,
+    SegmentResult,
+    correction_of,
+    info_of,
+    result_of,
+)  # fmt: skip
 from espmedsam.serve.segmenter import Segmenter
 from espmedsam.serve.uploads import UnsupportedFormat, UploadLimits, UploadTooLarge, display_name
 
@@ -143,6 +154,21 @@ def _add_routes(app: FastAPI) -> None:
         data = file.file.read()
         segmentation = app.state.segmenter.segment(data, name, modality)
         return result_of(segmentation, details)
+
+    @app.post(
+        "/api/prompt",
+        response_model=PromptResult,
+        responses={422: ERROR_RESPONSES[422]},
+        summary="Correct a segmented image's mask with boxes and clicks",
+    )
+    def prompt(request: PromptRequest) -> dict:
+        """The mask of all the prompts so far on an image ``/api/segment`` kept (its ``image_id``): each box
+        one object with the clicks inside it, clicks alone a local correction of the prompt-free mask
+        (as ``espmedsam predict --box/--point``). The image's embedding is computed once and reused, so a
+        correction costs decoder passes only. Coordinates are the image's pixels; an empty prompt list, or
+        one outside the image, is a 422."""
+        prompts = Prompts.of(request.boxes, request.points, request.labels)
+        return correction_of(app.state.segmenter.correct(request.image_id, prompts))
 
 
 def _add_error_handlers(app: FastAPI) -> None:

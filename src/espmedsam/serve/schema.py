@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from espmedsam import __version__
 from espmedsam.predict import Predictor
-from espmedsam.serve.segmenter import Segmentation, png_base64
+from espmedsam.serve.segmenter import Correction, Segmentation, png_base64
 from espmedsam.serve.uploads import FORMATS, UploadLimits
 
 
@@ -39,6 +39,7 @@ class Info(BaseModel):
     input_sizes: dict[str, int] = Field(description="the model input side of each modality")
     classifier: bool = Field(description="modality auto is available")
     patch_maps: bool = Field(description="the model has SPPG, so results carry patch maps")
+    prompts: bool = Field(False, description="the model takes boxes and clicks (POST /api/prompt)")
     parameters: list[ComponentParameters]
     total_parameters: int
     percent_of_sam_vit_b: float
@@ -91,12 +92,49 @@ class SegmentResult(BaseModel):
     )
     review: bool | None = Field(None, description="predicted_dice is below review_below: check this mask")
     review_below: float | None = Field(None, description="the checkpoint's review threshold")
+    image_id: str | None = Field(
+        None, description="a single image kept on the server: correct its mask with POST /api/prompt"
+    )
     mask_file: MaskFile = Field(
         description="what espmedsam predict writes: PNG, a multi-page TIFF for multi-page images, or NIfTI "
         "for volumes"
     )
     slices: list[Slice]
     seconds: dict[str, float] = Field(description="read, classify, segment, encode and total")
+
+
+class PromptRequest(BaseModel):
+    image_id: str = Field(description="from the image's /api/segment answer")
+    boxes: list[list[float]] = Field([], description="[x0, y0, x1, y1] each, in the image's pixels")
+    points: list[list[float]] = Field([], description="[x, y] each, in the image's pixels")
+    labels: list[int] | None = Field(None, description="one per point: 1 foreground (default), 0 background")
+
+
+class PromptResult(BaseModel):
+    image_id: str
+    mask_png: str = Field(description="base64 PNG of the corrected mask, 0 / 255, the image's own size")
+    foreground_pixels: int
+    foreground_fraction: float
+    predicted_iou: list[float] = Field(description="the IoU head's estimate, one per decoder pass")
+    mask_file: MaskFile = Field(
+        description="what espmedsam predict --box/--point writes for the same prompts"
+    )
+    seconds: float
+
+
+def correction_of(correction: Correction) -> dict:
+    """The JSON body of ``POST /api/prompt``."""
+    mask = correction.mask
+    filename, contents = correction.mask_file
+    return {
+        "image_id": correction.image_id,
+        "mask_png": png_base64(mask.astype(np.uint8) * 255),
+        "foreground_pixels": int(mask.sum()),
+        "foreground_fraction": float(mask.mean()) if mask.size else 0.0,
+        "predicted_iou": [round(v, 4) for v in correction.predicted_iou],
+        "mask_file": {"filename": filename, "media_type": _media_type(filename), "data": _b64(contents)},
+        "seconds": round(correction.seconds, 4),
+    }
 
 
 def result_of(segmentation: Segmentation, details: bool) -> dict:
@@ -129,6 +167,7 @@ def result_of(segmentation: Segmentation, details: bool) -> dict:
         "spacing_mm": None if spacing is None else [float(s) for s in spacing],
         "mask_png": slices[0]["mask_png"] if len(slices) == 1 else None,
         **_quality(segmentation),
+        "image_id": segmentation.image_id,
         "mask_file": {"filename": filename, "media_type": _media_type(filename), "data": _b64(contents)},
         "slices": slices,
         "seconds": {key: round(value, 4) for key, value in seconds.items()},
@@ -172,6 +211,7 @@ def info_of(predictor: Predictor, checkpoint_name: str, limits: UploadLimits) ->
         "input_sizes": {name: predictor.input_size(name) for name in predictor.modalities},
         "classifier": predictor.has_classifier,
         "patch_maps": hasattr(model, "sppg"),
+        "prompts": getattr(model, "prompt_decoder", None) is not None,
         "parameters": counts,
         "total_parameters": total,
         "percent_of_sam_vit_b": round(100 * total / SAM_VIT_B_PARAMETERS, 2),

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
+import tempfile
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from espmedsam.data.stack import ImageStack, output_stem, read_stack, write_mask
 from espmedsam.errors import EspMedSAMError, InputError
 from espmedsam.predict import MaskWithPatchMap, Predictor
 from espmedsam.predict_files import ModalityChoice, check_modality_option, choose_modality
+from espmedsam.prompting import Prompts
 from espmedsam.serve.uploads import (
     SniffedFormat,
     UploadLimits,
@@ -46,6 +50,32 @@ class Segmentation:
     seconds: dict[str, float]  # read, classify, segment, total
     unknown_threshold: float | None = None  # the classifier's, when it has feature statistics
     review_below: float = 0.5  # masks whose predicted Dice is below it are flagged
+    image_id: str | None = None  # a single image kept for corrections (``Segmenter.correct``)
+
+
+@dataclass(frozen=True)
+class KeptImage:
+    """An uploaded single image, kept so that boxes and clicks can correct its mask."""
+
+    name: str
+    stack: ImageStack
+    modality: str
+
+
+@dataclass(frozen=True)
+class Correction:
+    """The mask of the prompts on a kept image."""
+
+    image_id: str
+    mask: np.ndarray  # (H, W) bool
+    predicted_iou: tuple[float, ...]  # one per decoder pass
+    mask_file: tuple[str, bytes]
+    seconds: float
+
+
+# single images kept for corrections, the most recent first out of the way last: a page corrects the
+# image it shows, and a few users at a time fit
+KEPT_IMAGES = 16
 
 
 class Segmenter:
@@ -56,6 +86,8 @@ class Segmenter:
         self.workspace = Path(workspace)
         self.limits = limits or UploadLimits()
         self._model_lock = threading.Lock()
+        self._kept: OrderedDict[str, KeptImage] = OrderedDict()
+        self._kept_lock = threading.Lock()
 
     def segment(self, data: bytes, name: str, modality: str = "auto") -> Segmentation:
         """Segment one uploaded file (``name`` is for messages and the suggested file name only).
@@ -97,10 +129,49 @@ class Segmenter:
             "total": time.perf_counter() - start,
         }
         threshold = self.predictor.unknown_threshold
+        image_id = self._keep(name, stack, choice.modality) if self.accepts_prompts(stack) else None
         return Segmentation(
             name, fmt.name, stack, choice, results, masks, mask_file, seconds, threshold,
-            self.predictor.review_below,
+            self.predictor.review_below, image_id,
         )  # fmt: skip
+
+    @property
+    def prompts_enabled(self) -> bool:
+        """Whether the model can take boxes and clicks: the torch backend with a promptable decoder."""
+        return getattr(self.predictor.model, "prompt_decoder", None) is not None
+
+    def accepts_prompts(self, stack: ImageStack) -> bool:
+        return self.prompts_enabled and len(stack.frames) == 1
+
+    def correct(self, image_id: str, prompts: Prompts) -> Correction:
+        """The mask of ``prompts`` (boxes and clicks in the image's pixels) on a kept image; its embedding
+        is reused while the same image is corrected.
+
+        Raises:
+            InputError: an unknown (or no longer kept) image, no prompt, a prompt outside the image.
+        """
+        start = time.perf_counter()
+        with self._kept_lock:
+            kept = self._kept.get(image_id)
+            if kept is not None:
+                self._kept.move_to_end(image_id)
+        if kept is None:
+            raise InputError(
+                f"no image {image_id!r} here (the last {KEPT_IMAGES} uploads are kept): upload it again"
+            )
+        with self._model_lock:
+            result = self.predictor.predict_prompted(kept.stack.frames[0], kept.modality, prompts)
+        with tempfile.TemporaryDirectory(dir=self.workspace) as folder:
+            mask_file = _mask_file(kept.stack, result.mask[None], Path(folder), kept.name)
+        return Correction(image_id, result.mask, result.iou, mask_file, time.perf_counter() - start)
+
+    def _keep(self, name: str, stack: ImageStack, modality: str) -> str:
+        image_id = uuid.uuid4().hex
+        with self._kept_lock:
+            self._kept[image_id] = KeptImage(name, stack, modality)
+            while len(self._kept) > KEPT_IMAGES:
+                self._kept.popitem(last=False)
+        return image_id
 
     def _check_modality(self, modality: str) -> None:
         check_modality_option(self.predictor, modality)

@@ -16,6 +16,9 @@
   const LOW_CONFIDENCE = 0.6; // as espmedsam predict's --min-confidence default
   const MAX_UPSCALE = 8; // small images are enlarged to fit, but not beyond this
   const SLICE_CACHE = 32; // decoded slices kept per result
+  const PROMPT_BOX_COLOUR = "#ffd23f";
+  const PROMPT_FOREGROUND = "#2ecc71";
+  const PROMPT_BACKGROUND = "#3d7bff";
   const STATUS_TEXT = { waiting: "waiting", segmenting: "segmenting", done: "done", error: "error" };
   // viridis at five stops: a heat map colour far from the mask's red, and readable on gray images
   const HEAT_STOPS = [
@@ -42,6 +45,10 @@
     placeholder: $("placeholder"),
     imageCanvas: $("image-canvas"),
     overlayCanvas: $("overlay-canvas"),
+    promptCanvas: $("prompt-canvas"),
+    promptControl: $("prompt-control"),
+    undoPrompt: $("undo-prompt"),
+    resetPrompts: $("reset-prompts"),
     opacity: $("opacity"),
     opacityValue: $("opacity-value"),
     contourOnly: $("contour-only"),
@@ -64,6 +71,7 @@
   };
   const imageCtx = el.imageCanvas.getContext("2d");
   const overlayCtx = el.overlayCanvas.getContext("2d", { willReadFrequently: true });
+  const promptCtx = el.promptCanvas.getContext("2d");
 
   const state = {
     info: null,
@@ -92,6 +100,7 @@
     el.slice.addEventListener("input", onSliceChange);
     el.downloadMask.addEventListener("click", downloadMask);
     el.downloadOverlay.addEventListener("click", downloadOverlay);
+    bindPrompts();
     new ResizeObserver(fitStage).observe(el.stageWrap);
     refresh();
     loadInfo();
@@ -185,6 +194,10 @@
       generation: 0, // bumped by each new request for the item; late answers to old ones are dropped
       sliceIndex: 0,
       roundTripMs: null,
+      original: null, // the prompt-free result; `result` is it, or its correction by `prompts`
+      prompts: [], // {kind: "box", box: [x0, y0, x1, y1]} or {kind: "point", x, y, label}, in image pixels
+      promptGeneration: 0, // bumped by each correction; late answers to older ones are dropped
+      promptError: null,
     };
     const maxBytes = state.info && state.info.limits.max_bytes;
     if (maxBytes && file.size > maxBytes) {
@@ -248,6 +261,10 @@
     } else {
       const previous = item.result;
       item.result = outcome.result;
+      item.original = outcome.result;
+      item.prompts = [];
+      item.promptGeneration += 1;
+      item.promptError = null;
       item.error = null;
       item.status = "done";
       item.sliceIndex = initialSlice(outcome.result, previous, item.sliceIndex);
@@ -334,7 +351,7 @@
 
   // Decode the item's current slice and draw it; `since` (performance.now() of the upload) asks for the
   // timing of this draw to be published.
-  async function show(item, since = null) {
+  async function show(item, since = null, correctionSince = null) {
     const { result } = item;
     const index = item.sliceIndex;
     const token = ++state.drawToken;
@@ -354,7 +371,15 @@
     state.view = { item, result, index, slice };
     drawFrame(slice);
     drawOverlay();
+    drawPrompts();
     if (since !== null) publishTiming(item, result, since);
+    if (correctionSince !== null) {
+      window.espmedsamCorrection = {
+        clickToOverlayMs: performance.now() - correctionSince,
+        serverSeconds: result.correctionSeconds ?? 0,
+        prompts: item.prompts.length,
+      };
+    }
     refresh();
   }
 
@@ -396,12 +421,21 @@
   }
 
   async function decodeSlice(result, index) {
+    if (result.base) {
+      // a correction: only its mask is new; the image and the patch map are the prompt-free result's
+      const [base, mask] = await Promise.all([decodedSlice(result.base, index), grayPixels(result.mask_png)]);
+      return sliceOf(base.image, mask, base.patch ? { width: mask.width, height: mask.height, values: base.patch } : null);
+    }
     const data = result.slices[index];
     const [image, mask, patch] = await Promise.all([
       data.image_png ? imageBitmap(data.image_png) : null,
       grayPixels(data.mask_png),
       data.patch_map_png ? grayPixels(data.patch_map_png) : null,
     ]);
+    return sliceOf(image, mask, patch);
+  }
+
+  function sliceOf(image, mask, patch) {
     const { width, height } = mask;
     const binary = new Uint8Array(width * height);
     for (let i = 0; i < binary.length; i++) binary[i] = mask.values[i] >= 128 ? 1 : 0;
@@ -462,7 +496,7 @@
   // ---------------------------------------------------------------- drawing
 
   function drawFrame(slice) {
-    for (const canvas of [el.imageCanvas, el.overlayCanvas]) {
+    for (const canvas of [el.imageCanvas, el.overlayCanvas, el.promptCanvas]) {
       if (canvas.width !== slice.width || canvas.height !== slice.height) {
         canvas.width = slice.width;
         canvas.height = slice.height;
@@ -565,6 +599,177 @@
     requestOverlay();
   }
 
+  // ---------------------------------------------------------------- boxes and clicks
+
+  function canPrompt(item) {
+    const result = shownResult();
+    return Boolean(
+      state.info && state.info.prompts && item && item.original && item.original.image_id && result &&
+        item.status === "done",
+    );
+  }
+
+  function promptTool() {
+    const checked = el.promptControl.querySelector("input[name=prompt-tool]:checked");
+    return checked ? checked.value : "box";
+  }
+
+  // A pointer position -> the image pixel under it (canvas pixels are image pixels; CSS scales them).
+  function imagePoint(event) {
+    const canvas = el.promptCanvas;
+    const rect = canvas.getBoundingClientRect();
+    const x = ((event.clientX - rect.left) / rect.width) * canvas.width;
+    const y = ((event.clientY - rect.top) / rect.height) * canvas.height;
+    const clamp = (v, size) => Math.min(Math.max(Math.floor(v), 0), size - 1);
+    return { x: clamp(x, canvas.width), y: clamp(y, canvas.height) };
+  }
+
+  function bindPrompts() {
+    let drag = null;
+    el.promptCanvas.addEventListener("pointerdown", (event) => {
+      const item = state.selected;
+      if (!canPrompt(item) || event.button !== 0) return;
+      event.preventDefault();
+      const start = imagePoint(event);
+      drag = { item, tool: promptTool(), start, end: start };
+      el.promptCanvas.setPointerCapture(event.pointerId);
+      drawPrompts(drag);
+    });
+    el.promptCanvas.addEventListener("pointermove", (event) => {
+      if (!drag) return;
+      drag.end = imagePoint(event);
+      drawPrompts(drag);
+    });
+    const finish = (event) => {
+      if (!drag) return;
+      const { item, tool, start } = drag;
+      const end = imagePoint(event);
+      drag = null;
+      if (item !== state.selected) return;
+      if (tool === "box") {
+        const box = [Math.min(start.x, end.x), Math.min(start.y, end.y), Math.max(start.x, end.x), Math.max(start.y, end.y)];
+        if (box[2] - box[0] < 2 && box[3] - box[1] < 2) {
+          drawPrompts(); // a click with the box tool draws no box
+          return;
+        }
+        item.prompts.push({ kind: "box", box });
+      } else {
+        item.prompts.push({ kind: "point", x: end.x, y: end.y, label: Number(tool) });
+      }
+      correct(item, performance.now());
+    };
+    el.promptCanvas.addEventListener("pointerup", finish);
+    el.promptCanvas.addEventListener("pointercancel", () => {
+      drag = null;
+      drawPrompts();
+    });
+    el.undoPrompt.addEventListener("click", undoPrompt);
+    el.resetPrompts.addEventListener("click", resetPrompts);
+    window.addEventListener("keydown", (event) => {
+      if (event.key.toLowerCase() === "z" && (event.ctrlKey || event.metaKey) && !event.shiftKey) {
+        if (canPrompt(state.selected) && state.selected.prompts.length) {
+          event.preventDefault();
+          undoPrompt();
+        }
+      }
+    });
+  }
+
+  function undoPrompt() {
+    const item = state.selected;
+    if (!canPrompt(item) || !item.prompts.length) return;
+    item.prompts.pop();
+    correct(item, performance.now());
+  }
+
+  function resetPrompts() {
+    const item = state.selected;
+    if (!canPrompt(item) || !item.prompts.length) return;
+    item.prompts = [];
+    correct(item, performance.now());
+  }
+
+  // The mask of all the item's prompts so far (the server keeps the image's embedding, so this is a
+  // decoder pass); no prompt: the prompt-free mask again.
+  async function correct(item, since) {
+    const generation = ++item.promptGeneration;
+    item.promptError = null;
+    if (!item.prompts.length) {
+      item.result = item.original;
+      await show(item, null, since);
+      return;
+    }
+    const body = {
+      image_id: item.original.image_id,
+      boxes: item.prompts.filter((p) => p.kind === "box").map((p) => p.box),
+      points: item.prompts.filter((p) => p.kind === "point").map((p) => [p.x, p.y]),
+      labels: item.prompts.filter((p) => p.kind === "point").map((p) => p.label),
+    };
+    drawPrompts();
+    let answer = null;
+    try {
+      const response = await fetch("/api/prompt", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      if (!response.ok) throw new Error(await errorText(response));
+      answer = await response.json();
+    } catch (error) {
+      if (generation !== item.promptGeneration) return;
+      item.prompts.pop(); // the prompt that failed is not kept: undo has nothing to take back for it
+      item.promptError = error.message;
+      drawPrompts();
+      refresh();
+      return;
+    }
+    if (generation !== item.promptGeneration || state.selected !== item) return;
+    item.result = correctedResult(item.original, answer);
+    await show(item, null, since);
+  }
+
+  function correctedResult(original, answer) {
+    return {
+      ...original,
+      base: original,
+      corrected: true,
+      correctionSeconds: answer.seconds,
+      mask_png: answer.mask_png,
+      mask_file: answer.mask_file,
+      foreground_pixels: answer.foreground_pixels,
+      foreground_fraction: answer.foreground_fraction,
+      predicted_iou: answer.predicted_iou,
+      review: null,
+      slices: [{ ...original.slices[0], mask_png: answer.mask_png, foreground_pixels: answer.foreground_pixels }],
+    };
+  }
+
+  // The item's boxes and clicks (and a box being drawn) over the mask, in image pixels.
+  function drawPrompts(drag = null) {
+    const canvas = el.promptCanvas;
+    promptCtx.clearRect(0, 0, canvas.width, canvas.height);
+    const item = state.selected;
+    if (!item || !canPrompt(item)) return;
+    const rect = canvas.getBoundingClientRect();
+    const pixel = rect.width > 0 ? canvas.width / rect.width : 1; // one screen pixel, in image pixels
+    promptCtx.lineWidth = 2 * pixel;
+    const boxes = item.prompts.filter((p) => p.kind === "box").map((p) => p.box);
+    if (drag && drag.tool === "box") {
+      const { start, end } = drag;
+      boxes.push([Math.min(start.x, end.x), Math.min(start.y, end.y), Math.max(start.x, end.x), Math.max(start.y, end.y)]);
+    }
+    promptCtx.strokeStyle = PROMPT_BOX_COLOUR;
+    for (const [x0, y0, x1, y1] of boxes) promptCtx.strokeRect(x0, y0, x1 - x0 + 1, y1 - y0 + 1);
+    for (const p of item.prompts.filter((q) => q.kind === "point")) {
+      promptCtx.beginPath();
+      promptCtx.arc(p.x + 0.5, p.y + 0.5, 5 * pixel, 0, 2 * Math.PI);
+      promptCtx.fillStyle = p.label === 1 ? PROMPT_FOREGROUND : PROMPT_BACKGROUND;
+      promptCtx.fill();
+      promptCtx.strokeStyle = "#ffffff";
+      promptCtx.stroke();
+    }
+  }
+
   // ---------------------------------------------------------------- downloads
 
   function saveBlob(blob, filename) {
@@ -637,6 +842,8 @@
       text.className = "error-detail";
       text.textContent = item.error;
       el.error.append(title, " ", text); // the space: for the text read out, the layout ignores it
+    } else if (item && item.promptError) {
+      el.error.textContent = `Could not correct the mask: ${item.promptError}`;
     } else if (state.pageError) {
       el.error.textContent = state.pageError;
     }
@@ -713,6 +920,14 @@
   }
 
   function showQuality(result) {
+    if (result.corrected) {
+      const iou = Math.min(...result.predicted_iou);
+      const count = state.selected ? state.selected.prompts.length : 0;
+      el.resultQuality.textContent =
+        `corrected with ${count} prompt${count === 1 ? "" : "s"}` + (Number.isFinite(iou) ? ` · predicted IoU ${iou.toFixed(2)}` : "");
+      el.resultQuality.title = "the promptable decoder's IoU head";
+      return;
+    }
     const score = result.predicted_dice;
     el.resultQuality.textContent =
       score === null || score === undefined ? "no score" : `predicted Dice ${score.toFixed(2)}`;
@@ -756,6 +971,12 @@
     el.patchMapControl.hidden = !modelHasMaps;
     el.patchMap.disabled = !slice || !slice.patch;
     const frames = result ? result.frames : 1;
+    el.promptControl.hidden = !(state.info && state.info.prompts);
+    const promptable = canPrompt(state.selected);
+    for (const input of el.promptControl.querySelectorAll("input")) input.disabled = !promptable;
+    const prompted = promptable && state.selected.prompts.length > 0;
+    el.undoPrompt.disabled = !prompted;
+    el.resetPrompts.disabled = !prompted;
     el.sliceControl.hidden = frames <= 1;
     if (frames > 1) {
       // the slice asked for, which may still be decoding: the slider must not jump back while dragged

@@ -155,12 +155,24 @@ class PromptPredictor:
         """Of the boxes' masks, the one with the highest predicted IoU that holds the click; None if none
         does. Each pass's IoU is appended to ``ious``."""
         best, best_iou = None, -np.inf
-        for box in boxes:
-            proposal, iou = self._decode(embedded, PromptPass(box))
+        for proposal, iou in self._decode_boxes(embedded, boxes):
             ious.append(iou)
             if proposal[row, column] and iou > best_iou:
                 best, best_iou = proposal, iou
         return best
+
+    def _decode_boxes(self, embedded: ImageEmbedding, boxes: list) -> list[tuple[np.ndarray, float]]:
+        """Several boxes in one decoder pass (a batch: about half the time of one pass each on a CPU) ->
+        each one's (H, W) bool mask and predicted IoU, as ``_decode`` gives them."""
+        model = self.model
+        prompts = [to_model_input(PromptPass(box), embedded.meta).boxes for box in boxes]
+        device = embedded.inputs.device
+        batch = torch.cat(prompts).to(device)  # type: ignore[arg-type]
+        embeddings = embedded.embeddings.expand(len(boxes), -1, -1, -1)
+        with torch.inference_mode(), self.predictor.autocast():
+            out = model.decode_prompt(embeddings, embedded.size, boxes=batch)
+        masks = model.postprocess(out.masks.float().cpu(), embedded.meta)[:, 0].numpy() > 0
+        return [(mask, float(iou)) for mask, iou in zip(masks, out.iou.float().cpu(), strict=True)]
 
     def _decode(self, embedded: ImageEmbedding, prompt_pass: PromptPass) -> tuple[np.ndarray, float]:
         """One decoder pass -> its (H, W) bool mask and predicted IoU."""

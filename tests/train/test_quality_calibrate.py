@@ -63,3 +63,14 @@ def test_review_threshold_flags_the_asked_share_of_failures():
     threshold = review_threshold(predicted, dice, recall=0.6)
     assert 0.4 < threshold < 0.6  # two of the three flagged (score < threshold)
     assert review_threshold(predicted, np.ones(6)) == 0.5
+
+
+def test_training_from_a_calibrated_checkpoint_drops_the_stale_score(checkpoint, tiny_config, tmp_path):
+    from espmedsam.train.loop import build_network
+    from espmedsam.train.quality import with_quality_head
+
+    model = with_quality_head(load_model(checkpoint))
+    model.quality.calibrated.fill_(True)
+    path = save_model(model, tmp_path / "calibrated.safetensors")
+    network = build_network(dataclasses.replace(tiny_config, init=str(path)))
+    assert network.quality is not None and not network.quality.is_calibrated

@@ -167,6 +167,12 @@ def build_network(config: TrainConfig) -> nn.Module:
             model = load_model(init) if init else build_model(get_config(config.model))
             if config.model_overrides:
                 model = with_layout(model, config.model_overrides)
+            quality = getattr(model, "quality", None)
+            if quality is not None and not config.train_modalities:
+                # the score was fitted to these weights' masks: once they train it is stale, until
+                # ``espmedsam quality calibrate`` refits it (a step of the recipe). Training some
+                # modalities alone leaves the others' masks, and so their score, bitwise as they were.
+                quality.calibrated.fill_(False)
     model.config = dataclasses.replace(
         model.config, image_size=config.image_size, **_sizes_field(model, config.input_sizes)
     )

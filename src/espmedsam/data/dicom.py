@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from espmedsam.data.stack import DicomSeries, ImageStack, is_dicom_file
+from espmedsam.data.image_stack import DicomSeries, ImageStack, is_dicom_file
 from espmedsam.errors import DataError, MissingDependencyError
 from espmedsam.files import atomic_write
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from espmedsam.data.stack import ImageStack
+from espmedsam.data.image_stack import ImageStack
 from espmedsam.errors import DataError, InputError
 from espmedsam.files import atomic_write
 

@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from espmedsam.data.dicom import MEDIA_DIRECTORY_UID, dicom_files
-from espmedsam.data.stack import DicomSeries
+from espmedsam.data.image_stack import DicomSeries
 
 
 def list_series(folder: str | Path) -> list[Path | DicomSeries]:

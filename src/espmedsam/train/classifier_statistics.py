@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +27,7 @@ from espmedsam.data.dataset import DatasetSource, SegmentationFolder, read_split
 from espmedsam.errors import ConfigError
 from espmedsam.models.classifier import ModalityClassifier
 from espmedsam.models.espmedsam import ESPMedSAM
-
-if TYPE_CHECKING:
-    from espmedsam.train.classifier import FeatureSet
+from espmedsam.train.classifier_features import FeatureSet, extract_features, variants_per_image
 
 DEFAULT_RANK = 32
 DEFAULT_PERCENTILE = 99.5
@@ -221,8 +218,6 @@ def compute_statistics(
         ConfigError: a model without a classifier, a modality the model does not know, a model modality
             without training images, or no val split.
     """
-    from espmedsam.train.classifier import extract_features, variants_per_image
-
     names = model.config.modalities
     if model.classifier is None:
         raise ConfigError("this checkpoint has no modality classifier (espmedsam classifier train adds one)")

@@ -1,0 +1,426 @@
+"""Training verbs: train, add-modality, distill, classifier train/stats, quality calibrate."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from espmedsam.cli.common import (
+    DeviceOpt,
+    DistillOutOpt,
+    Fp16Opt,
+    OverridesOpt,
+    RecipeOpt,
+    SamplesOpt,
+    TeacherOpt,
+    app,
+    classifier_app,
+    console,
+    distill_app,
+    is_main_process,
+    progress_bar,
+    quality_app,
+)
+from espmedsam.errors import InputError
+
+
+@app.command()
+def train(
+    config: Annotated[
+        str | None, typer.Option("--config", help="YAML file, or a shipped recipe name (six_datasets_256).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value config override, e.g. lr=1e-4 (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from out_dir/state.pt.")] = False,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this native checkpoint.")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's, auto).")
+    ] = None,
+) -> None:
+    """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
+    import dataclasses
+
+    from espmedsam.config import load_train_config
+    from espmedsam.train import train as run_training
+
+    cfg = load_train_config(config, overrides or [])
+    cfg = dataclasses.replace(cfg, init=str(init)) if init else cfg
+    cfg = dataclasses.replace(cfg, device=device) if device else cfg
+    with _training_bar(cfg.total_steps) as show:
+        result = run_training(cfg, resume=resume, progress=show)
+    if is_main_process():  # under torchrun: one summary, rank 0's
+        console.print(_training_summary(result))
+
+
+@contextmanager
+def _training_bar(total_steps: int | None):
+    """A progress bar of training steps; yields the ``progress`` callback that updates it (and sets the
+    total when it was not known), with ``.features`` for a second bar of encoder passes."""
+    import datetime
+
+    stats = TextColumn("{task.fields[stats]}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), stats)
+    with Progress(*columns, console=console, disable=not (console.is_terminal and is_main_process())) as bar:
+        task = bar.add_task("training", total=total_steps, stats="")
+        extra: list = []
+
+        def show(p) -> None:
+            val = "-" if p.val_dice is None else f"{p.val_dice:.3f}"
+            eta = datetime.timedelta(seconds=round(p.eta_s))
+            text = f"loss {p.loss:.3f}  Dice {p.train_dice:.3f} (val {val})  {p.images_per_s:.1f} img/s"
+            bar.update(task, completed=p.step, total=p.total_steps, stats=f"{text}  ETA {eta}")
+
+        def features(done: int, total: int) -> None:
+            if not extra:
+                extra.append(bar.add_task("classifier features", total=total, stats=""))
+            bar.update(extra[0], completed=done, total=total)
+
+        show.features = features  # type: ignore[attr-defined]
+        yield show
+
+
+def _training_summary(result) -> str:
+    scores = ", ".join(f"{name} {dice:.3f}" for name, dice in result.val_dice.items()) or "none"
+    best = "-" if result.best_dice is None else f"{result.best_dice:.4f} (step {result.best_step})"
+    stop = " (time budget spent)" if result.stopped_early else ""
+    return f"{result.steps} steps{stop}; val Dice {scores}; best {best}; wrote {result.out_dir}"
+
+
+@app.command("add-modality")
+def add_modality_cmd(
+    name: Annotated[str, typer.Argument(help="The new modality's name (a-z, 0-9, _ or -), e.g. dental.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="DIR[:NAME] dataset folder of the new modality.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors with the new modality.")],
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="The trained model to extend (default: the bundled weights)."),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option("--from-modality", help="Start from this modality's parameters (default: fresh)."),
+    ] = None,
+    input_size: Annotated[
+        int | None, typer.Option(help="The new modality's model input side (default: --from-modality's).")
+    ] = None,
+    classifier_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--classifier-data",
+            help="DIR:MODALITY of an existing modality: counter-examples for the classifier (needed "
+            "unless the checkpoint has feature statistics: espmedsam classifier stats).",
+        ),
+    ] = None,
+    drop_classifier: Annotated[
+        bool, typer.Option("--drop-classifier", help="Write the model without its modality classifier.")
+    ] = False,
+    config: Annotated[
+        str | None, typer.Option("--config", help="Training recipe (default: add_modality).")
+    ] = None,
+    overrides: OverridesOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="The run's folder (default: runs/add_NAME).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its state.pt.")] = False,
+    fp16: Fp16Opt = False,
+) -> None:
+    """Teach a trained model one more modality: only its own controller, query and hypernetwork learn, so
+    every other modality's outputs stay bitwise the same; the classifier learns the new class."""
+    import time
+
+    from espmedsam.add_modality import add_modality
+    from espmedsam.checkpoints.native import default_checkpoint
+
+    start = time.monotonic()
+    base = init or default_checkpoint()
+    with _training_bar(None) as show:
+        added = add_modality(
+            name, data, out, init=base, like=like, input_size=input_size,
+            classifier_data=classifier_data or [], drop_classifier=drop_classifier, fp16=fp16,
+            config=config, overrides=overrides or [], run_dir=run_dir, resume=resume,
+            progress=show, feature_progress=show.features,
+        )  # fmt: skip
+    console.print(_training_summary(added.result))
+    if added.classifier_recall is not None:
+        recall = 100 * added.classifier_recall
+        console.print(f"classifier extended to {name}: it tells {recall:.1f} % of the {name} training images")
+    minutes = (time.monotonic() - start) / 60
+    console.print(
+        f"wrote {added.checkpoint}: {name} added with {added.trainable_parameters:,} trained parameters "
+        f"in {minutes:.1f} min"
+    )
+
+
+@distill_app.command("common")
+def distill_common(
+    teacher: TeacherOpt,
+    images: Annotated[list[Path], typer.Option("--images", "-i", help="Image folder (repeatable).")],
+    student: Annotated[Path | None, typer.Option(help="Native checkpoint to start from.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="MobileSAM's mobile_sam.pt to start from.")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Named configuration of a fresh student.")] = "default",
+    config: RecipeOpt = None,
+    overrides: OverridesOpt = None,
+    out: DistillOutOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Common knowledge: the shared TinyViT (no controller) learns the teacher's embeddings (MSE)."""
+    from espmedsam.checkpoints.importers import import_mobilesam
+    from espmedsam.checkpoints.native import load_model
+    from espmedsam.distill.images import list_images
+    from espmedsam.models.registry import build_model
+
+    if student and init_from:
+        from espmedsam.errors import InputError
+
+        raise InputError("give --student or --init-from, not both")
+    net = load_model(student) if student else import_mobilesam(init_from) if init_from else build_model(model)
+    found = [image for folder in images for image in list_images(folder)]
+    _distill(net, teacher, found, "common", config, [f"device={device}", *(overrides or [])], out)
+
+
+@distill_app.command("modality")
+def distill_modality(
+    teacher: TeacherOpt,
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Dataset folder DIR[:MODALITY] (repeatable).")
+    ],
+    student: Annotated[
+        Path | None, typer.Option(help="Native checkpoint to distil into (default: bundled weights).")
+    ] = None,
+    config: RecipeOpt = None,
+    overrides: OverridesOpt = None,
+    out: DistillOutOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Domain knowledge: only controller k learns from modality-k images; all else stays frozen."""
+    from espmedsam.checkpoints.native import default_checkpoint, load_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.distill.images import list_images
+
+    path = student or default_checkpoint()
+    if path is None:
+        from espmedsam.errors import InputError
+
+        raise InputError("no bundled weights; pass --student CKPT")
+    sources = [parse_dataset_arg(item) for item in data]
+    found = [image for s in sources for image in list_images(s.root, s.modality)]
+    overrides = [f"device={device}", *(overrides or [])]
+    _distill(load_model(path), teacher, found, "modality", config, overrides, out)
+
+
+@classifier_app.command("train")
+def classifier_train(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint to add the head to.")
+    ],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with a train split.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + head).")],
+    input_size: Annotated[int, typer.Option(help="Classifier input side (the whole image squashed).")] = 128,
+    samples: SamplesOpt = 600,
+    seed: Annotated[int, typer.Option(help="Augmentation and training seed.")] = 0,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train the modality classifier on a checkpoint's frozen encoder and write the checkpoint with it."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.device import resolve_device
+    from espmedsam.train.classifier import ClassifierTraining, train_classifier
+
+    sources = [parse_dataset_arg(item) for item in data]
+    target = resolve_device(device)
+    model = load_model(checkpoint).float().to(target)
+    settings = ClassifierTraining(input_size=input_size, samples_per_modality=samples, seed=seed)
+    with progress_bar() as progress:
+        task = progress.add_task("encoder features", total=None)
+        model, confusion = train_classifier(
+            model,
+            sources,
+            settings,
+            device=target,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if confusion is not None:
+        console.print(_confusion_table(confusion, model.config.modalities, "val splits"))
+    if model.classifier.has_statistics:
+        where = "val splits" if confusion is not None else "training features (no val split)"
+        threshold = float(model.classifier.unknown_threshold)
+        console.print(f"unknown threshold {threshold:.3f}: 99.5th percentile of the {where}' distances")
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    console.print(f"wrote {path}")
+
+
+@classifier_app.command("stats")
+def classifier_stats(
+    checkpoint: Annotated[Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint with a classifier.")],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with train and val splits."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + statistics).")
+    ],
+    rank: Annotated[int, typer.Option(help="Principal directions kept per modality.")] = 32,
+    percentile: Annotated[
+        float, typer.Option(help="Share (%) of val images accepted: sets the unknown threshold.")
+    ] = 99.5,
+    samples: SamplesOpt = 600,
+    seed: Annotated[int, typer.Option(help="Augmentation seed.")] = 0,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Give a checkpoint's classifier per-modality feature statistics (train splits) and an unknown-image
+    threshold (val splits): --modality auto then flags images unlike every modality, and add-modality
+    needs no images of the old modalities. The segmentation weights are copied unchanged."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.device import resolve_device
+    from espmedsam.train.classifier_statistics import compute_statistics
+
+    sources = [parse_dataset_arg(item) for item in data]
+    target = resolve_device(device)
+    dtype = torch.float16 if fp16 else None
+    with progress_bar() as progress:
+        task = progress.add_task("encoder features", total=None)
+        model, calibration = compute_statistics(
+            load_model(checkpoint).to(target), sources, rank=rank, percentile=percentile,
+            samples_per_modality=samples, seed=seed, device=target, round_to=dtype,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )  # fmt: skip
+    shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in calibration.accepted.items())
+    console.print(
+        f"unknown threshold {calibration.threshold:.3f} ({percentile:g}th percentile of "
+        f"{calibration.images} val images); accepted: {shares}"
+    )
+    path = save_model(model, out, dtype=dtype)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes; {checkpoint.stat().st_size:,} before)")
+
+
+@quality_app.command("calibrate")
+def quality_calibrate(
+    checkpoint: Annotated[Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint.")],
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with a val split.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + score).")],
+    split: Annotated[str, typer.Option(help="The split to calibrate on (never the test split).")] = "val",
+    review_below: Annotated[
+        float | None,
+        typer.Option(
+            help="Predicted Dice under which predict and the page flag a mask; default: the lowest that "
+            "flags --review-recall of the split's masks with Dice < 0.5."
+        ),
+    ] = None,
+    review_recall: Annotated[
+        float, typer.Option(help="Share of the split's failed masks (Dice < 0.5) the threshold flags.")
+    ] = 0.7,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fit the quality score (each prompt-free mask's predicted Dice, in predictions.csv, evaluate's
+    per_image.csv, the API and the page) on validation splits: every image is segmented and its score
+    fitted to its true Dice. The segmentation weights are copied unchanged; redo it whenever they change."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.metrics import agreement
+    from espmedsam.predict import Predictor
+    from espmedsam.train.quality import (
+        collect_samples,
+        fit_quality,
+        review_threshold,
+        with_quality_head,
+    )  # fmt: skip
+
+    if split == "test":
+        raise InputError("calibrate on a validation split; the test split is for measuring the score")
+    for name, value in (("--review-below", review_below), ("--review-recall", review_recall)):
+        if value is not None and not 0 < value <= 1:
+            raise InputError(f"{name} must lie in (0, 1], got {value}")
+    sources = [parse_dataset_arg(item) for item in data]
+    model = with_quality_head(load_model(checkpoint))
+    predictor = Predictor(model, device=device)
+    with progress_bar() as progress:
+        task = progress.add_task(f"{split} masks", total=None)
+
+        def track(items):
+            items = list(items)
+            progress.update(task, total=len(items))
+            for item in items:
+                yield item
+                progress.advance(task)
+
+        samples = collect_samples(predictor, sources, split, track)
+    fit_quality(model.quality, samples)
+    scores = model.quality(samples.features, samples.modality_ids).numpy()
+    if review_below is None:
+        review_below = review_threshold(scores, samples.dice.numpy(), review_recall)
+    model.quality.review_below.fill_(review_below)
+    fit = agreement(scores, samples.dice.numpy(), review_below)
+    console.print(
+        f"fitted on {fit.images} {split} masks: Spearman {fit.spearman:.3f}, AUROC {fit.auroc:.3f} for "
+        f"Dice < 0.5 ({fit.failures} such masks; {fit.flagged} flagged below {review_below:.3f}, "
+        f"{fit.caught} of them failures)"
+    )
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    console.print(f"wrote {path}")
+
+
+def _confusion_table(matrix, names, title: str) -> Table:
+    accuracy = matrix.trace() / max(1, matrix.sum())
+    table = Table(title=f"modality classifier on the {title}: accuracy {100 * accuracy:.2f} %")
+    table.add_column("true \\ predicted")
+    for name in names:
+        table.add_column(name, justify="right")
+    for name, row in zip(names, matrix, strict=True):
+        table.add_row(name, *(str(v) for v in row))
+    return table
+
+
+def _distill(student, teacher_path, images, stage, config, overrides, out) -> None:
+    import dataclasses
+
+    from espmedsam.config import load_distill_config
+    from espmedsam.distill.mmdkd import distill
+    from espmedsam.distill.teacher import load_teacher
+
+    cfg = load_distill_config(config, stage, overrides or [])
+    cfg = dataclasses.replace(cfg, out_dir=str(out)) if out else cfg
+    teacher = load_teacher(teacher_path)
+    with progress_bar() as progress:
+        task = progress.add_task("teacher embeddings", total=None)
+        epoch = [0]
+
+        def show(p) -> None:
+            if p.phase == "train" and p.done == 1:
+                epoch[0] += 1
+            label = "teacher embeddings" if p.phase == "cache" else f"epoch {epoch[0]}/{cfg.epochs}"
+            loss = "" if p.loss is None else f" mse {p.loss:.4f}"
+            progress.update(task, description=f"{label}{loss}", completed=p.done, total=p.total)
+
+        result = distill(student, teacher, images, cfg, stage=stage, progress=show)
+    if not is_main_process():  # under torchrun rank 0 reports
+        return
+    first, last = result.records[0], result.records[-1]
+    if "held_out_mse" in first:
+        console.print(
+            f"held-out MSE {first['held_out_mse']:.4f} -> {last['held_out_mse']:.4f}, "
+            f"cosine {first['held_out_cosine']:.3f} -> {last['held_out_cosine']:.3f}"
+        )
+    console.print(f"teacher embedded {result.teacher_images} inputs; wrote {result.student_path}")

@@ -167,6 +167,9 @@ class QualityConfig:
 
     enabled: bool = False
     max_components: int = 3  # a mask's largest components whose boxes the promptable decoder checks
+    # the modalities whose masks ``--refine self`` refines with those boxes: where calibration found it
+    # raises validation Dice; the others stay prompt-free
+    refine_modalities: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

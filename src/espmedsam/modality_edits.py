@@ -66,7 +66,10 @@ def remap_modalities(
     if input_sizes is None and config.inference_sizes:
         input_sizes = [config.image_size if s is None else config.inference_sizes[s] for s in sources]
     sizes = tuple(input_sizes or ())
-    new_config = dataclasses.replace(config, modalities=tuple(names), inference_sizes=sizes)
+    # ``--refine self`` stays on for the kept modalities it was chosen for (a fresh one has no validation)
+    refined = tuple(m for m in config.quality.refine_modalities if m in names)
+    quality = dataclasses.replace(config.quality, refine_modalities=refined)
+    new_config = dataclasses.replace(config, modalities=tuple(names), inference_sizes=sizes, quality=quality)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = build_model(new_config)
@@ -121,7 +124,9 @@ def rename_modality(model: ESPMedSAM, old: str, new: str) -> ESPMedSAM:
         raise InputError(f"the model has a modality {new!r} already ({', '.join(model.modalities)})")
     names = list(model.modalities)
     names[index] = new
-    model.config = dataclasses.replace(model.config, modalities=tuple(names))
+    refined = tuple(new if m == old else m for m in model.config.quality.refine_modalities)
+    quality = dataclasses.replace(model.config.quality, refine_modalities=refined)
+    model.config = dataclasses.replace(model.config, modalities=tuple(names), quality=quality)
     return model
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from espmedsam.config import QualityConfig
 from espmedsam.device import resolve_device
 from espmedsam.errors import InputError
 from espmedsam.memory import release_freed_memory
@@ -25,6 +26,7 @@ from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.quality import DEFAULT_REVIEW_BELOW
+from espmedsam.models.self_prompt import refined_logits, self_prompts
 from espmedsam.prompting import Prompts
 
 if TYPE_CHECKING:
@@ -43,6 +45,26 @@ class MaskWithPatchMap:
     mask: np.ndarray  # (H, W) bool
     patch_map: np.ndarray | None  # (H, W) float32 patch probabilities; None: the network has no SPPG
     quality: float | None = None  # the predicted Dice (``models/quality.py``); None: not calibrated
+
+
+@dataclass(frozen=True)
+class SelfPromptedMask:
+    """One image's prompt-free and self-prompted masks, and the quality features of the first."""
+
+    mask: np.ndarray  # (H, W) bool, prompt-free
+    refined: np.ndarray  # (H, W) bool, its largest components replaced by their boxes' masks
+    features: torch.Tensor  # (F,)
+
+
+@dataclass(frozen=True)
+class SelfPromptPass:
+    """What the self-prompting pass over a batch gives, at the model input's size, on the CPU."""
+
+    free: torch.Tensor  # (B, 1, S, S) prompt-free logits
+    logits: torch.Tensor  # (B, 1, S, S) the same, refined on the images asked for
+    patches: torch.Tensor  # (B, 1, g, g) SPPG patch logits
+    features: torch.Tensor | None  # (B, F) quality features, when asked for and the model has a score
+    ids: torch.Tensor  # (B,) modality ids
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,9 @@ class Predictor:
         max_batch_pixels: a batch holds at most this many input pixels (B x S x S), so large inputs run
             in smaller batches: activations grow with B x S x S, and at 512² one image already needs
             hundreds of MB.
+        refine: let the model prompt itself (``models/self_prompt.py``) on the modalities where the
+            checkpoint's validation says it helps (``refined_modalities``); elsewhere, and without it,
+            the masks are the prompt-free ones.
 
     Example:
         >>> predictor = Predictor(espmedsam.load_model("model.safetensors"))   # doctest: +SKIP
@@ -101,6 +126,7 @@ class Predictor:
         bfloat16: bool = True,
         batch_size: int = 8,
         max_batch_pixels: int = 8 * 224 * 224,
+        refine: bool = False,
     ) -> None:
         if isinstance(model, torch.nn.Module):
             self.device = resolve_device(device)
@@ -115,6 +141,7 @@ class Predictor:
         self.bfloat16 = bfloat16
         self.batch_size = max(1, batch_size)
         self.max_batch_pixels = max_batch_pixels
+        self.refine = refine
         self._prompter: PromptPredictor | None = None  # made at the first prompt; keeps its embedding
 
     @property
@@ -132,7 +159,10 @@ class Predictor:
         return self.size or self.io.input_size(modality)
 
     def predict_logits(self, image: np.ndarray, modality: ModalityLike) -> np.ndarray:
-        """(H, W[, C]) uint8 image -> (H, W) float32 mask logits at the image's own size."""
+        """(H, W[, C]) uint8 image -> (H, W) float32 mask logits at the image's own size (self-prompted on a
+        ``refined_modalities`` one)."""
+        if self._name(modality) in self.refined_modalities:
+            return self._one_self_prompted(image, modality, score=False)[0]
         x, meta = self.io.preprocess(image, self.input_size(modality))
         ids = self._ids(modality, 1)
         return self.io.postprocess(self._segment(x, ids), meta)[0, 0].cpu().numpy()
@@ -143,9 +173,16 @@ class Predictor:
         """As ``predict_logits`` (the same logits), and the mask's predicted Dice when ``has_quality``."""
         if not self.has_quality:
             return self.predict_logits(image, modality), None
-        x, meta = self.io.preprocess(image, self.input_size(modality))
-        logits, _, scores = self._forward_with_quality(x, self._ids(modality, 1), [meta.resized_size])
-        return self.io.postprocess(logits, meta)[0, 0].numpy(), scores[0]
+        return self._one_self_prompted(image, modality, score=True)
+
+    @property
+    def refined_modalities(self) -> frozenset[str]:
+        """The modalities whose masks the model refines by prompting itself: with ``refine``, those the
+        checkpoint's calibration found it helps on (``espmedsam quality calibrate``)."""
+        model = self.model
+        if not self.refine or not isinstance(model, ESPMedSAM) or model.prompt_decoder is None:
+            return frozenset()
+        return frozenset(model.config.quality.refine_modalities)
 
     def predict(
         self,
@@ -221,14 +258,31 @@ class Predictor:
         quality = getattr(self.model, "quality", None)
         return quality is not None and quality.is_calibrated
 
-    def quality_features(self, image: np.ndarray, modality: ModalityLike) -> tuple[np.ndarray, torch.Tensor]:
-        """One image -> its prompt-free (H, W) bool mask and its (F,) quality features (what calibration
-        fits on; ``models/quality.py``)."""
-        name = self.modalities[int(self._ids(modality, 1)[0])]
-        size = self.input_size(name)
-        x, meta = self.io.preprocess(image, size)
-        logits, _, features = self._forward_with_features(x, self._ids([name], 1), [meta.resized_size])
-        return self.io.postprocess(logits, meta)[0, 0].numpy() > 0, features[0]
+    def quality_features(self, image: np.ndarray, modality: ModalityLike) -> SelfPromptedMask:
+        """One image -> its prompt-free and self-prompted (H, W) bool masks and its (F,) quality features:
+        what calibration fits the score on and chooses the refined modalities by."""
+        name = self._name(modality)
+        x, meta = self.io.preprocess(image, self.input_size(name))
+        passed = self._self_prompt_pass(x, self._ids([name], 1), [meta.resized_size], refine=[0], score=True)
+        free, refined = (self.io.postprocess(t, meta)[0, 0].numpy() > 0 for t in (passed.free, passed.logits))
+        return SelfPromptedMask(free, refined, passed.features[0])  # type: ignore[index]
+
+    def _one_self_prompted(
+        self, image: np.ndarray, modality: ModalityLike, *, score: bool
+    ) -> tuple[np.ndarray, float | None]:
+        """One image through the self-prompting pass -> its (H, W) logits (refined if its modality is)
+        and its predicted Dice (``score``)."""
+        name = self._name(modality)
+        x, meta = self.io.preprocess(image, self.input_size(name))
+        refine = [0] if name in self.refined_modalities else []
+        passed = self._self_prompt_pass(
+            x, self._ids([name], 1), [meta.resized_size], refine=refine, score=score
+        )
+        scores = self._scores(passed, 1)
+        return self.io.postprocess(passed.logits, meta)[0, 0].numpy(), scores[0]
+
+    def _name(self, modality: ModalityLike) -> str:
+        return self.modalities[int(self._ids(modality, 1)[0])]
 
     def _predict_batches(
         self,
@@ -315,10 +369,12 @@ class Predictor:
         prepared = [self.io.preprocess(image, size) for image in images]
         x, ids = torch.cat([x for x, _ in prepared]), self._ids(list(names), len(names))
         scores: list[float | None] = [None] * len(images)
-        if quality and self.has_quality:
-            logits, patches, scores = self._forward_with_quality(
-                x, ids, [m.resized_size for _, m in prepared]
-            )
+        score = quality and self.has_quality
+        refine = [i for i, name in enumerate(names) if name in self.refined_modalities]
+        if score or refine:
+            sizes = [m.resized_size for _, m in prepared]
+            passed = self._self_prompt_pass(x, ids, sizes, refine=refine, score=score)
+            logits, patches, scores = passed.logits, passed.patches, self._scores(passed, len(images))
         else:
             logits, patches = self._forward(x, ids)
         results = []
@@ -349,31 +405,43 @@ class Predictor:
         return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy())), None
 
     @torch.inference_mode()
-    def _forward_with_features(
-        self, x: torch.Tensor, ids: torch.Tensor, valid_sizes: Sequence[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """As ``_forward`` (the same operations: ``encode`` then ``decode`` is ``forward``), plus the (B, F)
-        quality features: the promptable decoder reads the encoder's embedding for ``box_agreement``."""
+    def _self_prompt_pass(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        valid_sizes: Sequence[tuple[int, int]],
+        *,
+        refine: Sequence[int],
+        score: bool,
+    ) -> SelfPromptPass:
+        """``_forward``'s operations (``encode`` then ``decode`` is ``forward``: the same masks), then the
+        boxes of each mask's largest components through the promptable decoder, in one batch; the images
+        ``refine`` names get their refined logits, and with ``score`` every image its quality features."""
         model = self.model
-        if not isinstance(model, ESPMedSAM) or model.quality is None:
-            raise InputError("quality scores need the torch backend and a checkpoint with a quality head")
+        if not isinstance(model, ESPMedSAM) or (model.prompt_decoder is None and model.quality is None):
+            raise InputError(
+                "self-prompting needs the torch backend and a promptable decoder or quality head"
+            )
         x, ids = x.to(self.device), ids.to(self.device)
+        size = x.shape[-1]
+        limit = model.quality.max_components if model.quality is not None else QualityConfig().max_components
         with self.autocast():
             embeddings = model.encode(x, ids)
-            out = model.decode(embeddings, ids, x.shape[-1], x)
-            decode_boxes = (
-                None if model.prompt_decoder is None else model.box_decoder(embeddings, x.shape[-1])
-            )
-            features = model.quality.features(out.masks, out.patch_logits, valid_sizes, decode_boxes)
-        return out.masks.float().cpu(), out.patch_logits.float().cpu(), features
+            out = model.decode(embeddings, ids, size, x)
+            decode_boxes = None if model.prompt_decoder is None else model.box_decoder(embeddings, size)
+            prompts = self_prompts(out.masks, valid_sizes, decode_boxes, limit)
+            features = None
+            if score and model.quality is not None:
+                features = model.quality.features(out.masks, out.patch_logits, valid_sizes, prompts)
+        free = out.masks.float().cpu()
+        logits = refined_logits(free, prompts, refine) if refine else free
+        return SelfPromptPass(free, logits, out.patch_logits.float().cpu(), features, ids.cpu())
 
-    def _forward_with_quality(
-        self, x: torch.Tensor, ids: torch.Tensor, valid_sizes: Sequence[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
-        """(B, 3, S, S) inputs -> mask logits, patch logits and each mask's predicted Dice."""
-        logits, patches, features = self._forward_with_features(x, ids, valid_sizes)
-        scores = self.model.quality(features, ids.cpu())  # type: ignore[union-attr]
-        return logits, patches, [float(v) for v in scores]
+    def _scores(self, passed: SelfPromptPass, count: int) -> list[float | None]:
+        """Each image's predicted Dice (of its prompt-free mask), or None without features."""
+        if passed.features is None:
+            return [None] * count
+        return [float(v) for v in self.model.quality(passed.features, passed.ids)]  # type: ignore[union-attr]
 
     @torch.inference_mode()
     def _classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,6 +14,7 @@ from espmedsam.config import PromptConfig
 from espmedsam.metrics import agreement
 from espmedsam.models.quality import QUALITY_FEATURES, MaskQuality
 from espmedsam.models.registry import get_config
+from espmedsam.models.self_prompt import refined_logits, self_prompts
 from espmedsam.predict import Predictor
 from espmedsam.train.quality import QualitySamples, fit_quality, with_quality_head
 
@@ -38,7 +39,8 @@ def test_features_of_an_empty_and_a_confident_mask():
     square[8:20, 4:16] = True
     logits = torch.cat([_logits(empty), _logits(square)])
     patches = torch.cat([_logits(empty[::8, ::8]), _logits(square[::8, ::8])])
-    features = quality.features(logits, patches, [(32, 32), (32, 32)], None)
+    prompts = self_prompts(logits, [(32, 32), (32, 32)], None, quality.max_components)
+    features = quality.features(logits, patches, [(32, 32), (32, 32)], prompts)
     assert features.shape == (2, len(QUALITY_FEATURES))
     assert features[0, F["empty"]] == 1 and features[0, F["self_dice"]] == 0
     assert features[1, F["empty"]] == 0 and features[1, F["self_dice"]] > 0.99
@@ -61,18 +63,24 @@ def test_box_agreement_decodes_each_components_box_in_model_pixels():
         out[1, 0, 2:6, 3:9] = 5.0  # the small component's box gives exactly it back; the large one nothing
         return out, torch.tensor([0.9, 0.5])
 
-    features = quality.features(_logits(mask), _logits(mask[::8, ::8]), [(32, 40)], decode)
+    prompts = self_prompts(_logits(mask), [(32, 40)], decode, quality.max_components)
+    features = quality.features(_logits(mask), _logits(mask[::8, ::8]), [(32, 40)], prompts)
     boxes, owners = calls[0]
     assert boxes.tolist() == [[10, 20, 29, 29], [3, 2, 8, 5]] and owners.tolist() == [0, 0]
     assert features[0, F["box_agreement"]] == pytest.approx(24 / 224)  # area-weighted: 0 x 200 + 1 x 24
     assert features[0, F["predicted_iou"]] == pytest.approx(0.7)
+    # --refine self: each of the two components is replaced by its box's mask inside the box
+    refined = refined_logits(_logits(mask), prompts, [0])[0, 0] > 0
+    assert not refined[20:30, 10:30].any()  # the large one's box gave nothing
+    assert refined[2:6, 3:9].all() and refined.sum() == 24 + 1  # the small one's gave it back; 1 px kept
 
 
 def test_padding_is_left_out():
     quality = MaskQuality(num_modalities=1)
     mask = np.zeros((32, 32), bool)
     mask[:, 20:] = True  # only in the padding
-    features = quality.features(_logits(mask), _logits(mask[::8, ::8]), [(32, 16)], None)
+    prompts = self_prompts(_logits(mask), [(32, 16)], None, quality.max_components)
+    features = quality.features(_logits(mask), _logits(mask[::8, ::8]), [(32, 16)], prompts)
     assert features[0, F["empty"]] == 1
 
 
@@ -148,3 +156,35 @@ def test_adding_and_removing_a_modality_keeps_each_ones_score_bias(scored_model)
     assert grown.quality.modality_bias.tolist() == [0, 1, 2, 3, 4, 5, 2.5]  # the new one: the mean
     shrunk = remove_modality(grown, "xray")
     assert shrunk.quality.modality_bias.tolist() == [0, 2, 3, 4, 5, 2.5]
+
+
+def test_refined_modalities_follow_removal_and_renaming(scored_model):
+    from espmedsam.modality_edits import remove_modality, rename_modality
+
+    config = scored_model.config
+    quality = dataclasses.replace(config.quality, refine_modalities=("xray", "fundus"))
+    scored_model.config = dataclasses.replace(config, quality=quality)
+    shrunk = remove_modality(scored_model, "xray")
+    assert shrunk.config.quality.refine_modalities == ("fundus",)
+    renamed = rename_modality(shrunk, "fundus", "retina")
+    assert renamed.config.quality.refine_modalities == ("retina",)
+
+
+def test_refine_self_changes_only_the_chosen_modality(scored_model):
+    config = scored_model.config
+    scored_model.config = dataclasses.replace(
+        config, quality=dataclasses.replace(config.quality, refine_modalities=("xray",))
+    )
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    names = ["xray", "fundus", "xray", "fundus"]
+    plain = Predictor(scored_model, device="cpu").predict_many(images, names)
+    refining = Predictor(scored_model, device="cpu", refine=True)
+    assert refining.refined_modalities == {"xray"}
+    refined = refining.predict_many(images, names)
+    for i in (1, 3):
+        assert np.array_equal(plain[i], refined[i])  # not chosen: prompt-free, bitwise
+    one = refining.predict_logits(images[0], "xray") > 0
+    assert np.array_equal(one, refined[0])
+    masks = refining.quality_features(images[0], "xray")
+    assert np.array_equal(masks.mask, plain[0]) and np.array_equal(masks.refined, refined[0])

@@ -41,8 +41,10 @@ def test_calibrate_then_predict_writes_the_score(checkpoint, datasets, tmp_path)
     assert model.quality.is_calibrated and 0 < float(model.quality.review_below) < 1
     before, after = load_model(checkpoint).state_dict(), model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the segmentation weights untouched
+    assert "--refine self on the val splits" in result.output
+    assert set(model.config.quality.refine_modalities) <= {"dermoscopy", "fundus"}
     info = runner.invoke(app, ["info", "--checkpoint", str(out)])
-    assert "quality score" in info.output, info.output
+    assert "quality score" in info.output and "--refine self" in info.output, info.output
     image_dir = Path(datasets[0].split(":")[0]) / "images"
     predicted = runner.invoke(app, ["predict", str(image_dir), "-o", str(tmp_path / "p"), "--checkpoint",
                                     str(out), "--modality", "dermoscopy", "--device", "cpu"])  # fmt: skip
@@ -74,3 +76,19 @@ def test_training_from_a_calibrated_checkpoint_drops_the_stale_score(checkpoint,
     path = save_model(model, tmp_path / "calibrated.safetensors")
     network = build_network(dataclasses.replace(tiny_config, init=str(path)))
     assert network.quality is not None and not network.quality.is_calibrated
+
+
+def test_refinement_is_chosen_where_it_gains():
+    from espmedsam.train.quality import QualitySamples, chosen_for_refinement, refine_gains
+
+    samples = QualitySamples(
+        torch.zeros(4, 8),
+        torch.tensor([0.5, 0.7, 0.8, 0.9]),
+        torch.tensor([0, 0, 2, 2]),
+        ("a",) * 4,
+        torch.tensor([0.6, 0.8, 0.8, 0.9]),
+    )
+    gains = refine_gains(samples, ["x", "y", "z"])
+    assert [(g.modality, g.images) for g in gains] == [("x", 2), ("z", 2)]
+    assert gains[0].gain == pytest.approx(0.1) and gains[1].gain == pytest.approx(0.0)
+    assert chosen_for_refinement(gains) == ("x",)

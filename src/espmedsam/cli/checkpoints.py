@@ -67,6 +67,8 @@ def info(
             f"review below {float(quality.review_below):.2f}" if quality.is_calibrated else "not calibrated"
         )
         out.print(f"quality score: each prompt-free mask's predicted Dice ({state})")
+        refined = ", ".join(cfg.quality.refine_modalities) or "none (validation found no gain)"
+        out.print(f"  --refine self (boxes around the model's own mask) on: {refined}")
     if cfg.classifier.enabled and cfg.classifier.statistics:
         threshold = float(net.classifier.unknown_threshold)
         out.print(

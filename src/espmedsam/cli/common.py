@@ -175,6 +175,14 @@ SamplesOpt = Annotated[
 Fp16Opt = Annotated[bool, typer.Option("--fp16", help="Store floating tensors as float16.")]
 
 
+RefineOpt = Annotated[
+    str,
+    typer.Option(
+        "--refine",
+        help="self: the model prompts itself with boxes around its own mask, on the modalities where the "
+        "checkpoint's validation found it helps (espmedsam info lists them); none: prompt-free.",
+    ),
+]
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Native .safetensors checkpoint (default: bundled).")
 ]
@@ -192,7 +200,16 @@ def _main(
     )
 
 
-def make_predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, batch_size: int, threads):
+def make_predictor(
+    checkpoint,
+    backend: str,
+    device: str,
+    size,
+    bfloat16: bool,
+    batch_size: int,
+    threads,
+    refine: str = "none",
+):
     from espmedsam.predict import Predictor
 
     if threads is not None and threads < 1:
@@ -213,7 +230,16 @@ def make_predictor(checkpoint, backend: str, device: str, size, bfloat16: bool, 
         model = load_or_build(checkpoint, "default")
     else:
         raise InputError(f"--backend must be torch or onnxruntime, got {backend!r}")
-    return Predictor(model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size)
+    return Predictor(
+        model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size, refine=refine_flag(refine)
+    )
+
+
+def refine_flag(refine: str) -> bool:
+    """``--refine none|self`` -> whether the model prompts itself. Raises InputError otherwise."""
+    if refine not in ("none", "self"):
+        raise InputError(f"--refine must be none or self, got {refine!r}")
+    return refine == "self"
 
 
 def load_or_build(checkpoint: Path | None, name: str):

@@ -12,12 +12,14 @@ from rich.table import Table
 from espmedsam.cli.common import (
     CheckpointOpt,
     DeviceOpt,
+    RefineOpt,
     app,
     console,
     load_or_build,
     make_predictor,
     predictions_app,
     progress_bar,
+    refine_flag,
 )
 from espmedsam.errors import InputError
 from espmedsam.modalities import MODALITIES
@@ -43,6 +45,7 @@ def evaluate(
     ] = None,
     device: DeviceOpt = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
+    refine: RefineOpt = "none",
     workers: Annotated[
         int | None, typer.Option(help="Image-reading processes (default: 4 on a GPU, 0 on the CPU).")
     ] = None,
@@ -69,7 +72,8 @@ def evaluate(
 
     sources = [parse_dataset_arg(item) for item in data]
     check_output_folder(out)
-    predictor = Predictor(load_or_build(checkpoint, "default"), device=device, size=size, bfloat16=not fp32)
+    model = load_or_build(checkpoint, "default")
+    predictor = Predictor(model, device=device, size=size, bfloat16=not fp32, refine=refine_flag(refine))
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=None)
         report = evaluate_folders(
@@ -181,6 +185,7 @@ def predict(
     overlays: Annotated[bool, typer.Option(help="Write an overlay (2D) or a montage (volumes).")] = True,
     device: DeviceOpt = "auto",
     fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast (torch backend).")] = False,
+    refine: RefineOpt = "none",
     num_parts: Annotated[
         int,
         typer.Option(
@@ -216,7 +221,7 @@ def predict(
         _write_empty_part(out, csv_name)
         return
     prompts = _prompts(paths, box, point, prompts_file)
-    predictor = make_predictor(checkpoint, backend, device, size, not fp32, batch_size, threads)
+    predictor = make_predictor(checkpoint, backend, device, size, not fp32, batch_size, threads, refine)
     if prompts and getattr(predictor.model, "prompt_decoder", None) is None:
         raise InputError(
             "this checkpoint has no promptable decoder (espmedsam import litemedsam --into CKPT adds one)"

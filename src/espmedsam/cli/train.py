@@ -329,12 +329,20 @@ def quality_calibrate(
     review_recall: Annotated[
         float, typer.Option(help="Share of the split's failed masks (Dice < 0.5) the threshold flags.")
     ] = 0.7,
+    refine_min_gain: Annotated[
+        float,
+        typer.Option(help="--refine self is used on a modality when it raised its mean val Dice by this."),
+    ] = 0.005,
     fp16: Fp16Opt = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fit the quality score (each prompt-free mask's predicted Dice, in predictions.csv, evaluate's
     per_image.csv, the API and the page) on validation splits: every image is segmented and its score
-    fitted to its true Dice. The segmentation weights are copied unchanged; redo it whenever they change."""
+    fitted to its true Dice; and choose the modalities where --refine self (boxes around the model's own
+    mask through the promptable decoder) raises the validation Dice. The segmentation weights are copied
+    unchanged; redo it whenever they change."""
+    import dataclasses
+
     import torch
 
     from espmedsam.checkpoints.native import load_model, save_model
@@ -342,8 +350,10 @@ def quality_calibrate(
     from espmedsam.metrics import agreement
     from espmedsam.predict import Predictor
     from espmedsam.train.quality import (
+        chosen_for_refinement,
         collect_samples,
         fit_quality,
+        refine_gains,
         review_threshold,
         with_quality_head,
     )  # fmt: skip
@@ -368,6 +378,10 @@ def quality_calibrate(
 
         samples = collect_samples(predictor, sources, split, track)
     fit_quality(model.quality, samples)
+    gains = refine_gains(samples, model.modalities)
+    refined = chosen_for_refinement(gains, refine_min_gain)
+    quality_config = dataclasses.replace(model.config.quality, refine_modalities=refined)
+    model.config = dataclasses.replace(model.config, quality=quality_config)
     scores = model.quality(samples.features, samples.modality_ids).numpy()
     if review_below is None:
         review_below = review_threshold(scores, samples.dice.numpy(), review_recall)
@@ -378,6 +392,14 @@ def quality_calibrate(
         f"Dice < 0.5 ({fit.failures} such masks; {fit.flagged} flagged below {review_below:.3f}, "
         f"{fit.caught} of them failures)"
     )
+    table = Table(title=f"--refine self on the {split} splits (chosen: gain >= {refine_min_gain:g})")
+    for column in ("modality", "images", "prompt-free Dice", "self-prompted Dice", "gain", "chosen"):
+        table.add_column(column, justify="left" if column == "modality" else "right")
+    for g in gains:
+        chosen = "yes" if g.modality in refined else "no"
+        cells = (f"{g.prompt_free:.4f}", f"{g.refined:.4f}", f"{g.gain:+.4f}", chosen)
+        table.add_row(g.modality, str(g.images), *cells)
+    console.print(table)
     path = save_model(model, out, dtype=torch.float16 if fp16 else None)
     console.print(f"wrote {path}")
 

@@ -21,8 +21,9 @@ from espmedsam.models.controller import ControllerRoute, trace_safe_routing
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.prompt_decoder import PromptDecoder, PromptedMasks
 from espmedsam.models.qdmd import QueryDecoupledDecoder
-from espmedsam.models.quality import BoxDecoder, MaskQuality
+from espmedsam.models.quality import MaskQuality
 from espmedsam.models.refiner import EmbeddingRefiner
+from espmedsam.models.self_prompt import BoxDecoder
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
 

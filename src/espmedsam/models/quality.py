@@ -22,12 +22,13 @@ modality, sigmoid -> predicted Dice in [0, 1]. Its parameters are fitted on vali
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
+
+from espmedsam.models.self_prompt import SelfPrompts
 
 QUALITY_FEATURES = (
     "self_dice",
@@ -41,17 +42,14 @@ QUALITY_FEATURES = (
 )
 DEFAULT_REVIEW_BELOW = 0.5  # predicted Dice under which a mask is flagged for review
 
-# (N, 4) boxes (x0, y0, x1, y1) in model-input pixels and the (N,) image each belongs to ->
-# ((N, 1, S, S) prompted mask logits, (N,) predicted IoU)
-BoxDecoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
 
 class MaskQuality(nn.Module):
     """Quality features of prompt-free masks -> predicted Dice.
 
     Args:
         num_modalities: one bias per modality.
-        max_components: the largest components of a mask whose boxes are decoded for ``box_agreement``.
+        max_components: the largest components of a mask whose boxes are decoded for ``box_agreement``
+            (and for ``--refine self``).
     """
 
     def __init__(self, num_modalities: int, max_components: int = 3) -> None:
@@ -80,27 +78,21 @@ class MaskQuality(nn.Module):
         mask_logits: torch.Tensor,
         patch_logits: torch.Tensor,
         valid_sizes: Sequence[tuple[int, int]],
-        decode_boxes: BoxDecoder | None,
+        prompts: SelfPrompts,
     ) -> torch.Tensor:
         """(B, 1, S, S) mask logits, (B, 1, g, g) SPPG patch logits, each image's unpadded (h, w) in model
-        input pixels and a box decoder (None: no promptable decoder; box features 0) -> (B, F) features."""
+        input pixels and the boxes of its largest components as the promptable decoder saw them
+        (``models/self_prompt.py``; without a decoder the box features are 0) -> (B, F) features."""
         size = mask_logits.shape[-1]
-        probabilities = mask_logits.float().sigmoid()
+        probabilities = mask_logits.float().sigmoid().cpu()
         patches = nn.functional.interpolate(patch_logits.float(), size=(size, size), mode="nearest") > 0
-        rows, boxes, owners = [], [], []
+        out = []
         for i, (h, w) in enumerate(valid_sizes):
             p = probabilities[i, 0, :h, :w]
-            mask = p > 0.5
-            components, count = _largest_components(mask.cpu().numpy(), self.max_components)
-            boxes += [box for box, _ in components]
-            owners += [i] * len(components)
-            rows.append((p, mask, patches[i, 0, :h, :w], components, count))
-        prompted = _decode(decode_boxes, boxes, owners, mask_logits.device)
-        out, k = [], 0
-        for p, mask, patch_mask, components, count in rows:
-            agreement, iou = _box_features(components, prompted, k)
-            k += len(components)
-            out.append(_image_features(p, mask, patch_mask, agreement, iou, count))
+            agreement, iou = _box_features(prompts.of_image(i))
+            out.append(
+                _image_features(p, p > 0.5, patches[i, 0, :h, :w].cpu(), agreement, iou, prompts.counts[i])
+            )
         return torch.tensor(out, dtype=torch.float32)
 
 
@@ -125,43 +117,17 @@ def _image_features(
     ]
 
 
-def _largest_components(mask: np.ndarray, limit: int) -> tuple[list, int]:
-    """The ``limit`` largest connected components of a bool mask, each ((x0, y0, x1, y1) inclusive, its
-    own pixels inside that box), and the number of components."""
-    labels, count = ndimage.label(mask)
-    if not count:
-        return [], 0
-    sizes = ndimage.sum(mask, labels, range(1, count + 1))
-    slices = ndimage.find_objects(labels)
-    out = []
-    for index in np.argsort(-sizes, kind="stable")[:limit]:
-        rows, columns = slices[index]
-        box = (columns.start, rows.start, columns.stop - 1, rows.stop - 1)
-        out.append((box, labels[rows, columns] == index + 1))
-    return out, count
-
-
-def _decode(
-    decode_boxes: BoxDecoder | None, boxes: list, owners: list[int], device: torch.device
-) -> tuple[np.ndarray, np.ndarray] | None:
-    if decode_boxes is None or not boxes:
-        return None
-    box_tensor = torch.tensor(boxes, dtype=torch.float32, device=device)
-    logits, iou = decode_boxes(box_tensor, torch.tensor(owners, device=device))
-    return (logits.float() > 0).cpu().numpy(), iou.float().cpu().numpy()
-
-
-def _box_features(
-    components: list, prompted: tuple[np.ndarray, np.ndarray] | None, first: int
-) -> tuple[float, float]:
+def _box_features(decoded: list) -> tuple[float, float]:
     """The area-weighted Dice of each component with its box's prompted mask inside the box, and the
     passes' mean predicted IoU; (0, 0) without passes."""
-    if prompted is None or not components:
+    if not decoded:
         return 0.0, 0.0
-    masks, ious = prompted
-    areas, dices = [], []
-    for j, ((x0, y0, x1, y1), own) in enumerate(components):
-        decoded = masks[first + j, 0, y0 : y1 + 1, x0 : x1 + 1]
+    areas, dices, ious = [], [], []
+    for component, logits, iou in decoded:
+        x0, y0, x1, y1 = component.box
+        inside = (logits[y0 : y1 + 1, x0 : x1 + 1] > 0).numpy()
+        own = component.pixels
         areas.append(float(own.sum()))
-        dices.append(2 * float((own & decoded).sum()) / (areas[-1] + float(decoded.sum())))
-    return float(np.average(dices, weights=areas)), float(ious[first : first + len(components)].mean())
+        dices.append(2 * float((own & inside).sum()) / (areas[-1] + float(inside.sum())))
+        ious.append(iou)
+    return float(np.average(dices, weights=areas)), float(np.mean(ious))

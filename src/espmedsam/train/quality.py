@@ -34,6 +34,7 @@ class QualitySamples:
     dice: torch.Tensor  # (N,)
     modality_ids: torch.Tensor  # (N,)
     datasets: tuple[str, ...]  # (N,) the dataset each image came from
+    refined_dice: torch.Tensor | None = None  # (N,) Dice of the self-prompted masks (``--refine self``)
 
 
 def with_quality_head(model: ESPMedSAM, max_components: int | None = None) -> ESPMedSAM:
@@ -67,18 +68,23 @@ def collect_samples(
     items: Iterable = [(folder, i) for folder in folders for i in range(len(folder))]
     if progress is not None:
         items = progress(items)
-    features, dice, ids, names = [], [], [], []
+    features, dice, refined, ids, names = [], [], [], [], []
     for folder, index in items:
         sample = folder[index]
-        mask, row = predictor.quality_features(sample.image, folder.modality)
-        features.append(row)
-        dice.append(dice_score(mask, sample.mask > 0))
+        masks = predictor.quality_features(sample.image, folder.modality)
+        features.append(masks.features)
+        dice.append(dice_score(masks.mask, sample.mask > 0))
+        refined.append(dice_score(masks.refined, sample.mask > 0))
         ids.append(predictor.modalities.index(folder.modality))
         names.append(folder.name)
     if not features:
         raise ConfigError(f"no {split} images in the given datasets to calibrate on")
     return QualitySamples(
-        torch.stack(features), torch.tensor(dice), torch.tensor(ids, dtype=torch.int64), tuple(names)
+        torch.stack(features),
+        torch.tensor(dice),
+        torch.tensor(ids, dtype=torch.int64),
+        tuple(names),
+        torch.tensor(refined),
     )
 
 
@@ -128,3 +134,35 @@ def review_threshold(predicted: np.ndarray, dice: np.ndarray, recall: float = 0.
         return DEFAULT_REVIEW_BELOW
     needed = max(1, int(np.ceil(recall * len(scores))))
     return float(min(0.99, np.nextafter(scores[needed - 1], np.inf)))
+
+
+@dataclass(frozen=True)
+class RefineGain:
+    """What self-prompting did to one modality's validation masks."""
+
+    modality: str
+    images: int
+    prompt_free: float  # mean Dice
+    refined: float  # mean Dice with ``--refine self``
+
+    @property
+    def gain(self) -> float:
+        return self.refined - self.prompt_free
+
+
+def refine_gains(samples: QualitySamples, modalities: Sequence[str]) -> list[RefineGain]:
+    """Per modality with samples: mean validation Dice prompt-free and self-prompted."""
+    if samples.refined_dice is None:
+        return []
+    gains = []
+    for index, name in enumerate(modalities):
+        mine = samples.modality_ids == index
+        if mine.any():
+            free, refined = samples.dice[mine].mean(), samples.refined_dice[mine].mean()
+            gains.append(RefineGain(name, int(mine.sum()), float(free), float(refined)))
+    return gains
+
+
+def chosen_for_refinement(gains: Sequence[RefineGain], min_gain: float = 0.005) -> tuple[str, ...]:
+    """The modalities on which self-prompting raised the mean validation Dice by at least ``min_gain``."""
+    return tuple(g.modality for g in gains if g.gain >= min_gain)

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from _report import cpu_description, report
-from _server import images_512, serve_process
-from serve_latency import chromium_path, upload_and_time
+from _server import images_512
+from serve_latency import served_page, upload_and_time
 
 CANVAS_RECT = """c => {
     const r = c.getBoundingClientRect();
@@ -68,18 +68,10 @@ def main() -> None:
     parser.add_argument("--chromium", default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
     with tempfile.TemporaryDirectory() as folder:
         images = [(path.stem, path.read_bytes(), modality) for path, modality in images_512(Path(folder))]
     rows = []
-    with serve_process() as (_, url), sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=chromium_path(args.chromium), args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(url)
-        page.wait_for_selector("#modality option >> nth=1", state="attached")
+    with served_page(args.chromium) as page:
         for stem, data, modality in images:
             upload_and_time(page, f"{stem}.png", data)
             width, height = page.eval_on_selector("#prompt-canvas", "c => [c.width, c.height]")
@@ -91,7 +83,6 @@ def main() -> None:
             page.check("input[name=prompt-tool][value='1']")
             clicks = [time_prompt(page, centre) for _ in range(args.repeats)]
             rows.append((stem, modality, width, height, boxes, clicks))
-        browser.close()
     lines = [
         "# espmedsam serve: a box or click to the corrected overlay, 512-px images",
         "",

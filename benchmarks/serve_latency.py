@@ -15,6 +15,8 @@ import argparse
 import shutil
 import statistics
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from _report import cpu_description, report
@@ -39,24 +41,32 @@ def upload_and_time(page, name: str, data: bytes) -> tuple[float, float]:
     return float(timing["uploadToOverlayMs"]), float(timing["serverSeconds"])
 
 
+@contextmanager
+def served_page(chromium: str | None) -> Iterator:
+    """A headless Chromium tab on the page of an ``espmedsam serve`` process, once its model info loaded."""
+    from playwright.sync_api import sync_playwright
+
+    with serve_process() as (_, url), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(chromium), args=["--no-sandbox", "--disable-gpu"]
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        page.wait_for_selector("#modality option >> nth=1", state="attached")
+        yield page
+        browser.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chromium", default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
     with tempfile.TemporaryDirectory() as folder:
         images = [(path.stem, path.read_bytes(), modality) for path, modality in images_512(Path(folder))]
     rows = []
-    with serve_process() as (_, url), sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=chromium_path(args.chromium), args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(url)
-        page.wait_for_selector("#modality option >> nth=1", state="attached")
+    with served_page(args.chromium) as page:
         for stem, data, modality in images:
             upload_and_time(page, f"{stem}_warm.png", data)
             timings = [upload_and_time(page, f"{stem}_{k}.png", data) for k in range(args.repeats)]
@@ -64,7 +74,6 @@ def main() -> None:
             browser_ms = [ms for ms, _ in timings]
             server_ms = [1000 * s for _, s in timings]
             rows.append((stem, modality, shown, statistics.median(browser_ms), max(browser_ms), server_ms))
-        browser.close()
     lines = [
         "# espmedsam serve: upload to overlay in the page, 512-px images",
         "",

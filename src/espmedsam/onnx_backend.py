@@ -39,8 +39,11 @@ class OnnxBackend:
         CheckpointError: the file is missing, not an ONNX file, or not an espmedsam export.
     """
 
+    packages: tuple[str, ...] = ("onnx", "onnxruntime")
+    extra = "onnx"
+
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        require_onnx(("onnx", "onnxruntime"))
+        require_onnx(self.packages, self.extra)
         import onnx
 
         self.path = Path(path)
@@ -58,8 +61,8 @@ class OnnxBackend:
         if not set(INPUTS) <= inputs:
             raise CheckpointError(f"{self.path} lacks the graph inputs {', '.join(INPUTS)}")
         self.has_classifier = CLASSIFIER_INPUT in inputs
-        self._sessions: dict[str, Any] = {}
-        self._segmenter()  # fail here, not at the first image, if onnxruntime cannot run the graph
+        self._sessions: dict[Any, Any] = {}
+        self._check_runnable()  # fail here, not at the first image, if the runtime cannot run the graph
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -93,8 +96,7 @@ class OnnxBackend:
             raise InputError(f"got {ids.shape[0]} modalities for a batch of {images.shape[0]} images")
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.modalities)):
             raise InputError(f"modality ids must lie in 0..{len(self.modalities) - 1}, got {ids.tolist()}")
-        (masks,) = self._segmenter().run([OUTPUTS[0]], {INPUTS[0]: images, INPUTS[1]: ids})
-        return masks
+        return self._run_segment(images, ids)
 
     def classify(self, images: np.ndarray) -> np.ndarray | None:
         """(B, 3, s, s) classifier inputs (``classifier_input``) -> (B, M) modality logits; None for a model
@@ -109,6 +111,16 @@ class OnnxBackend:
         side = self.config.classifier.input_size
         if images.shape[-2:] != (side, side):
             raise InputError(f"classifier images must be (B, 3, {side}, {side}), got {images.shape}")
+        return self._run_classify(images)
+
+    def _check_runnable(self) -> None:
+        self._segmenter()
+
+    def _run_segment(self, images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        (masks,) = self._segmenter().run([OUTPUTS[0]], {INPUTS[0]: images, INPUTS[1]: ids})
+        return masks
+
+    def _run_classify(self, images: np.ndarray) -> np.ndarray:
         (logits,) = self._classifier().run([CLASSIFIER_OUTPUT], {CLASSIFIER_INPUT: images})
         return logits
 

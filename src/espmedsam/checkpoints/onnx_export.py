@@ -50,12 +50,14 @@ _CHECK_TOLERANCE = 1e-3  # max abs difference to eager fp32, relative to max(1, 
 logger = logging.getLogger(__name__)
 
 
-def require_onnx(packages: tuple[str, ...] = _PACKAGES) -> None:
-    """Raise MissingDependencyError unless every one of ``packages`` is importable."""
+def require_onnx(packages: tuple[str, ...] = _PACKAGES, extra: str = "onnx") -> None:
+    """Raise MissingDependencyError unless every one of ``packages`` is importable (``extra``: the
+    package's optional-dependency group that brings them)."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         raise MissingDependencyError(
-            f'ONNX support needs {", ".join(missing)}; pip install "espmedsam[onnx]"'
+            f"{'ONNX' if extra == 'onnx' else extra} support needs {', '.join(missing)}; "
+            f'pip install "espmedsam[{extra}]"'
         )
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from espmedsam.backends import choose_backend
 from espmedsam.errors import ConfigError, EspMedSAMError, InputError
 
 console = Console(stderr=True)
@@ -218,18 +219,19 @@ def make_predictor(
         import torch
 
         torch.set_num_threads(threads)
-    if backend == "onnxruntime":
+    choice = choose_backend(backend, checkpoint)
+    if choice.notice:
+        console.print(f"[yellow]--backend auto:[/yellow] {choice.notice}")
+    if choice.name == "openvino":
+        from espmedsam.openvino_backend import OpenVinoBackend
+
+        model = OpenVinoBackend(checkpoint, threads=threads, bfloat16=bfloat16)
+    elif choice.name == "onnxruntime":
         from espmedsam.onnx_backend import OnnxBackend
 
-        if checkpoint is None or checkpoint.suffix.lower() != ".onnx":
-            raise InputError(
-                "--backend onnxruntime needs --checkpoint MODEL.onnx (espmedsam export CKPT --format onnx)"
-            )
         model = OnnxBackend(checkpoint, threads=threads)
-    elif backend == "torch":
-        model = load_or_build(checkpoint, "default")
     else:
-        raise InputError(f"--backend must be torch or onnxruntime, got {backend!r}")
+        model = load_or_build(checkpoint, "default")
     return Predictor(
         model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size, refine=refine_flag(refine)
     )

@@ -123,9 +123,17 @@ def predict(
     ] = "auto",
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", "-c", help="Native .safetensors, or .onnx with --backend onnxruntime."),
+        typer.Option(
+            "--checkpoint", "-c", help="Native .safetensors, or .onnx (espmedsam export --format onnx)."
+        ),
     ] = None,
-    backend: Annotated[str, typer.Option(help="torch, or onnxruntime (an exported .onnx file).")] = "torch",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch (.safetensors); onnxruntime or openvino (an exported .onnx file); auto: the fastest "
+            "installed for the checkpoint (openvino, else onnxruntime, for .onnx; torch otherwise)."
+        ),
+    ] = "auto",
     size: Annotated[
         int | None,
         typer.Option(
@@ -184,7 +192,9 @@ def predict(
     ] = None,
     overlays: Annotated[bool, typer.Option(help="Write an overlay (2D) or a montage (volumes).")] = True,
     device: DeviceOpt = "auto",
-    fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast (torch backend).")] = False,
+    fp32: Annotated[
+        bool, typer.Option("--fp32", help="Disable bfloat16 (torch autocast, OpenVINO's bf16).")
+    ] = False,
     refine: RefineOpt = "none",
     num_parts: Annotated[
         int,

@@ -1,0 +1,98 @@
+"""OpenVINO backend: an ``espmedsam export --format onnx`` file compiled by OpenVINO for the CPU.
+
+OpenVINO fuses what torch's eager mode runs op by op (GELU into the matmul before it, LayerNorm, the
+window shuffles) and runs in bf16 where the CPU has bf16 units (AMX, AVX-512 BF16), in fp32 elsewhere.
+Pre- and post-processing, the checks on inputs and the split into a segmentation and a classifier graph
+are the onnxruntime backend's (``OnnxBackend``); only the runtime differs. A graph is compiled for each
+input shape it meets (a few seconds each, once): static shapes run faster than OpenVINO's dynamic ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from espmedsam.checkpoints.onnx_export import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT, INPUTS, OUTPUTS
+from espmedsam.errors import CheckpointError
+from espmedsam.onnx_backend import OnnxBackend
+
+DEVICE = "CPU"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin can run bf16 on this CPU (AMX or AVX-512 BF16)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoBackend(OnnxBackend):
+    """An exported ESP-MedSAM compiled by OpenVINO (CPU plugin, latency hint).
+
+    Args:
+        path: the ``.onnx`` file written by ``export_onnx``.
+        threads: inference threads; None: OpenVINO's default (one per physical core).
+        bfloat16: run in bf16 where the CPU has it (``precision`` says what runs); False: fp32.
+    Raises:
+        MissingDependencyError: onnx or openvino is not installed.
+        CheckpointError: the file is missing, not an espmedsam export, or OpenVINO cannot compile it.
+    """
+
+    packages = ("onnx", "openvino")
+    extra = "openvino"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, bfloat16: bool = True) -> None:
+        self.bfloat16 = bfloat16
+        super().__init__(path, threads=threads)
+
+    @property
+    def precision(self) -> str:
+        """What the compiled graphs compute in: "bf16" or "f32"."""
+        return "bf16" if self.bfloat16 and cpu_has_bf16() else "f32"
+
+    def _check_runnable(self) -> None:
+        side = self.fixed_size or self.config.image_size
+        self._compiled("segment", (1, 3, side, side))
+
+    def _run_segment(self, images: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        compiled = self._compiled("segment", images.shape)
+        return compiled({INPUTS[0]: images, INPUTS[1]: ids})[compiled.output(OUTPUTS[0])]
+
+    def _run_classify(self, images: np.ndarray) -> np.ndarray:
+        compiled = self._compiled("classify", images.shape)
+        return compiled({CLASSIFIER_INPUT: images})[compiled.output(CLASSIFIER_OUTPUT)]
+
+    def _compiled(self, graph: str, shape: tuple[int, ...]) -> Any:
+        """The graph ("segment" or "classify") compiled for images of ``shape``, compiled once."""
+        key = (graph, tuple(shape))
+        if key not in self._sessions:
+            import openvino as ov
+
+            inputs, output = (
+                (list(INPUTS), OUTPUTS[0]) if graph == "segment" else ([CLASSIFIER_INPUT], CLASSIFIER_OUTPUT)
+            )
+            try:
+                model = _cut(ov.Core().read_model(str(self.path)), inputs, output)
+                model.reshape(
+                    {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
+                )
+                config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+                if self.threads:
+                    config["INFERENCE_NUM_THREADS"] = self.threads
+                self._sessions[key] = ov.Core().compile_model(model, DEVICE, config)
+            except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
+                first = str(error).strip().splitlines()[0]
+                raise CheckpointError(f"OpenVINO cannot compile {self.path}: {first}") from None
+        return self._sessions[key]
+
+
+def _cut(model: Any, inputs: list[str], output: str) -> Any:
+    """The part of ``model`` from the named inputs to the named output (the other inputs and outputs
+    dropped, so a segmentation needs no classifier images and the reverse)."""
+    import openvino as ov
+
+    parameters = [p for p in model.get_parameters() if p.get_friendly_name() in inputs]
+    results = [o for o in model.outputs if output in o.get_names()]
+    return ov.Model(results, parameters, model.get_friendly_name())

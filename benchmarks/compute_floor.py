@@ -1,11 +1,15 @@
 """The bundled model's forward against this CPU's compute floor, per modality at its own input size.
 
-Usage: python benchmarks/compute_floor.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--runs 5] [--profile]
-       [--out FILE]
+Usage: python benchmarks/compute_floor.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--openvino] [--runs 5]
+       [--profile] [--out FILE]
 
 Floor = the forward's matmul/conv FLOPs (torch's FlopCounterMode) / this CPU's bf16 matmul rate, measured
 in the same run on a large (4096²) bf16 matmul. Each backend's forward (batch 1, one image per modality) is
-timed and divided by the floor. ``--profile`` adds the top operators by self CPU time (torch bf16).
+timed and divided by the floor: torch fp32 and bf16 autocast, and with ``--onnx`` the exported file in
+onnxruntime (fp32) and, with ``--openvino``, in OpenVINO (bf16 where the CPU has it). In the same run the
+official-layout ESP-MedSAM (MobileSAM's stem) runs its paper workload, one 1024² image in fp32, and each
+backend's six images are set against six such forwards. ``--profile`` adds the top operators by self CPU
+time (torch bf16).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from _report import median_seconds, report
+from _report import cpu_description, median_seconds, report
 from torch.utils.flop_counter import FlopCounterMode
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
@@ -43,12 +47,34 @@ def torch_seconds(model, size: int, modality: str, runs: int, bfloat16: bool) ->
     return median_seconds(run, runs)
 
 
+def official_seconds(runs: int) -> float:
+    """One 1024² forward of the official-layout model in fp32 (the paper's workload; weights random)."""
+    from espmedsam.models.registry import build_model
+
+    return torch_seconds(build_model("official").eval(), 1024, "dermoscopy", runs, bfloat16=False)
+
+
 def onnx_seconds(backend, size: int, modality_id: int, runs: int) -> float:
     import numpy as np
 
     x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     ids = np.array([modality_id], dtype=np.int64)
     return median_seconds(lambda: backend.segment(x, ids), runs)
+
+
+def exported_backends(onnx: Path | None, openvino: bool, threads: int) -> dict:
+    """The columns of the exported file: onnxruntime, and OpenVINO when asked for."""
+    if onnx is None:
+        return {}
+    from espmedsam.onnx_backend import OnnxBackend
+
+    backends = {"onnxruntime fp32": OnnxBackend(onnx, threads=threads)}
+    if openvino:
+        from espmedsam.openvino_backend import OpenVinoBackend
+
+        backend = OpenVinoBackend(onnx, threads=threads)
+        backends[f"openvino {backend.precision}"] = backend
+    return backends
 
 
 def profile_table(model, size: int, modality: str, rows: int = 15) -> str:
@@ -66,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--onnx", type=Path, default=None, help="Exported model for the onnxruntime column.")
+    parser.add_argument("--openvino", action="store_true", help="Also run the --onnx file in OpenVINO.")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
@@ -73,35 +100,41 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint or default_checkpoint())
-    backend = None
-    if args.onnx:
-        from espmedsam.onnx_backend import OnnxBackend
-
-        backend = OnnxBackend(args.onnx, threads=args.threads)
+    exported = exported_backends(args.onnx, args.openvino, args.threads)
     rate = matmul_rate()
-    columns = ["torch fp32", "torch bf16"] + (["onnxruntime fp32"] if backend else [])
+    official = official_seconds(args.runs)
+    columns = ["torch fp32", "torch bf16", *exported]
     lines = [
-        f"{args.threads} threads; bf16 matmul rate {rate / 1e12:.3f} TFLOP/s (4096², median of 5)",
+        f"{cpu_description()}; bf16 matmul rate {rate / 1e12:.3f} TFLOP/s (4096², median of 5)",
         f"median of {args.runs} forwards after one warm-up, batch 1; ratio = time / floor",
         "",
         "| modality | input | GFLOP | floor (s) | " + " | ".join(f"{c} s (×floor)" for c in columns) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(columns),
     ]
-    best_total, floor_total = 0.0, 0.0
+    totals, floor_total = [0.0] * len(columns), 0.0
     for index, modality in enumerate(model.config.modalities):
         size = model.input_size(modality)
         flops = forward_flops(model, size, modality)
         floor = flops / rate
         times = [torch_seconds(model, size, modality, args.runs, bf16) for bf16 in (False, True)]
-        if backend:
-            times.append(onnx_seconds(backend, size, index, args.runs))
-        best_total += min(times)
+        times += [onnx_seconds(backend, size, index, args.runs) for backend in exported.values()]
+        totals = [total + t for total, t in zip(totals, times, strict=True)]
         floor_total += floor
         cells = " | ".join(f"{t:.3f} ({t / floor:.1f}×)" for t in times)
         lines.append(f"| {modality} | {size}² | {flops / 1e9:.2f} | {floor:.4f} | {cells} |")
+    workload = len(model.config.modalities) * official
+    cells = " | ".join(f"{t:.3f} ({t / floor_total:.1f}×)" for t in totals)
+    lines.append(f"| **six, summed** | | | {floor_total:.4f} | {cells} |")
     lines += [
         "",
-        f"fastest backend per modality, summed: {best_total:.3f} s = {best_total / floor_total:.1f}× floor",
+        f"official-layout model, one 1024² forward in fp32: {official:.3f} s; six of them {workload:.3f} s",
+        "",
+        "| backend | six images (s) | × faster than the official workload | × own floor |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {name} | {total:.3f} | {workload / total:.1f}× | {total / floor_total:.1f}× |"
+            for name, total in zip(columns, totals, strict=True)
+        ),
     ]
     if args.profile:
         modality = model.config.modalities[0]

@@ -4,7 +4,10 @@ OpenVINO fuses what torch's eager mode runs op by op (GELU into the matmul befor
 window shuffles) and runs in bf16 where the CPU has bf16 units (AMX, AVX-512 BF16), in fp32 elsewhere.
 Pre- and post-processing, the checks on inputs and the split into a segmentation and a classifier graph
 are the onnxruntime backend's (``OnnxBackend``); only the runtime differs. A graph is compiled for each
-input shape it meets (a few seconds each, once): static shapes run faster than OpenVINO's dynamic ones.
+input side it meets, at batch 1, and a batch runs image by image: static shapes run faster than OpenVINO's
+dynamic ones, a CPU gains nothing from batches, and one graph per side keeps compilation and cache small.
+Compiled graphs are kept in ``CACHE_DIR`` (OpenVINO's model cache, keyed by graph, shape and CPU), so only
+the first run on a machine pays the compilation (5-15 s per side); later processes load it in about a second.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from espmedsam.errors import CheckpointError
 from espmedsam.onnx_backend import OnnxBackend
 
 DEVICE = "CPU"
+CACHE_DIR = Path.home() / ".cache" / "espmedsam" / "openvino"
 
 
 def cpu_has_bf16() -> bool:
@@ -35,6 +39,8 @@ class OpenVinoBackend(OnnxBackend):
         path: the ``.onnx`` file written by ``export_onnx``.
         threads: inference threads; None: OpenVINO's default (one per physical core).
         bfloat16: run in bf16 where the CPU has it (``precision`` says what runs); False: fp32.
+        cache_dir: where compiled graphs are kept between processes (the CLI's: ``CACHE_DIR``); None: not
+            kept.
     Raises:
         MissingDependencyError: onnx or openvino is not installed.
         CheckpointError: the file is missing, not an espmedsam export, or OpenVINO cannot compile it.
@@ -43,8 +49,16 @@ class OpenVinoBackend(OnnxBackend):
     packages = ("onnx", "openvino")
     extra = "openvino"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, bfloat16: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        bfloat16: bool = True,
+        cache_dir: Path | None = None,
+    ) -> None:
         self.bfloat16 = bfloat16
+        self.cache_dir = cache_dir
         super().__init__(path, threads=threads)
 
     @property
@@ -57,12 +71,19 @@ class OpenVinoBackend(OnnxBackend):
         self._compiled("segment", (1, 3, side, side))
 
     def _run_segment(self, images: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        compiled = self._compiled("segment", images.shape)
-        return compiled({INPUTS[0]: images, INPUTS[1]: ids})[compiled.output(OUTPUTS[0])]
+        compiled = self._compiled("segment", (1, *images.shape[1:]))
+        output = compiled.output(OUTPUTS[0])
+        masks = [
+            compiled({INPUTS[0]: images[i : i + 1], INPUTS[1]: ids[i : i + 1]})[output]
+            for i in range(len(ids))
+        ]
+        return np.concatenate(masks) if masks else np.zeros((0, 1, *images.shape[2:]), np.float32)
 
     def _run_classify(self, images: np.ndarray) -> np.ndarray:
-        compiled = self._compiled("classify", images.shape)
-        return compiled({CLASSIFIER_INPUT: images})[compiled.output(CLASSIFIER_OUTPUT)]
+        compiled = self._compiled("classify", (1, *images.shape[1:]))
+        output = compiled.output(CLASSIFIER_OUTPUT)
+        logits = [compiled({CLASSIFIER_INPUT: images[i : i + 1]})[output] for i in range(len(images))]
+        return np.concatenate(logits) if logits else np.zeros((0, len(self.modalities)), np.float32)
 
     def _compiled(self, graph: str, shape: tuple[int, ...]) -> Any:
         """The graph ("segment" or "classify") compiled for images of ``shape``, compiled once."""
@@ -79,6 +100,8 @@ class OpenVinoBackend(OnnxBackend):
                     {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
                 )
                 config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+                if self.cache_dir is not None:
+                    config["CACHE_DIR"] = str(self.cache_dir)
                 if self.threads:
                     config["INFERENCE_NUM_THREADS"] = self.threads
                 self._sessions[key] = ov.Core().compile_model(model, DEVICE, config)

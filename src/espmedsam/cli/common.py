@@ -187,6 +187,21 @@ RefineOpt = Annotated[
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", "-c", help="Native .safetensors checkpoint (default: bundled).")
 ]
+ModelFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        "-c",
+        help="Native .safetensors (default: bundled), or .onnx (espmedsam export --format onnx).",
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        help="torch (.safetensors); onnxruntime or openvino (an exported .onnx file); auto: the fastest "
+        "installed for the checkpoint (openvino, else onnxruntime, for .onnx; torch otherwise)."
+    ),
+]
 
 
 @app.callback()
@@ -223,9 +238,11 @@ def make_predictor(
     if choice.notice:
         console.print(f"[yellow]--backend auto:[/yellow] {choice.notice}")
     if choice.name == "openvino":
-        from espmedsam.openvino_backend import OpenVinoBackend
+        from espmedsam import openvino_backend
 
-        model = OpenVinoBackend(checkpoint, threads=threads, bfloat16=bfloat16)
+        model = openvino_backend.OpenVinoBackend(
+            checkpoint, threads=threads, bfloat16=bfloat16, cache_dir=openvino_backend.CACHE_DIR
+        )
     elif choice.name == "onnxruntime":
         from espmedsam.onnx_backend import OnnxBackend
 

@@ -10,16 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from espmedsam.cli.common import (
-    CheckpointOpt,
+    BackendOpt,
     DeviceOpt,
+    ModelFileOpt,
     RefineOpt,
     app,
     console,
-    load_or_build,
     make_predictor,
     predictions_app,
     progress_bar,
-    refine_flag,
 )
 from espmedsam.errors import InputError
 from espmedsam.modalities import MODALITIES
@@ -30,7 +29,8 @@ def evaluate(
     data: Annotated[
         list[str], typer.Option("--data", "-d", help="Dataset folder DIR[:MODALITY]; repeat for several.")
     ],
-    checkpoint: CheckpointOpt = None,
+    checkpoint: ModelFileOpt = None,
+    backend: BackendOpt = "auto",
     split: Annotated[str, typer.Option(help="train, val, test, or all (every image).")] = "test",
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("evaluation"),
     protocol: Annotated[
@@ -44,7 +44,9 @@ def evaluate(
         ),
     ] = None,
     device: DeviceOpt = "auto",
-    fp32: Annotated[bool, typer.Option("--fp32", help="Disable bfloat16 autocast.")] = False,
+    fp32: Annotated[
+        bool, typer.Option("--fp32", help="Disable bfloat16 (torch autocast, OpenVINO's bf16).")
+    ] = False,
     refine: RefineOpt = "none",
     workers: Annotated[
         int | None, typer.Option(help="Image-reading processes (default: 4 on a GPU, 0 on the CPU).")
@@ -68,12 +70,10 @@ def evaluate(
     from espmedsam.errors import DataError
     from espmedsam.evaluate import evaluate as evaluate_folders
     from espmedsam.files import check_output_folder
-    from espmedsam.predict import Predictor
 
     sources = [parse_dataset_arg(item) for item in data]
     check_output_folder(out)
-    model = load_or_build(checkpoint, "default")
-    predictor = Predictor(model, device=device, size=size, bfloat16=not fp32, refine=refine_flag(refine))
+    predictor = make_predictor(checkpoint, backend, device, size, not fp32, 8, None, refine)
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=None)
         report = evaluate_folders(
@@ -121,19 +121,8 @@ def predict(
             f"{', '.join(MODALITIES)}.",
         ),
     ] = "auto",
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint", "-c", help="Native .safetensors, or .onnx (espmedsam export --format onnx)."
-        ),
-    ] = None,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="torch (.safetensors); onnxruntime or openvino (an exported .onnx file); auto: the fastest "
-            "installed for the checkpoint (openvino, else onnxruntime, for .onnx; torch otherwise)."
-        ),
-    ] = "auto",
+    checkpoint: ModelFileOpt = None,
+    backend: BackendOpt = "auto",
     size: Annotated[
         int | None,
         typer.Option(

@@ -254,6 +254,27 @@ def test_cli_export_chooses_sizes_on_validation_data(tmp_path, fake_dataset, tin
     assert "modality" in result.output and "64²" in result.output
     sizes = load_model(out).config.inference_sizes
     assert sizes[3] in (32, 64) and sizes[:3] + sizes[4:] == (64,) * 5  # only fundus was chosen
+    assert (tmp_path / "ship_sizes.png").stat().st_size > 1000  # the front, drawn beside the checkpoint
+
+
+def test_the_cheapest_size_within_the_tolerance_is_chosen():
+    from espmedsam.size_front import cheapest_within
+
+    scores = {192: 0.800, 256: 0.812, 384: 0.815, 512: 0.813}
+    costs = {192: 40.0, 256: 70.0, 384: 160.0, 512: 290.0}
+    assert cheapest_within(scores, costs, tolerance=0.005) == 256  # 0.812 >= 0.815 - 0.005
+    assert cheapest_within(scores, costs, tolerance=0.0) == 384
+    assert cheapest_within(scores, costs, tolerance=0.02) == 192
+    assert cheapest_within({256: 0.8, 128: 0.8}, {256: 1.0, 128: 1.0}) == 128  # equal cost: smaller side
+    with pytest.raises(ValueError, match="no candidate"):
+        cheapest_within({}, {})
+
+
+def test_forward_cost_rises_with_the_input_side():
+    from espmedsam.size_front import forward_gflop
+
+    costs = forward_gflop(build_model("tiny").eval(), "fundus", [32, 64])
+    assert 0 < costs[32] < costs[64]
 
 
 def test_reading_in_worker_processes_gives_the_same_report(tmp_path, fake_dataset):

@@ -164,6 +164,16 @@ def export(
         typer.Option("--choose-sizes-on", help="DIR[:MODALITY]: pick each modality's size on its val split."),
     ] = None,
     candidates: Annotated[str, typer.Option(help="Input sizes tried by --choose-sizes-on.")] = "256,384,512",
+    size_tolerance: Annotated[
+        float,
+        typer.Option(
+            help="--choose-sizes-on: the cheapest size whose validation Dice is within this of the best."
+        ),
+    ] = 0.005,
+    front_plot: Annotated[
+        Path | None,
+        typer.Option(help="--choose-sizes-on: draw the accuracy/cost front here (default: OUT_sizes.png)."),
+    ] = None,
     device: DeviceOpt = "auto",
     drop_controllers: Annotated[
         bool,
@@ -192,7 +202,8 @@ def export(
     check_output_file(out)  # before an export that may take minutes
     sizes = _parse_input_sizes(input_size or [])
     if choose_on:
-        sizes = {**_choose_sizes(checkpoint, choose_on, candidates, device), **sizes}
+        plot = front_plot or out.with_name(f"{out.stem}_sizes.png")
+        sizes = {**_choose_sizes(checkpoint, choose_on, candidates, device, size_tolerance, plot), **sizes}
     if fmt == "safetensors":
         dtype = torch.float16 if fp16 else None
         path = export_checkpoint(
@@ -233,37 +244,55 @@ def _parse_input_sizes(items: list[str]) -> dict[str, int]:
     return sizes
 
 
-def _choose_sizes(checkpoint: Path, data: list[str], candidates: str, device: str) -> dict[str, int]:
-    """Each modality's best candidate size by mean validation Dice, shown as a table."""
+def _choose_sizes(
+    checkpoint: Path, data: list[str], candidates: str, device: str, tolerance: float, plot: Path
+) -> dict[str, int]:
+    """Each modality's cheapest candidate size within ``tolerance`` of its best validation Dice, shown as
+    a table and drawn as the accuracy/cost front."""
     from espmedsam.checkpoints.native import load_checkpoint
     from espmedsam.data.dataset import parse_dataset_arg
     from espmedsam.errors import InputError
     from espmedsam.evaluate import choose_input_sizes
+    from espmedsam.size_front import cheapest_within, forward_gflop, plot_front
 
     try:
         sizes = [int(c) for c in candidates.split(",")]
     except ValueError:
         raise InputError(f"--candidates {candidates!r} must be sizes separated by commas") from None
+    if tolerance < 0:
+        raise InputError(f"--size-tolerance must be at least 0, got {tolerance}")
     sources = [parse_dataset_arg(item) for item in data]
+    model = load_checkpoint(checkpoint)
     with progress_bar() as progress:
         task = progress.add_task("choosing input sizes", total=None)
         scores = choose_input_sizes(
-            load_checkpoint(checkpoint),
+            model,
             sources,
             sizes,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
             device=device,
         )
-    table = Table(title="validation Dice by input size")
+    costs = {modality: forward_gflop(model.cpu(), modality, sizes) for modality in scores}
+    chosen = {m: cheapest_within(by_size, costs[m], tolerance) for m, by_size in scores.items()}
+    table = Table(
+        title=f"validation Dice by input size (GFLOP); chosen: cheapest within {tolerance} of the best"
+    )
     table.add_column("modality")
     for size in sizes:
         table.add_column(f"{size}²", justify="right")
-    best = {m: max(by_size, key=by_size.get) for m, by_size in scores.items()}
     for modality, by_size in scores.items():
-        cells = [f"[bold]{v:.3f}[/bold]" if s == best[modality] else f"{v:.3f}" for s, v in by_size.items()]
+        cells = [
+            (f"[bold]{v:.3f}[/bold]" if s == chosen[modality] else f"{v:.3f}")
+            + f" ({costs[modality][s]:.0f})"
+            for s, v in by_size.items()
+        ]
         table.add_row(modality, *cells)
     Console().print(table)
-    return best
+    try:
+        console.print(f"wrote {plot_front(scores, costs, chosen, plot, tolerance)}")
+    except ImportError:
+        console.print('no front plot: pip install "espmedsam[plot]" (matplotlib)')
+    return chosen
 
 
 @modality_app.command("remove")

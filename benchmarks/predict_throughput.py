@@ -1,11 +1,13 @@
 """End-to-end ``espmedsam predict`` throughput over the six in-domain test splits, per backend.
 
-Usage: python benchmarks/predict_throughput.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--limit N]
-       [--out FILE]
+Usage: python benchmarks/predict_throughput.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--openvino]
+       [--backends NAME ...] [--limit N] [--out FILE]
 
 Each backend runs ``predict_files`` (what ``espmedsam predict`` runs: read ahead, classify the modality,
 segment in batches, write mask and overlay PNGs and predictions.csv) over the same files with
-``--modality auto``: torch fp32, torch bf16 autocast and, with ``--onnx``, onnxruntime. In the same run,
+``--modality auto``: torch fp32, torch bf16 autocast and, with ``--onnx``, onnxruntime and (``--openvino``)
+OpenVINO, its graphs compiled before timing (as a second run finds them in its cache); ``--backends``
+keeps only the named ones. In the same run,
 the official-layout ESP-MedSAM (MobileSAM's stem, one shared controller) forward in fp32 at 1024², batch 1.
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 from _data import IN_DOMAIN, split_images
-from _report import median_seconds, report
+from _report import cpu_description, median_seconds, report
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
 from espmedsam.models.registry import build_model
@@ -55,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--onnx", type=Path, default=None)
+    parser.add_argument("--openvino", action="store_true", help="Also run the --onnx file in OpenVINO.")
+    parser.add_argument("--backends", nargs="*", default=None, help="Only these, e.g. 'torch bf16'.")
     parser.add_argument("--limit", type=int, default=None, help="At most N images per dataset.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -70,9 +74,17 @@ def main() -> None:
         from espmedsam.onnx_backend import OnnxBackend
 
         backends["onnxruntime fp32"] = Predictor(OnnxBackend(args.onnx, threads=args.threads))
+    if args.onnx and args.openvino:
+        from espmedsam.openvino_backend import CACHE_DIR, OpenVinoBackend
+
+        backend = OpenVinoBackend(args.onnx, threads=args.threads, cache_dir=CACHE_DIR)
+        backends[f"openvino {backend.precision}"] = predictor = Predictor(backend)
+        run(predictor, [next(f for f in files if f[1] == m) for m in {m for _, m in files}])  # compile
+    backends = {name: p for name, p in backends.items() if not args.backends or name in args.backends}
     official = official_forward_seconds(3)
     lines = [
-        f"{len(files)} test images of {len(IN_DOMAIN)} datasets, {args.threads} threads, --modality auto, "
+        f"{len(files)} test images of {len(IN_DOMAIN)} datasets, {cpu_description()}, "
+        f"{args.threads} threads, --modality auto, "
         "read → classify → segment → mask + overlay PNGs + predictions.csv",
         f"official layout, fp32 forward at 1024², batch 1: {official:.3f} s = {1 / official:.2f} images/s",
         "",

@@ -19,22 +19,15 @@ from pathlib import Path
 
 import torch
 from _report import cpu_description, median_seconds, report
-from torch.utils.flop_counter import FlopCounterMode
 
 from espmedsam.checkpoints.native import default_checkpoint, load_model
+from espmedsam.size_front import forward_gflop
 
 
 def matmul_rate(side: int = 4096, runs: int = 5) -> float:
     """FLOP/s of a side x side bf16 matmul."""
     a, b = torch.randn(side, side, dtype=torch.bfloat16), torch.randn(side, side, dtype=torch.bfloat16)
     return 2 * side**3 / median_seconds(lambda: a @ b, runs)
-
-
-def forward_flops(model, size: int, modality: str) -> int:
-    x = torch.randn(1, 3, size, size)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x, modality)
-    return counter.get_total_flops()
 
 
 def torch_seconds(model, size: int, modality: str, runs: int, bfloat16: bool) -> float:
@@ -114,7 +107,7 @@ def main() -> None:
     totals, floor_total = [0.0] * len(columns), 0.0
     for index, modality in enumerate(model.config.modalities):
         size = model.input_size(modality)
-        flops = forward_flops(model, size, modality)
+        flops = 1e9 * forward_gflop(model, modality, [size])[size]
         floor = flops / rate
         times = [torch_seconds(model, size, modality, args.runs, bf16) for bf16 in (False, True)]
         times += [onnx_seconds(backend, size, index, args.runs) for backend in exported.values()]

@@ -109,6 +109,52 @@ def test_two_workers_answer_behind_one_port_with_the_same_masks(tmp_path):
     assert list(tmp_path.glob("espmedsam-serve-*")) == []  # each worker cleaned its workspace
 
 
+def test_a_kill_of_the_parent_stops_every_worker(tmp_path):
+    from espmedsam import build_model
+    from espmedsam.checkpoints.native import save_model
+
+    checkpoint = save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
+    command = [sys.executable, "-m", "espmedsam", "serve", "--port", "0", "--log-level", "warning"]
+    command += ["--workers", "2", "--checkpoint", str(checkpoint)]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        url = _wait_for_url(server)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # both workers loaded (or at least answering)
+            try:
+                if httpx.get(f"{url}/api/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        workers = _children(server.pid)
+        assert len(workers) == 2
+    finally:
+        server.terminate()  # SIGTERM, as kill and service managers send
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(child) for child in open(path).read().split()] if os.path.exists(path) else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = (
+        open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0]
+        if os.path.exists(f"/proc/{pid}/stat")
+        else "X"
+    )
+    return state not in ("Z", "X")  # a zombie has exited
+
+
 def test_workers_with_a_missing_checkpoint_is_one_line():
     result = _espmedsam("serve", "--port", "0", "--workers", "2", "--checkpoint", "missing.safetensors")
     assert (

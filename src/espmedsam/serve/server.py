@@ -86,6 +86,10 @@ def serve_workers(make_app: Callable[[], FastAPI], sock: socket.socket, workers:
     ]
     for process in processes:
         process.start()
+    # Ctrl+C or a kill stops the workers too, even where SIGINT was ignored (a job started with & by a
+    # non-interactive shell) or SIGTERM would end the parent alone and leave the workers serving
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _interrupt)
     try:
         for process in processes:
             process.join()
@@ -100,6 +104,10 @@ def serve_workers(make_app: Callable[[], FastAPI], sock: socket.socket, workers:
     failed = [p for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         raise EspMedSAMError(f"{len(failed)} of {workers} workers stopped with an error (above)")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _worker(make_app: Callable[[], FastAPI], sock: socket.socket, log_level: str) -> None:

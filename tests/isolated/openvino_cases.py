@@ -1,0 +1,125 @@
+"""The OpenVINO backend and ``--backend auto``, on the tiny exported model of ``test_onnx`` (run by
+``tests/test_openvino.py`` in a process of its own)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from espmedsam import backends
+from espmedsam.backends import choose_backend
+from espmedsam.cli import app
+from espmedsam.errors import InputError
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+from espmedsam.metrics import dice  # noqa: E402
+from espmedsam.onnx_backend import OnnxBackend  # noqa: E402
+from espmedsam.openvino_backend import OpenVinoBackend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests folder, for test_onnx's fixtures
+from test_onnx import SIZE, _eager_masks, _inputs, exported, model  # noqa: E402, F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def fp32(exported, tmp_path_factory):  # noqa: F811
+    cache = tmp_path_factory.mktemp("openvino-cache")
+    return OpenVinoBackend(exported[0], threads=1, bfloat16=False, cache_dir=cache)
+
+
+def test_fp32_masks_equal_torch_on_a_mixed_batch(fp32, model):  # noqa: F811
+    images, ids = _inputs(3)
+    masks = fp32.segment(images.numpy(), ids.numpy())
+    assert fp32.precision == "f32" and masks.shape == (3, 1, SIZE, SIZE)
+    assert np.abs(masks - _eager_masks(model, images, ids)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_any_batch_runs_on_the_one_graph_of_its_side(fp32, model, batch):  # noqa: F811
+    images, ids = _inputs(batch, seed=batch)
+    assert np.abs(fp32.segment(images.numpy(), ids.numpy()) - _eager_masks(model, images, ids)).max() <= 1e-3
+    assert [key for key in fp32._sessions if key[0] == "segment"] == [("segment", (1, 3, SIZE, SIZE))]
+
+
+def test_bf16_masks_agree_with_fp32_within_the_dice_tolerance(exported, model):  # noqa: F811
+    """bf16 where the CPU has it (fp32 otherwise, then exactly the fp32 result)."""
+    backend = OpenVinoBackend(exported[0], threads=1, cache_dir=None)
+    images, ids = _inputs(4, seed=7)
+    reference = _eager_masks(model, images, ids) > 0
+    masks = backend.segment(images.numpy(), ids.numpy()) > 0
+    assert min(dice(m[0], r[0]) for m, r in zip(masks, reference, strict=True)) >= 0.98
+
+
+def test_classifier_equals_onnxruntime(fp32, exported):  # noqa: F811
+    images, _ = _inputs(2)
+    expected = OnnxBackend(exported[0], threads=1).classify(images.numpy())
+    assert np.abs(fp32.classify(images.numpy()) - expected).max() <= 1e-4
+
+
+def test_inputs_are_checked_as_onnxruntime_checks_them(fp32):
+    with pytest.raises(InputError, match="exported at 64x64"):
+        fp32.segment(np.zeros((1, 3, 96, 96), np.float32), np.zeros(1, np.int64))
+    with pytest.raises(InputError, match="must lie in"):
+        fp32.segment(np.zeros((2, 3, SIZE, SIZE), np.float32), np.array([0, 9]))
+
+
+def test_auto_prefers_openvino_for_an_exported_file(tmp_path):
+    assert choose_backend("auto", tmp_path / "m.onnx") == ("openvino", None)
+    assert choose_backend("auto", tmp_path / "m.safetensors") == ("torch", None)
+    assert choose_backend("auto", None) == ("torch", None)
+
+
+def test_auto_falls_back_with_a_one_line_notice(monkeypatch, tmp_path):
+    monkeypatch.setattr(backends, "installed", lambda package: package != "openvino")
+    choice = choose_backend("auto", tmp_path / "m.onnx")
+    assert choice.name == "onnxruntime"
+    assert "openvino is not installed" in choice.notice and "\n" not in choice.notice
+
+
+@pytest.mark.parametrize(
+    ("backend", "checkpoint", "message"),
+    [
+        ("tensorrt", "m.onnx", "must be one of auto, torch, onnxruntime, openvino"),
+        ("torch", "m.onnx", "runs native .safetensors"),
+        ("openvino", "m.safetensors", "needs --checkpoint MODEL.onnx"),
+        ("onnxruntime", None, "needs --checkpoint MODEL.onnx"),
+    ],
+)
+def test_a_backend_that_cannot_run_the_checkpoint_is_one_line(backend, checkpoint, message):
+    with pytest.raises(InputError, match=message) as raised:
+        choose_backend(backend, None if checkpoint is None else Path(checkpoint))
+    assert "\n" not in str(raised.value)
+
+
+def test_predict_auto_without_openvino_notices_and_writes_the_same_masks(
+    exported,  # noqa: F811
+    monkeypatch,
+    tmp_path,
+):
+    from PIL import Image
+
+    from espmedsam import openvino_backend
+
+    monkeypatch.setattr(openvino_backend, "CACHE_DIR", tmp_path / "cache")
+    image = tmp_path / "case.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    written = {}
+    for name, has_openvino in (("openvino", True), ("onnxruntime", False)):
+        monkeypatch.setattr(
+            backends, "installed", lambda package, ok=has_openvino: ok or package != "openvino"
+        )
+        out = tmp_path / name
+        args = ["predict", str(image), "-c", str(exported[0]), "--fp32", "-o", str(out), "-m", "dermoscopy"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert ("openvino is not installed" in result.output) is (not has_openvino)
+        written[name] = np.asarray(Image.open(out / "case_mask.png"))
+    assert (written["openvino"] == written["onnxruntime"]).mean() > 0.999
+    assert any((tmp_path / "cache").iterdir())  # the compiled graph, kept for the next process

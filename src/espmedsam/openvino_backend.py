@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from espmedsam.checkpoints.onnx_export import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT, INPUTS, OUTPUTS
+from espmedsam.checkpoints.onnx_export import (
+    CLASSIFIER_INPUT,
+    CLASSIFIER_OUTPUT,
+    INPUTS,
+    OUTPUTS,
+    require_onnx,
+)
 from espmedsam.errors import CheckpointError
 from espmedsam.onnx_backend import OnnxBackend
 
@@ -25,11 +31,11 @@ DEVICE = "CPU"
 CACHE_DIR = Path.home() / ".cache" / "espmedsam" / "openvino"
 
 
-def cpu_has_bf16() -> bool:
+def cpu_has_bf16(core: Any = None) -> bool:
     """Whether OpenVINO's CPU plugin can run bf16 on this CPU (AMX or AVX-512 BF16)."""
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in (core or ov.Core()).get_property(DEVICE, "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoBackend(OnnxBackend):
@@ -57,14 +63,15 @@ class OpenVinoBackend(OnnxBackend):
         bfloat16: bool = True,
         cache_dir: Path | None = None,
     ) -> None:
-        self.bfloat16 = bfloat16
-        self.cache_dir = cache_dir
-        super().__init__(path, threads=threads)
+        require_onnx(self.packages, self.extra)  # a one-line error, not an ImportError, without openvino
+        import openvino as ov
 
-    @property
-    def precision(self) -> str:
-        """What the compiled graphs compute in: "bf16" or "f32"."""
-        return "bf16" if self.bfloat16 and cpu_has_bf16() else "f32"
+        self.cache_dir = cache_dir
+        self._core = ov.Core()  # one runtime for every graph this backend compiles
+        self.precision = (
+            "bf16" if bfloat16 and cpu_has_bf16(self._core) else "f32"
+        )  # what the graphs compute in
+        super().__init__(path, threads=threads)
 
     def _check_runnable(self) -> None:
         side = self.fixed_size or self.config.image_size
@@ -89,13 +96,11 @@ class OpenVinoBackend(OnnxBackend):
         """The graph ("segment" or "classify") compiled for images of ``shape``, compiled once."""
         key = (graph, tuple(shape))
         if key not in self._sessions:
-            import openvino as ov
-
             inputs, output = (
                 (list(INPUTS), OUTPUTS[0]) if graph == "segment" else ([CLASSIFIER_INPUT], CLASSIFIER_OUTPUT)
             )
             try:
-                model = _cut(ov.Core().read_model(str(self.path)), inputs, output)
+                model = _cut(self._core.read_model(str(self.path)), inputs, output)
                 model.reshape(
                     {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
                 )
@@ -104,7 +109,7 @@ class OpenVinoBackend(OnnxBackend):
                     config["CACHE_DIR"] = str(self.cache_dir)
                 if self.threads:
                     config["INFERENCE_NUM_THREADS"] = self.threads
-                self._sessions[key] = ov.Core().compile_model(model, DEVICE, config)
+                self._sessions[key] = self._core.compile_model(model, DEVICE, config)
             except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
                 first = str(error).strip().splitlines()[0]
                 raise CheckpointError(f"OpenVINO cannot compile {self.path}: {first}") from None

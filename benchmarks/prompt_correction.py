@@ -32,6 +32,7 @@ from scipy import ndimage
 from espmedsam.checkpoints.native import load_model
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.predict import Predictor
+from espmedsam.train.clicks import next_click
 
 NON_VESSEL = ("isic2017", "shenzhen_montgomery", "busi", "dsb2018", "cvc_clinicdb")
 
@@ -45,19 +46,6 @@ def component_boxes(truth: np.ndarray) -> list[tuple[int, int, int, int]]:
     """(x0, y0, x1, y1) of each connected component, corners inclusive."""
     labels, _ = ndimage.label(truth)
     return [(s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1) for s in ndimage.find_objects(labels)]
-
-
-def next_click(mask: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
-    """(x, y, label) at the centre of the largest error region; None when there is no error."""
-    errors = mask != truth
-    labels, count = ndimage.label(errors)
-    if not count:
-        return None
-    largest = 1 + int(np.argmax(ndimage.sum(errors, labels, range(1, count + 1))))
-    region = np.pad(labels == largest, 1)
-    inside = ndimage.distance_transform_edt(region)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(inside)), inside.shape)
-    return int(x), int(y), int(truth[y, x])
 
 
 def evaluate_image(predictor: Predictor, image, truth, modality: str, clicks: int) -> dict[str, float]:

@@ -31,11 +31,12 @@ def test_info_shows_parameter_table():
     assert result.exit_code == 0, result.output
     assert "shared TinyViT encoder" in result.output
     # the bundled weights: LiteMedSAM's encoder with trained controllers in its last stage, the refiner,
-    # the detail branch, the classifier with its feature statistics, the promptable decoder
+    # the detail branch, the classifier with its feature statistics, the promptable and click decoders
     assert "pointwise stem" in result.output and "controllers 6, in the" in result.output
     assert "embedding refiner" in result.output and "modality classifier" in result.output
-    assert "detail branch" in result.output and "16,816,379" in result.output
+    assert "detail branch" in result.output and "20,461,515" in result.output
     assert "promptable decoder" in result.output and "with feature statistics" in result.output
+    assert "click decoder" in result.output
     assert "% of SAM ViT-B" in result.output
 
 

@@ -158,6 +158,9 @@ class PromptConfig:
     and IoU head beside QDMD, for boxes and clicks that correct a mask."""
 
     enabled: bool = False  # False: prompt-free only, as in the paper
+    # a click decoder beside it, trained to correct the mask so far (``models/click_decoder.py``); without
+    # one, clicks steer the box decoder (``interactive.py``)
+    clicks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

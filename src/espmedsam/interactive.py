@@ -6,8 +6,12 @@ Two ways a prompt makes a mask:
 - **With boxes**, each box is one object: one decoder pass with the box and the clicks inside it. Clicks
   inside no box make one pass of their own. The mask is the union of the passes'; the prompt-free mask
   plays no part.
-- **Clicks alone correct the prompt-free mask, locally, one click after the other.** The decoder
-  (LiteMedSAM's) was trained with boxes, and point tokens alone mislead it, so a click steers boxes:
+- **Clicks alone correct the prompt-free mask, one click after the other.** With a click decoder
+  (``models/click_decoder.py``, trained with simulated clicks) each click is one pass of it, with every
+  click so far and the mask so far; the masks after each prefix of the clicks are kept with the
+  embedding, so the next click (or an undo) costs one pass at most.
+- Without one the box decoder (LiteMedSAM's) is used, which was trained with boxes, and point tokens
+  alone mislead it, so a click steers boxes:
   - a foreground click inside an object's bounding box grows that box to take the click in; on nothing,
     square boxes of four sizes are tried around it and the mask with the highest predicted IoU that holds
     the click wins. Of that mask, the region the current mask lacks and the click is in is added;
@@ -49,6 +53,9 @@ class ImageEmbedding:
     meta: PreprocessMeta
     key: bytes  # the image's pixels, shape, modality and S, digested
     prompt_free: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool, once decoded
+    prompt_free_logits: torch.Tensor | None = field(default=None, repr=False)  # (1, 1, S, S)
+    # the click decoder's (1, 1, S, S) logits and predicted IoU after each sequence of clicks so far
+    corrections: dict[tuple, tuple[torch.Tensor, float]] = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
@@ -60,7 +67,7 @@ class PromptedMask:
     """The mask of a prompt and the IoU head's estimate for each decoder pass it took."""
 
     mask: np.ndarray  # (H, W) bool
-    iou: tuple[float, ...]  # one per pass; () when no pass ran (clicks on nothing to change)
+    iou: tuple[float, ...]  # one per pass (per click with a click decoder); () when no pass ran
 
 
 class PromptPredictor:
@@ -103,6 +110,7 @@ class PromptPredictor:
             with torch.inference_mode(), self.predictor.autocast():
                 ids = model.modality_ids(embedded.modality, 1).to(embedded.inputs.device)
                 out = model.decode(embedded.embeddings, ids, embedded.size, embedded.inputs)
+            embedded.prompt_free_logits = out.masks.float()
             embedded.prompt_free = model.postprocess(out.masks.float().cpu(), embedded.meta)[0, 0].numpy() > 0
         return embedded.prompt_free
 
@@ -128,7 +136,10 @@ class PromptPredictor:
         return self._correct(embedded, prompts)
 
     def _correct(self, embedded: ImageEmbedding, clicks: Prompts) -> PromptedMask:
-        """Clicks alone, in order: each a local edit of the mask so far (module docstring)."""
+        """Clicks alone, in order: each a pass of the click decoder, else a local edit of the mask so far
+        through the box decoder (module docstring)."""
+        if self.model.click_decoder is not None:
+            return self._correct_learned(embedded, clicks)
         mask = self.prompt_free(embedded).copy()
         ious = []
         for (x, y), label in zip(clicks.points, clicks.labels, strict=True):
@@ -147,6 +158,31 @@ class PromptPredictor:
                 proposal, iou = self._decode(embedded, PromptPass(boxes[objects[row, column] - 1]))
                 ious.append(iou)
                 _take_region(mask, mask & ~proposal, row, column, add=False)
+        return PromptedMask(mask, tuple(ious))
+
+    def _correct_learned(self, embedded: ImageEmbedding, clicks: Prompts) -> PromptedMask:
+        """Each click one click-decoder pass with the clicks so far and the mask so far (one IoU per
+        click); the logits after each prefix of the clicks are kept, so only the clicks not seen before
+        cost a pass."""
+        model = self.model
+        self.prompt_free(embedded)
+        prompt = to_model_input(PromptPass(None, clicks.points, clicks.labels), embedded.meta)
+        points, labels = prompt.points, prompt.labels
+        assert points is not None and labels is not None and embedded.prompt_free_logits is not None
+        device = embedded.inputs.device
+        logits, ious = embedded.prompt_free_logits, []
+        for k in range(1, len(clicks.points) + 1):
+            key = (clicks.points[:k], clicks.labels[:k])
+            if key not in embedded.corrections:
+                with torch.inference_mode(), self.predictor.autocast():
+                    so_far = points[:, :k].to(device), labels[:, :k].to(device)
+                    out = model.decode_clicks(embedded.embeddings, embedded.size, *so_far, logits)
+                if len(embedded.corrections) >= MAX_KEPT_CORRECTIONS:
+                    embedded.corrections.clear()
+                embedded.corrections[key] = out.masks.float(), float(out.iou.float()[0])
+            logits, iou = embedded.corrections[key]
+            ious.append(iou)
+        mask = model.postprocess(logits.cpu(), embedded.meta)[0, 0].numpy() > 0
         return PromptedMask(mask, tuple(ious))
 
     def _best_containing(
@@ -185,6 +221,8 @@ class PromptPredictor:
         mask = model.postprocess(out.masks.float().cpu(), embedded.meta)[0, 0].numpy() > 0
         return mask, float(out.iou.float()[0])
 
+
+MAX_KEPT_CORRECTIONS = 64  # click sequences whose masks an embedding keeps (a page's undo and redo)
 
 # half-sides of the boxes tried around a foreground click on nothing, as shares of the image's long side
 CLICK_BOX_SCALES = (0.03, 0.06, 0.12, 0.25)

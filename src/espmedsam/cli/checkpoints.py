@@ -61,6 +61,8 @@ def info(
         out.print(f"modality classifier: --modality auto (input {cfg.classifier.input_size}², whole image)")
     if cfg.prompt.enabled:
         out.print("promptable decoder: boxes and clicks (predict --box, --point) with a predicted IoU")
+        if cfg.prompt.clicks:
+            out.print("  click decoder: clicks alone correct the mask so far (trained with simulated clicks)")
     if cfg.quality.enabled:
         quality = net.quality
         state = (

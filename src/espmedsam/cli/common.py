@@ -139,6 +139,12 @@ quality_app = typer.Typer(help="The quality score of prompt-free masks: their pr
 app.add_typer(quality_app, name="quality")
 
 
+prompts_app = typer.Typer(help="The prompt path: train the click decoder that corrects a mask with clicks.")
+
+
+app.add_typer(prompts_app, name="prompts")
+
+
 predictions_app = typer.Typer(help="Tables predict wrote: join the parts of a spread run.")
 
 

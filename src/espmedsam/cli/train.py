@@ -1,4 +1,5 @@
-"""Training verbs: train, add-modality, distill, classifier train/stats, quality calibrate."""
+"""Training verbs: train, add-modality, distill, classifier train/stats, quality calibrate, prompts
+train-clicks."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from espmedsam.cli.common import (
     distill_app,
     is_main_process,
     progress_bar,
+    prompts_app,
     quality_app,
 )
 from espmedsam.errors import InputError
@@ -402,6 +404,101 @@ def quality_calibrate(
     console.print(table)
     path = save_model(model, out, dtype=torch.float16 if fp16 else None)
     console.print(f"wrote {path}")
+
+
+@prompts_app.command("train-clicks")
+def prompts_train_clicks(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint with a promptable decoder.")
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with train and val splits."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint + click decoder).")
+    ],
+    minutes: Annotated[
+        float, typer.Option(help="Training time budget (the embedding pass not counted).")
+    ] = 30.0,
+    steps: Annotated[int, typer.Option(help="Most training steps (the cosine schedule's length).")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step, all of one input size.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    max_clicks: Annotated[
+        int, typer.Option(help="Clicks per simulated correction (1..N drawn per step).")
+    ] = 3,
+    max_per_dataset: Annotated[
+        int | None, typer.Option(help="At most this many training images per dataset (the first ones).")
+    ] = None,
+    val_every: Annotated[int, typer.Option(help="Validate (and keep the best weights) every N steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the batches and the random clicks.")] = 0,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a click decoder, so that clicks alone correct a prompt-free mask: each click, with the
+    clicks before it and the mask so far, is one pass of a copy of the promptable decoder that also reads
+    the mask. Trained with simulated clicks (the centre of the largest error region) on the train splits;
+    the weights with the best validation Dice after --max-clicks clicks are kept. Everything else is
+    copied unchanged, so prompt-free masks, boxes and the quality score stay as they are."""
+    import json
+
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.device import resolve_device
+    from espmedsam.train.clicks import prepare_samples, train_clicks, with_click_decoder
+
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--max-clicks", max_clicks),
+                        ("--val-every", val_every)):  # fmt: skip
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    sources = [parse_dataset_arg(item) for item in data]
+    target = resolve_device(device)
+    model = with_click_decoder(load_model(checkpoint).to(target))
+    model.requires_grad_(False)
+    model.click_decoder.requires_grad_(True)
+    with progress_bar() as progress:
+        samples = {}
+        for split, limit in (("train", max_per_dataset), ("val", None)):
+            task = progress.add_task(f"embedding the {split} images", total=None)
+            samples[split] = prepare_samples(
+                model,
+                sources,
+                split,
+                max_per_dataset=limit,
+                progress=lambda n, t=task: progress.advance(t, n),
+            )
+        task = progress.add_task("training", total=steps)
+
+        def show(step: int, row: dict) -> None:
+            progress.update(task, completed=step, description=f"training, loss {row['loss']:.3f}")
+
+        result = train_clicks(
+            model, samples["train"], samples["val"], steps=steps, minutes=minutes, batch_size=batch_size,
+            lr=lr, max_clicks=max_clicks, val_every=val_every, seed=seed, progress=show,
+        )  # fmt: skip
+    first = result.history[0]["dice"]
+    table = Table(
+        title=f"val Dice after 0..{max_clicks} clicks (best step {result.best_step} of {result.steps})"
+    )
+    table.add_column("dataset")
+    for k in range(max_clicks + 1):
+        table.add_column(f"{k} click{'s' * (k != 1)}", justify="right")
+    for name, values in result.best.per_dataset.items():
+        table.add_row(name, *(f"{v:.4f}" for v in values))
+    table.add_row("mean", *(f"{v:.4f}" for v in result.best.mean))
+    console.print(table)
+    console.print(
+        f"{len(samples['train'])} train and {len(samples['val'])} val images; {result.steps} steps in "
+        f"{result.seconds / 60:.1f} min; mean val Dice after {max_clicks} clicks {first[-1]:.4f} (untrained) "
+        f"-> {result.best.mean[-1]:.4f}"
+    )
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    log = path.with_suffix(".clicks.json")
+    record = {"steps": result.steps, "minutes": round(result.seconds / 60, 2), "best_step": result.best_step}
+    log.write_text(json.dumps({**record, "history": result.history}, indent=1))
+    console.print(f"wrote {path} and {log.name}")
 
 
 def _confusion_table(matrix, names, title: str) -> Table:

@@ -17,6 +17,7 @@ from espmedsam.config import ModelConfig
 from espmedsam.errors import InputError
 from espmedsam.modalities import modality_ids
 from espmedsam.models.classifier import ModalityClassifier
+from espmedsam.models.click_decoder import ClickDecoder
 from espmedsam.models.controller import ControllerRoute, trace_safe_routing
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.prompt_decoder import PromptDecoder, PromptedMasks
@@ -52,6 +53,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         classifier: ModalityClassifier | None = None,
         prompt_decoder: PromptDecoder | None = None,
         quality: MaskQuality | None = None,
+        click_decoder: ClickDecoder | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -62,6 +64,7 @@ class ESPMedSAM(RawImageIO, nn.Module):
         self.classifier = classifier  # None: the modality must be given
         self.prompt_decoder = prompt_decoder  # None: prompt-free only
         self.quality = quality  # None: no quality score for the prompt-free masks
+        self.click_decoder = click_decoder  # None: clicks steer the promptable decoder's boxes
         self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 
     def forward(self, images: torch.Tensor, modality: ModalityLike) -> ESPOutput:
@@ -138,6 +141,27 @@ class ESPMedSAM(RawImageIO, nn.Module):
         if masks.shape[-1] != size:
             masks = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
         return PromptedMasks(masks=masks, iou=out.iou)
+
+    def decode_clicks(
+        self,
+        embeddings: torch.Tensor,
+        size: int,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_logits: torch.Tensor,
+    ) -> PromptedMasks:
+        """Clicks correcting a mask, one per image, on (B, C, h, w) ``encode`` embeddings -> PromptedMasks
+        with (B, 1, S, S) corrected logits and (B,) predicted IoU.
+
+        Args:
+            size: S, the model input's side; points (B, P, 2) and labels (B, P), 1 foreground, 0
+                background, -1 none, are in its pixels; mask_logits (B, 1, S, S) of the mask so far.
+        Raises:
+            InputError: a model without a click decoder.
+        """
+        if self.click_decoder is None:
+            raise InputError("this checkpoint has no click decoder (espmedsam prompts train-clicks adds one)")
+        return self.click_decoder(embeddings, self.decoder.pe_layer, size, points, labels, mask_logits)
 
     def box_decoder(self, embeddings: torch.Tensor, size: int) -> BoxDecoder:
         """Boxes on the (B, C, h, w) ``encode`` embeddings of S = ``size`` inputs, each with the index of

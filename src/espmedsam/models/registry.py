@@ -16,6 +16,7 @@ from espmedsam.config import (
 )
 from espmedsam.errors import ConfigError
 from espmedsam.models.classifier import ModalityClassifier
+from espmedsam.models.click_decoder import ClickDecoder
 from espmedsam.models.detail import DetailBranch
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.prompt_decoder import PromptDecoder
@@ -126,7 +127,11 @@ def build_model(config: ModelConfig | str = "default") -> ESPMedSAM:
     prompt_decoder = None
     if config.prompt.enabled:
         prompt_decoder = PromptDecoder(config.encoder.out_chans, config.decoder)
+    click_decoder = None
+    if config.prompt.enabled and config.prompt.clicks:
+        click_decoder = ClickDecoder(config.encoder.out_chans, config.decoder)
     quality = None
     if config.quality.enabled:
         quality = MaskQuality(len(config.modalities), config.quality.max_components)
-    return ESPMedSAM(config, encoder, sppg, decoder, refiner, classifier, prompt_decoder, quality).eval()
+    parts = (refiner, classifier, prompt_decoder, quality, click_decoder)
+    return ESPMedSAM(config, encoder, sppg, decoder, *parts).eval()

@@ -44,6 +44,8 @@ def parameter_counts(model: ESPMedSAM) -> list[ComponentCount]:
     if model.prompt_decoder is not None:
         prompts = _count(model.prompt_decoder)
         rows.append(ComponentCount("promptable decoder (boxes, clicks, IoU head)", prompts))
+    if model.click_decoder is not None:
+        rows.append(ComponentCount("click decoder (clicks on the mask so far)", _count(model.click_decoder)))
     rows.append(ComponentCount("total", _count(model)))
     return rows
 

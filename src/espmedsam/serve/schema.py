@@ -115,7 +115,9 @@ class PromptResult(BaseModel):
     mask_png: str = Field(description="base64 PNG of the corrected mask, 0 / 255, the image's own size")
     foreground_pixels: int
     foreground_fraction: float
-    predicted_iou: list[float] = Field(description="the IoU head's estimate, one per decoder pass")
+    predicted_iou: list[float] = Field(
+        description="the IoU head's estimate, one per decoder pass (with a click decoder, one per click)"
+    )
     mask_file: MaskFile = Field(
         description="what espmedsam predict --box/--point writes for the same prompts"
     )

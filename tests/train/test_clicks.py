@@ -1,0 +1,188 @@
+"""The click decoder: simulated clicks, its training, and clicks through ``Predictor.predict``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from espmedsam import build_model
+from espmedsam.checkpoints.native import load_model, save_model
+from espmedsam.cli import app
+from espmedsam.config import PromptConfig
+from espmedsam.data.dataset import parse_dataset_arg
+from espmedsam.errors import InputError
+from espmedsam.models.registry import get_config
+from espmedsam.models.summary import parameter_counts
+from espmedsam.predict import Predictor
+from espmedsam.train.clicks import (
+    clicks_to_tensors,
+    evaluate_clicks,
+    next_click,
+    prepare_samples,
+    train_clicks,
+    with_click_decoder,
+)
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def prompted_model():
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(get_config("tiny"), prompt=PromptConfig(enabled=True)))
+
+
+def test_a_missed_square_gets_a_foreground_click_at_its_centre():
+    truth = np.zeros((20, 30), bool)
+    truth[2:7, 3:8] = True  # small, found
+    truth[10:19, 15:24] = True  # large, missed
+    mask = truth.copy()
+    mask[10:19, 15:24] = False
+    assert next_click(mask, truth) == (19, 14, 1)
+
+
+def test_a_spill_gets_a_background_click_and_no_error_gets_none():
+    truth = np.zeros((16, 16), bool)
+    mask = truth.copy()
+    mask[4:9, 4:9] = True
+    assert next_click(mask, truth) == (6, 6, 0)
+    assert next_click(truth, truth) is None
+
+
+def test_a_random_click_lies_in_the_largest_error_region():
+    truth = np.zeros((16, 16), bool)
+    truth[0:10, 0:10] = True
+    mask = np.zeros_like(truth)
+    mask[14, 14] = True  # a one-pixel spill, the smaller error
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y, label = next_click(mask, truth, rng)
+        assert truth[y, x] and label == 1
+
+
+def test_clicks_are_padded_with_no_click():
+    points, labels = clicks_to_tensors([[(1, 2, 1), (3, 4, 0)], []])
+    assert points.shape == (2, 2, 2) and labels.tolist() == [[1, 0], [-1, -1]]
+    assert points[0].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_an_untrained_click_decoder_changes_no_pixel(prompted_model):
+    model = with_click_decoder(prompted_model)
+    assert model.config.prompt.clicks
+    embeddings = model.encode(torch.randn(2, 3, 64, 64), "xray")
+    logits = torch.randn(2, 1, 64, 64) * 20
+    out = model.decode_clicks(
+        embeddings, 64, torch.tensor([[[5.0, 6.0]], [[30.0, 3.0]]]), torch.tensor([[1], [0]]), logits
+    )
+    assert out.masks.shape == (2, 1, 64, 64) and out.iou.shape == (2,)
+    assert torch.equal(out.masks > 0, logits > 0)
+
+
+def test_the_click_decoder_round_trips_and_is_listed(prompted_model, tmp_path):
+    path = save_model(with_click_decoder(prompted_model), tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    assert loaded.click_decoder is not None and loaded.config.prompt.clicks
+    rows = {row.component: row.parameters for row in parameter_counts(loaded)}
+    assert rows["click decoder (clicks on the mask so far)"] > 0
+    assert sum(v for k, v in rows.items() if k != "total") == rows["total"]
+    info = runner.invoke(app, ["info", "--checkpoint", str(path)])
+    assert "click decoder" in info.output
+
+
+def test_a_model_without_a_promptable_decoder_gets_no_click_decoder():
+    with pytest.raises(InputError, match="no promptable decoder"):
+        with_click_decoder(build_model("tiny"))
+
+
+def test_clicks_through_the_predictor_use_the_click_decoder_and_keep_what_they_decoded(
+    prompted_model, monkeypatch
+):
+    model = with_click_decoder(prompted_model)
+    predictor = Predictor(model, device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    free = predictor.predict(image, "xray")
+    calls = []
+    decode = model.decode_clicks
+    monkeypatch.setattr(model, "decode_clicks", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    points, labels = [(10, 10), (40, 20), (70, 40)], [1, 0, 1]
+    # untrained: every pass returns the mask it was given
+    assert np.array_equal(predictor.predict(image, "xray", points=points[:2], labels=labels[:2]), free)
+    assert len(calls) == 2
+    predictor.predict(image, "xray", points=points, labels=labels)
+    assert len(calls) == 3  # the first two clicks' masks were kept: one pass for the third
+    predictor.predict(image, "xray", points=points[:1], labels=labels[:1])  # undo to one click
+    assert len(calls) == 3
+
+
+def test_training_on_a_few_images_makes_one_click_help(prompted_model, datasets):
+    """Overfitting four tiny images: the clicks must raise their Dice above the prompt-free one, and only
+    the click decoder's weights may change."""
+    model = with_click_decoder(prompted_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sources = [parse_dataset_arg(datasets[0])]
+    samples = prepare_samples(model, sources, "train", bf16=False)
+    assert len(samples) == 4 and samples[0].embedding.dtype == torch.float16
+    model.requires_grad_(False)
+    model.click_decoder.requires_grad_(True)
+    untrained = evaluate_clicks(model, samples, 1, bf16=False)
+    result = train_clicks(
+        model, samples, samples, steps=60, batch_size=4, lr=3e-3, max_clicks=1, val_every=20, bf16=False
+    )
+    assert result.steps == 60 and [row["step"] for row in result.history] == [0, 20, 40, 60]
+    assert untrained.mean[1] == untrained.mean[0]  # untrained: a click changes nothing
+    assert result.best.mean[1] > untrained.mean[1] + 0.05, (result.history, untrained)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("click_decoder.") for k in changed)
+
+
+def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(prompted_model, datasets, tmp_path):
+    checkpoint = save_model(prompted_model, tmp_path / "m.safetensors")
+    out = tmp_path / "clicks.safetensors"
+    args = ["prompts", "train-clicks", str(checkpoint), "-d", datasets[0], "-d", datasets[1], "-o", str(out)]
+    result = runner.invoke(app, [*args, "--steps", "4", "--val-every", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "val Dice after 0..3 clicks" in result.output
+    model = load_model(out)
+    assert model.click_decoder is not None
+    assert Path(out.with_suffix(".clicks.json")).exists()
+    bad = runner.invoke(app, [*args, "--steps", "0"])
+    assert isinstance(bad.exception, InputError) and "--steps" in str(bad.exception)
+
+
+def test_the_embedding_pass_reads_a_cached_frozen_prefix(tiny_config, tmp_path):
+    """Where training cached the frozen prefix's features, the embeddings made from them are the ones the
+    whole encoder gives (up to the cache's float16)."""
+    from espmedsam.train.clicks import find_prefix_cache
+    from espmedsam.train.loop import build_datasets, build_network
+
+    tiny = get_config("tiny")
+    bare = dataclasses.replace(tiny, controller=dataclasses.replace(tiny.controller, enabled=False))
+    start = save_model(build_model(bare), tmp_path / "start.safetensors")
+    config = dataclasses.replace(
+        tiny_config,
+        init=str(start),
+        model_overrides=("controller.enabled=true", "controller.first_stage=3"),
+        frozen_prefix=3,
+        train_shared_suffix=False,
+        cache_dir=str(tmp_path / "cache"),
+        bf16=False,
+        num_workers=0,
+    )
+    model = build_network(config)
+    build_datasets(config, model)  # fills the cache
+    model.eval()
+    assert find_prefix_cache(build_model("tiny"), tmp_path / "cache") is None  # other weights
+    prefix = find_prefix_cache(model, tmp_path / "cache")
+    assert prefix is not None and prefix.depth == 3
+    sources = [parse_dataset_arg(config.data[0])]
+    cached = prepare_samples(model, sources, "train", bf16=False, prefix=prefix)
+    whole = prepare_samples(model, sources, "train", bf16=False)
+    for a, b in zip(cached, whole, strict=True):
+        assert np.array_equal(a.truth, b.truth) and a.valid == b.valid
+        assert torch.allclose(a.embedding.float(), b.embedding.float(), atol=5e-3)
+        assert torch.allclose(a.logits.float(), b.logits.float(), atol=5e-2)

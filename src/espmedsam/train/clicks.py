@@ -39,6 +39,7 @@ from espmedsam.losses import MaskLoss
 from espmedsam.models.click_decoder import ClickDecoder
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.train.frozen import DEFAULT_CACHE, EncoderCache, encoder_fingerprint, sample_digest
+from espmedsam.train.quality import dice_score
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +181,6 @@ class ClickScores:
         """Mean over the datasets, after 0, 1, ..., k clicks."""
         return tuple(float(np.mean(v)) for v in zip(*self.per_dataset.values(), strict=True))
 
-    @property
-    def gain(self) -> float:
-        """Mean over the datasets of the Dice gained by all k clicks."""
-        mean = self.mean
-        return mean[-1] - mean[0]
-
 
 @dataclass(frozen=True)
 class ClickTraining:
@@ -202,9 +197,7 @@ class _Batches:
     """Random same-size batches of the training samples, a size drawn in proportion to its images."""
 
     def __init__(self, samples: Sequence[ClickSample], batch_size: int, rng: np.random.Generator) -> None:
-        self.by_size: dict[int, list[int]] = {}
-        for index, sample in enumerate(samples):
-            self.by_size.setdefault(sample.size, []).append(index)
+        self.by_size = _indices_by_size(samples)
         self.sizes = sorted(self.by_size)
         counts = np.array([len(self.by_size[s]) for s in self.sizes], dtype=np.float64)
         self.weights = counts / counts.sum()
@@ -251,11 +244,6 @@ def _add_clicks(
             image_clicks.append(click)
 
 
-def _dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    total = int(mask.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * float((mask & truth).sum()) / total
-
-
 def _stack(samples: Sequence[ClickSample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     embeddings = torch.stack([s.embedding for s in samples]).to(device, torch.float32)
     logits = torch.stack([s.logits for s in samples]).to(device, torch.float32)
@@ -279,7 +267,7 @@ def evaluate_clicks(
         embeddings, logits = _stack(chosen, device)
         clicks: list[list[tuple[int, int, int]]] = [[] for _ in chosen]
         masks = _valid_masks(logits, chosen)
-        rows = [[_dice(m, s.truth)] for m, s in zip(masks, chosen, strict=True)]
+        rows = [[dice_score(m, s.truth)] for m, s in zip(masks, chosen, strict=True)]
         for _ in range(max_clicks):
             before = [len(c) for c in clicks]
             _add_clicks(clicks, masks, chosen, None)
@@ -293,19 +281,24 @@ def evaluate_clicks(
                 logits = torch.where(clicked[:, None, None, None], out.masks.float(), logits)
                 masks = _valid_masks(logits, chosen)
             for row, mask, sample in zip(rows, masks, chosen, strict=True):
-                row.append(_dice(mask, sample.truth))
+                row.append(dice_score(mask, sample.truth))
         for row, sample in zip(rows, chosen, strict=True):
             dice.setdefault(sample.dataset, []).append(row)
     return ClickScores({name: tuple(np.mean(rows, axis=0).tolist()) for name, rows in dice.items()})
 
 
-def _same_size_batches(samples: Sequence[ClickSample], batch_size: int) -> list[list[int]]:
+def _indices_by_size(samples: Sequence[ClickSample]) -> dict[int, list[int]]:
+    """The samples' indices grouped by input size (a batch holds one size)."""
     by_size: dict[int, list[int]] = {}
     for index, sample in enumerate(samples):
         by_size.setdefault(sample.size, []).append(index)
+    return by_size
+
+
+def _same_size_batches(samples: Sequence[ClickSample], batch_size: int) -> list[list[int]]:
     return [
         group[start : start + batch_size]
-        for group in by_size.values()
+        for group in _indices_by_size(samples).values()
         for start in range(0, len(group), batch_size)
     ]
 

@@ -12,7 +12,7 @@ from espmedsam.errors import CheckpointError, ConfigError
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.unet import UNetBaseline
 from espmedsam.train import TrainProgress, train
-from espmedsam.train.loop import build_network
+from espmedsam.train.loop import build_network, with_layout
 
 
 def _records(run_dir, kind):
@@ -117,6 +117,23 @@ def test_unet_baseline_trains_in_the_same_loop(tiny_config):
     model = load_unet(result.best_path)
     assert isinstance(model, UNetBaseline) and model.config.features == (4, 4, 8, 8, 16, 4)
     assert all(r["patch_loss"] == 0.0 for r in _records(config.run_dir, "train"))
+
+
+def test_resume_keeps_the_runs_layout_when_the_init_file_gains_a_part(tiny_config, tmp_path):
+    start = save_model(build_network(tiny_config), tmp_path / "start.safetensors")
+    config = dataclasses.replace(
+        tiny_config, model="default", init=str(start), bf16=False, checkpoint_every=1, num_workers=0
+    )
+    whole = train(dataclasses.replace(config, out_dir=str(tmp_path / "whole")))
+    parted = dataclasses.replace(config, out_dir=str(tmp_path / "parted"))
+    with pytest.raises(_Interrupt):
+        train(parted, progress=_stop_at(3))
+    save_model(with_layout(load_model(start), ("detail.enabled=true",)), start)  # e.g. a new bundled file
+    resumed = train(parted, resume=True)
+    a, b = (torch.load(r.state_path, weights_only=True) for r in (whole, resumed))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    assert len(load_model(resumed.last_path).lineage) == len(load_model(whole.last_path).lineage) == 1
 
 
 def test_init_starts_from_a_native_checkpoint(tiny_config, tmp_path):

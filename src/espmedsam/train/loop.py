@@ -148,22 +148,24 @@ def check_world_size(batch_size: int) -> None:
         )
 
 
-def build_network(config: TrainConfig) -> nn.Module:
+def build_network(config: TrainConfig, *, layout: str | Path | None = None) -> nn.Module:
     """The model to train, in train mode: fresh (initialised from ``config.seed``) or loaded from ``init``.
 
     ``input_sizes`` become the model's per-modality ``inference_sizes``; with ``frozen_encoder`` the image
-    encoder's parameters stop requiring gradients (and the optimiser never sees them).
+    encoder's parameters stop requiring gradients (and the optimiser never sees them). ``layout``: a
+    checkpoint of this run to build from instead of ``init`` (a resumed run keeps its own layout even when
+    the ``init`` file has since gained a part).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.arch == "unet":
             model: Any = (
-                load_unet(config.init)
-                if config.init
+                load_unet(layout or config.init)
+                if layout or config.init
                 else UNetBaseline(UNetConfig(features=config.unet_features))
             )
         else:
-            init = resolve_init(config.init)
+            init = layout or resolve_init(config.init)
             model = load_model(init) if init else build_model(get_config(config.model))
             if config.model_overrides:
                 model = with_layout(model, config.model_overrides)
@@ -385,8 +387,12 @@ class _Trainer:
         if state is not None:
             _check_resumable(config, from_dict(TrainConfig, state["config"]))
         self.device = device
-        self.model = build_network(config).to(self.device)
+        # a resumed run is rebuilt from its own last checkpoint, written with state.pt: the same layout
+        layout = self.dir / LAST_FILE if state is not None and (self.dir / LAST_FILE).is_file() else None
+        self.model = build_network(config, layout=layout).to(self.device)
         self.lineage = list(getattr(self.model, "lineage", []))  # the runs behind ``init``
+        if layout is not None:
+            self.lineage = self.lineage[:-1]  # less this run's own record, which ``_save`` renews
         if distributed.is_distributed() and config.sync_batchnorm:
             sync_batchnorm(self.model)  # the model is the trainer's own: no need to swap back
         self.train_set, self.val_set, self.names = build_datasets(config, self.model)

@@ -32,3 +32,32 @@ def cpu_description() -> str:
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "")
     flags = [f for f in ("amx_bf16", "avx512_bf16") if f in info]
     return f"{model or platform.machine()} ({', '.join(flags) or 'no bf16 matrix units'})"
+
+
+def tree_memory_mb(root: int) -> tuple[float, float]:
+    """(summed RSS, summed PSS) of process ``root`` and all its descendants, in MB (0 once it exited)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    members, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in members]
+        members.update(children)
+        frontier = children
+    rss = sum(_field_kb(f"/proc/{pid}/status", "VmRSS:") for pid in members)
+    pss = sum(_field_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in members)
+    return rss / 1024, pss / 1024
+
+
+def _field_kb(path: str, name: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

@@ -22,36 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import report
-
-
-def tree_memory_mb(root: int) -> tuple[float, float]:
-    """(summed RSS, summed PSS) of process ``root`` and all its descendants, in MB (0 once it exited)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    members, frontier = {root}, [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in members]
-        members.update(children)
-        frontier = children
-    rss = sum(_field_kb(f"/proc/{pid}/status", "VmRSS:") for pid in members)
-    pss = sum(_field_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in members)
-    return rss / 1024, pss / 1024
-
-
-def _field_kb(path: str, name: str) -> int:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(name):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+from _report import report, tree_memory_mb
 
 
 def last_record(log: Path) -> tuple[int, str]:

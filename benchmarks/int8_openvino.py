@@ -1,0 +1,124 @@
+"""int8 against bf16 in OpenVINO: NNCF post-training quantization of the exported graph, per modality.
+
+Usage: python benchmarks/int8_openvino.py --onnx MODEL.onnx [--modalities dermoscopy fundus ...]
+       [--calibration 24] [--eval 20] [--runs 5] [--threads 2] [--out FILE]
+
+For each modality, the segmentation graph at the modality's input side is compiled twice: as exported
+(bf16 where the CPU has it) and after ``nncf.quantize`` (int8 matmuls and convolutions, transformer mode,
+calibrated on ``--calibration`` training images of that modality's in-domain dataset). Both are timed
+(batch 1, median of ``--runs`` after a warm-up) and both segment ``--eval`` validation images: their Dice
+against the ground truth and against each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _data import IN_DOMAIN, split_images
+from _report import cpu_description, median_seconds, report
+
+from espmedsam.checkpoints.onnx_export import INPUTS, OUTPUTS
+from espmedsam.data.io import read_image, read_mask
+from espmedsam.metrics import dice
+from espmedsam.openvino_backend import DEVICE, OpenVinoBackend, _cut
+from espmedsam.predict import Predictor
+
+
+def inputs_of(predictor: Predictor, paths: list[Path], modality: str, size: int) -> list[tuple]:
+    """(normalised (1, 3, S, S) float32 input, its metadata) of each image."""
+    out = []
+    for path in paths:
+        x, meta = predictor.io.preprocess(read_image(path), size)
+        out.append((x.numpy(), meta))
+    return out
+
+
+def quantized(backend: OpenVinoBackend, side: int, modality_id: int, calibration: list) -> object:
+    """The segmentation graph at ``side``, quantized to int8 on the calibration inputs."""
+    import nncf
+
+    model = _cut(backend._core.read_model(str(backend.path)), list(INPUTS), OUTPUTS[0])
+    model.reshape({INPUTS[0]: [1, 3, side, side], INPUTS[1]: [1]})
+    ids = np.array([modality_id], dtype=np.int64)
+    dataset = nncf.Dataset(calibration, lambda x: {INPUTS[0]: x, INPUTS[1]: ids})
+    return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+
+
+def compiled(backend: OpenVinoBackend, model: object) -> object:
+    config = {"INFERENCE_PRECISION_HINT": backend.precision, "PERFORMANCE_HINT": "LATENCY"}
+    if backend.threads:
+        config["INFERENCE_NUM_THREADS"] = backend.threads
+    return backend._core.compile_model(model, DEVICE, config)
+
+
+def masks_of(graph: object, inputs: list[tuple], modality_id: int, predictor: Predictor) -> list[np.ndarray]:
+    output = graph.output(OUTPUTS[0])
+    ids = np.array([modality_id], dtype=np.int64)
+    masks = []
+    for x, meta in inputs:
+        logits = torch.from_numpy(graph({INPUTS[0]: x, INPUTS[1]: ids})[output])
+        masks.append(predictor.io.postprocess(logits, meta)[0, 0].numpy() > 0)
+    return masks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--onnx", type=Path, required=True)
+    parser.add_argument("--modalities", nargs="*", default=None, help="default: all six")
+    parser.add_argument("--calibration", type=int, default=24, help="training images per modality")
+    parser.add_argument("--eval", type=int, default=20, help="validation images per modality")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backend = OpenVinoBackend(args.onnx, threads=args.threads)
+    predictor = Predictor(backend)
+    modalities = list(backend.modalities)
+    dataset_of = dict(zip(modalities, IN_DOMAIN, strict=True))
+    lines = [
+        f"{cpu_description()}; OpenVINO {backend.precision} against NNCF int8, {args.threads} threads,"
+        f" batch 1, median of {args.runs}; int8 calibrated on {args.calibration} training images each,"
+        f" Dice on {args.eval} validation images",
+        "",
+        "| modality | input | bf16 s | int8 s | int8 speed-up | quantize s | Dice bf16 | Dice int8 |"
+        " int8 vs bf16 masks (mean / min Dice) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for modality in args.modalities or modalities:
+        index, size = modalities.index(modality), predictor.input_size(modality)
+        name = dataset_of[modality]
+        train = [p for p, _ in split_images((name,), "train")][: args.calibration]
+        val = [p for p, _ in split_images((name,), "val")][: args.eval]
+        truth = [read_mask(p.parent.parent / "masks" / f"{p.stem}.png") for p in val]
+        start = time.perf_counter()
+        int8_model = quantized(
+            backend, size, index, [x for x, _ in inputs_of(predictor, train, modality, size)]
+        )
+        quantize_s = time.perf_counter() - start
+        graphs = {
+            "bf16": backend._compiled("segment", (1, 3, size, size)),
+            "int8": compiled(backend, int8_model),
+        }
+        x = inputs_of(predictor, val[:1], modality, size)[0][0]
+        feed = {INPUTS[0]: x, INPUTS[1]: np.array([index], dtype=np.int64)}
+        seconds = {k: median_seconds(lambda g=g, feed=feed: g(feed), args.runs) for k, g in graphs.items()}
+        evaluated = inputs_of(predictor, val, modality, size)
+        masks = {k: masks_of(g, evaluated, index, predictor) for k, g in graphs.items()}
+        scores = {k: np.mean([dice(m, t) for m, t in zip(v, truth, strict=True)]) for k, v in masks.items()}
+        agree = [dice(a, b) for a, b in zip(masks["int8"], masks["bf16"], strict=True)]
+        lines.append(
+            f"| {modality} | {size}² | {seconds['bf16']:.3f} | {seconds['int8']:.3f} |"
+            f" {seconds['bf16'] / seconds['int8']:.2f}× | {quantize_s:.0f} | {scores['bf16']:.4f} |"
+            f" {scores['int8']:.4f} | {np.mean(agree):.4f} / {np.min(agree):.4f} |"
+        )
+        print(lines[-1], flush=True)
+    report("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,9 @@ resolution, per set:
 - **clicks** (the interactive-segmentation protocol): starting from the prompt-free mask, one click at
   the centre of the largest error region (the pixel farthest from its border), foreground where the mask
   missed the object and background where it spilled over; repeated up to ``--clicks`` times, each time
-  with all clicks so far, on the corrected mask. Dice after 0, 1, 2 and 3 clicks.
+  with all clicks so far, on the corrected mask. Dice after 0, 1, 2 and 3 clicks;
+- **largest error set right**: the prompt-free mask with its largest error region corrected exactly, no
+  model involved: what a first click gives at most if it mends only the region it lands in.
 
 It also counts the encoder calls: one per image, however many corrections.
 """
@@ -32,7 +34,7 @@ from scipy import ndimage
 from espmedsam.checkpoints.native import load_model
 from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.predict import Predictor
-from espmedsam.train.clicks import next_click
+from espmedsam.train.clicks import largest_error_region, next_click
 
 NON_VESSEL = ("isic2017", "shenzhen_montgomery", "busi", "dsb2018", "cvc_clinicdb")
 
@@ -54,6 +56,8 @@ def evaluate_image(predictor: Predictor, image, truth, modality: str, clicks: in
     boxes = component_boxes(truth)
     boxed = predictor.predict(image, modality, boxes=boxes) if boxes else np.zeros_like(truth)
     row["box"] = dice(boxed, truth)
+    region = largest_error_region(free, truth)
+    row["fixed"] = row["free"] if region is None else dice(free ^ region, truth)
     mask, points, labels = free, [], []
     row["click0"] = row["free"]
     for k in range(1, clicks + 1):
@@ -77,9 +81,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     predictor = Predictor(load_model(args.checkpoint), device="cpu")
-    columns = ["free", "box", *(f"click{k}" for k in range(1, args.clicks + 1))]
+    columns = ["free", "box", "fixed", *(f"click{k}" for k in range(1, args.clicks + 1))]
     clicks = range(1, args.clicks + 1)
-    header = ["prompt-free", "box per component", *(f"{k} click{'s' * (k > 1)}" for k in clicks)]
+    header = [
+        "prompt-free",
+        "box per component",
+        "largest error set right",
+        *(f"{k} click{'s' * (k > 1)}" for k in clicks),
+    ]
     lines = [
         f"`python benchmarks/prompt_correction.py --checkpoint {args.checkpoint.name}"
         f"{f' --limit {args.limit}' if args.limit else ''}`; {cpu_description()}, {args.threads} threads, "

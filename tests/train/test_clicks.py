@@ -22,6 +22,7 @@ from espmedsam.predict import Predictor
 from espmedsam.train.clicks import (
     clicks_to_tensors,
     evaluate_clicks,
+    largest_error_region,
     next_click,
     prepare_samples,
     train_clicks,
@@ -63,6 +64,17 @@ def test_a_random_click_lies_in_the_largest_error_region():
     for _ in range(20):
         x, y, label = next_click(mask, truth, rng)
         assert truth[y, x] and label == 1
+
+
+def test_setting_the_largest_error_region_right_leaves_the_smaller_error():
+    truth = np.zeros((16, 16), bool)
+    truth[0:10, 0:10] = True
+    mask = np.zeros_like(truth)
+    mask[14, 14] = True
+    region = largest_error_region(mask, truth)
+    assert np.array_equal(region, truth)
+    assert np.argwhere(mask ^ region ^ truth).tolist() == [[14, 14]]
+    assert largest_error_region(truth, truth) is None
 
 
 def test_clicks_are_padded_with_no_click():

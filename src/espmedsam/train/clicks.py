@@ -61,6 +61,17 @@ class ClickSample:
         return self.truth.shape[-1]
 
 
+def largest_error_region(mask: np.ndarray, truth: np.ndarray) -> np.ndarray | None:
+    """The largest connected region, (H, W) bool, where ``mask`` and ``truth`` (both (H, W) bool)
+    disagree; None when they agree everywhere."""
+    errors = mask != truth
+    regions, count = ndimage.label(errors)
+    if not count:
+        return None
+    largest = 1 + int(np.argmax(ndimage.sum(errors, regions, range(1, count + 1))))
+    return regions == largest
+
+
 def next_click(
     mask: np.ndarray, truth: np.ndarray, rng: np.random.Generator | None = None
 ) -> tuple[int, int, int] | None:
@@ -68,12 +79,9 @@ def next_click(
     ``truth`` (both (H, W) bool): the pixel farthest from the region's border, or with ``rng`` a pixel
     drawn uniformly from the region; label 1 where the mask missed the object, 0 where it spilled over.
     None when the mask has no error."""
-    errors = mask != truth
-    regions, count = ndimage.label(errors)
-    if not count:
+    region = largest_error_region(mask, truth)
+    if region is None:
         return None
-    largest = 1 + int(np.argmax(ndimage.sum(errors, regions, range(1, count + 1))))
-    region = regions == largest
     if rng is None:
         inside = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
         y, x = np.unravel_index(int(np.argmax(inside)), inside.shape)

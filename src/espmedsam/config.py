@@ -50,10 +50,13 @@ class SerialisableConfig:
         return from_dict(cls, _read_yaml(path))
 
 
-# TinyViT stem name -> (kernel, stride, padding) of each of its two Conv+BN layers
-STEMS: dict[str, tuple[int, int, int]] = {
-    "strided": (3, 2, 1),  # MobileSAM / TinyViT: output stride 4
-    "pointwise": (1, 1, 0),  # LiteMedSAM: output stride 1, the 256² input gets MobileSAM's 1024² grid
+# TinyViT stem name -> (kernel, stride, padding) of its first and of its second Conv+BN layer
+STEMS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "strided": ((3, 2, 1), (3, 2, 1)),  # MobileSAM / TinyViT: output stride 4
+    "pointwise": ((1, 1, 0), (1, 1, 0)),  # LiteMedSAM: output stride 1, 256² input -> MobileSAM's 1024² grid
+    # output stride 2: each 2x2 patch to one position, so stage 0's MBConvs see a quarter of the
+    # positions; with merge_strides (1, 2, 1) the grid is the pointwise stem's (``distill.prefix``)
+    "patch2": ((2, 2, 0), (1, 1, 0)),
 }
 
 
@@ -70,7 +73,8 @@ class EncoderConfig:
     mbconv_expand_ratio: float = 4.0
     out_chans: int = 256
     balanced_windows: bool = True  # split each axis into equal windows <= w; official: fixed w + padding
-    stem: str = "strided"  # strided: MobileSAM's two 3x3 stride-2 convs; pointwise: LiteMedSAM's 1x1 ones
+    stem: str = "strided"  # strided: MobileSAM's two 3x3 stride-2 convs; pointwise: LiteMedSAM's 1x1 ones;
+    # patch2: a 2x2 stride-2 conv, then a 1x1 one
 
     def __post_init__(self) -> None:
         stages = len(self.embed_dims)
@@ -96,7 +100,7 @@ class EncoderConfig:
     @property
     def output_stride(self) -> int:
         """Input pixels per embedding cell: the stem's stride times every patch merging's."""
-        return STEMS[self.stem][1] ** 2 * math.prod(self.merge_strides)
+        return math.prod(stride for _, stride, _ in STEMS[self.stem]) * math.prod(self.merge_strides)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,6 +219,79 @@ def distill_modality(
     _distill(load_model(path), teacher, found, "modality", config, overrides, out)
 
 
+@distill_app.command("prefix")
+def distill_prefix_command(
+    data: Annotated[
+        list[str],
+        typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with train and val splits."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the faster checkpoint).")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint to speed up (default: the bundled weights).")
+    ] = None,
+    minutes: Annotated[float, typer.Option(help="Training time budget.")] = 60.0,
+    steps: Annotated[int, typer.Option(help="Most training steps (the cosine schedule's length).")] = 2000,
+    batch_size: Annotated[int, typer.Option(help="Crops per step, modalities drawn equally often.")] = 8,
+    crop: Annotated[int, typer.Option(help="Side of the random training crops (input pixels).")] = 192,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
+    max_per_dataset: Annotated[
+        int | None, typer.Option(help="At most this many training images per dataset (the first ones).")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(help="Measure the held-out error every N steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the batches and crops.")] = 0,
+    fp16: Fp16Opt = False,
+) -> None:
+    """A faster checkpoint: the pointwise stem and stage 0 replaced by a 2x2 patch stem and stage 0 at a
+    quarter of the positions (same output grid), distilled from the checkpoint itself. Only the stem and
+    stage 0 learn, to reproduce the original's stage-0 tokens and image embeddings on the train splits;
+    the weights with the lowest embedding error on the val splits are kept. Everything else is copied, so
+    recalibrate the quality score (``quality calibrate``) on the result."""
+
+    from espmedsam.checkpoints.native import default_checkpoint, load_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.distill.prefix import distill_prefix, prepare_prefix_samples, student_from
+
+    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--eval-every", eval_every)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    path = checkpoint or default_checkpoint()
+    if path is None:
+        raise InputError("no bundled weights; pass a CHECKPOINT")
+    sources = [parse_dataset_arg(item) for item in data]
+    teacher = load_model(path)
+    student = student_from(teacher)
+    with progress_bar() as progress:
+        samples = {}
+        for split, limit in (("train", max_per_dataset), ("val", 8)):
+            task = progress.add_task(f"reading the {split} images", total=None)
+            samples[split] = prepare_prefix_samples(
+                teacher,
+                sources,
+                split,
+                max_per_dataset=limit,
+                progress=lambda n, t=task: progress.advance(t, n),
+            )
+        task = progress.add_task("distilling", total=steps)
+
+        def show(row) -> None:
+            progress.update(task, completed=row.step, description=f"distilling, loss {row.loss:.4f}")
+
+        history = distill_prefix(
+            student, teacher, samples["train"], samples["val"], steps=steps, minutes=minutes,
+            batch_size=batch_size, crop=crop, lr=lr, eval_every=eval_every, seed=seed, progress=show,
+        )  # fmt: skip
+    first, best = history.held_out[0], min(history.held_out, key=lambda row: row[2])
+    console.print(
+        f"{len(samples['train'])} train and {len(samples['val'])} held-out images; "
+        f"{len(history.losses)} steps in {history.seconds / 60:.1f} min; held-out embedding error "
+        f"(MSE / variance) {first[2]:.4f} at the start -> {best[2]:.4f} (step {best[0]}); "
+        f"stage-0 tokens {first[1]:.4f} -> {best[1]:.4f}"
+    )
+    record = {"teacher": str(path), "steps": len(history.losses), "minutes": round(history.seconds / 60, 2)}
+    rows = [{"step": s, "tokens": t, "embedding": e} for s, t, e in history.held_out]
+    _save_with_log(student, out, fp16, ".prefix.json", {**record, "held_out": rows, "losses": history.losses})
+
+
 @classifier_app.command("train")
 def classifier_train(
     checkpoint: Annotated[
@@ -440,11 +513,8 @@ def prompts_train_clicks(
     the mask. Trained with simulated clicks (the centre of the largest error region) on the train splits;
     the weights with the best validation Dice after --max-clicks clicks are kept. Everything else is
     copied unchanged, so prompt-free masks, boxes and the quality score stay as they are."""
-    import json
 
-    import torch
-
-    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.checkpoints.native import load_model
     from espmedsam.data.dataset import parse_dataset_arg
     from espmedsam.device import resolve_device
     from espmedsam.train.clicks import prepare_samples, train_clicks, with_click_decoder
@@ -494,10 +564,21 @@ def prompts_train_clicks(
         f"{result.seconds / 60:.1f} min; mean val Dice after {max_clicks} clicks {first[-1]:.4f} (untrained) "
         f"-> {result.best.mean[-1]:.4f}"
     )
-    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
-    log = path.with_suffix(".clicks.json")
     record = {"steps": result.steps, "minutes": round(result.seconds / 60, 2), "best_step": result.best_step}
-    log.write_text(json.dumps({**record, "history": result.history}, indent=1))
+    _save_with_log(model, out, fp16, ".clicks.json", {**record, "history": result.history})
+
+
+def _save_with_log(model, out: Path, fp16: bool, suffix: str, record: dict) -> None:
+    """Write the checkpoint and, beside it under ``suffix``, the run's JSON record."""
+    import json
+
+    import torch
+
+    from espmedsam.checkpoints.native import save_model
+
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    log = path.with_suffix(suffix)
+    log.write_text(json.dumps(record, indent=1))
     console.print(f"wrote {path} and {log.name}")
 
 

@@ -19,15 +19,16 @@ from espmedsam.models.controller import ControllerBank, ControllerRoute
 
 
 class PatchEmbed(nn.Module):
-    """Two Conv+BN layers: (B, 3, S, S) -> (B, C, S/s, S/s), s = 4 (strided stem) or 1 (pointwise)."""
+    """Two Conv+BN layers: (B, 3, S, S) -> (B, C, S/s, S/s), s = 4 (strided stem), 2 (patch2) or 1
+    (pointwise)."""
 
     def __init__(self, in_chans: int, embed_dim: int, stem: str = "strided") -> None:
         super().__init__()
-        kernel, stride, padding = STEMS[stem]
+        first, second = STEMS[stem]
         self.seq = nn.Sequential(
-            Conv2dBN(in_chans, embed_dim // 2, kernel, stride, padding),
+            Conv2dBN(in_chans, embed_dim // 2, *first),
             nn.GELU(),
-            Conv2dBN(embed_dim // 2, embed_dim, kernel, stride, padding),
+            Conv2dBN(embed_dim // 2, embed_dim, *second),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,260 @@
+"""A cheaper encoder prefix, distilled from the encoder it replaces (MMDKD's embedding MSE, model to itself).
+
+LiteMedSAM's pointwise stem runs stage 0's MBConvs at every input pixel: memory-bound depthwise
+convolutions and GELUs that take about half of a CPU forward pass. The student swaps the stem for a 2x2
+stride-2 patch convolution (``stem: patch2``) and makes stage 0's patch merging stride 1, so stage 0 runs
+at a quarter of the positions while stage 1 onwards see the same grid. It starts as the teacher on a
+2x2-averaged image (the patch convolution holds the pointwise one's weights over four taps); everything
+after stage 0 is copied and frozen. Only the stem and stage 0 learn, to reproduce the teacher's stage-0
+tokens and its image embedding with each image's own controller (MSE, each scaled by the teacher's
+variance), on random crops of training images at their modality's input size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from espmedsam.config import ModelConfig
+from espmedsam.data.dataset import DatasetSource, SegmentationFolder
+from espmedsam.errors import InputError
+from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.models.registry import build_model
+
+logger = logging.getLogger(__name__)
+
+STEM_CONV = "image_encoder.patch_embed.seq.0.c.weight"
+
+
+def cheaper_prefix_config(config: ModelConfig) -> ModelConfig:
+    """The student's configuration: ``stem: patch2`` and stage 0's merge stride 1, the same output grid.
+
+    Raises:
+        InputError: a model whose stem is not the pointwise one, or whose stage 0 does not halve the grid.
+    """
+    encoder = config.encoder
+    if encoder.stem != "pointwise" or encoder.merge_strides[0] != 2:
+        raise InputError(
+            "a cheaper prefix replaces a pointwise stem before a stride-2 stage 0; "
+            f"this model has stem {encoder.stem!r} and merge strides {encoder.merge_strides}"
+        )
+    cheaper = dataclasses.replace(encoder, stem="patch2", merge_strides=(1, *encoder.merge_strides[1:]))
+    return dataclasses.replace(config, encoder=cheaper)
+
+
+def student_from(teacher: ESPMedSAM) -> ESPMedSAM:
+    """A model with the cheaper prefix holding the teacher's weights (eval mode, its own copy).
+
+    The 1x1 stem kernel is spread over the 2x2 patch at a quarter weight, so the student's stem sees the
+    2x2 mean of the pixels the teacher's saw one by one.
+    """
+    student = build_model(cheaper_prefix_config(teacher.config))
+    state = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    pointwise = state[STEM_CONV]  # (C, 3, 1, 1)
+    state[STEM_CONV] = pointwise.expand(-1, -1, 2, 2) / 4
+    student.load_state_dict(state)
+    return student.eval()
+
+
+def prefix_parameters(model: ESPMedSAM) -> list[torch.nn.Parameter]:
+    """The stem's and stage 0's parameters: what the prefix distillation trains."""
+    encoder = model.image_encoder
+    return [*encoder.patch_embed.parameters(), *encoder.layers[0].parameters()]
+
+
+@dataclass(frozen=True)
+class PrefixSample:
+    """One training input: a (3, S, S) normalised image at its modality's input size and its modality id."""
+
+    image: torch.Tensor
+    modality: int
+
+
+@dataclass(frozen=True)
+class PrefixProgress:
+    step: int
+    steps: int
+    loss: float
+    held_out: float | None = None  # relative embedding error on the held-out samples, when measured
+
+
+@dataclass
+class PrefixHistory:
+    """Per-step training losses and the held-out relative errors (step, tokens, embedding)."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)
+    held_out: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def prefix_errors(
+    student: ESPMedSAM, teacher: ESPMedSAM, images: torch.Tensor, modality: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relative squared errors (MSE / teacher variance) of the stage-0 tokens and of the embedding.
+
+    Args:
+        images: (B, 3, S, S) normalised inputs.
+        modality: (B,) modality ids; each image goes through its own controller.
+    Returns:
+        Two scalars; gradients reach the student's prefix only.
+    """
+    route = teacher.route(modality)
+    with torch.no_grad():
+        tokens = teacher.image_encoder.prefix(images, 1)
+        embedding = teacher.image_encoder.suffix(tokens, 1, route)
+    student_tokens = student.image_encoder.prefix(images, 1)
+    student_embedding = student.image_encoder.suffix(student_tokens, 1, route)
+    token_error = F.mse_loss(student_tokens.float(), tokens.float()) / tokens.float().var()
+    embedding_error = F.mse_loss(student_embedding.float(), embedding.float()) / embedding.float().var()
+    return token_error, embedding_error
+
+
+def random_crops(samples: Sequence[PrefixSample], crop: int, rng: random.Random) -> torch.Tensor:
+    """(B, 3, crop, crop): a random window of each sample (the whole image when smaller), flipped at
+    random."""
+    out = []
+    for sample in samples:
+        side = sample.image.shape[-1]
+        c = min(crop, side)
+        y, x = rng.randrange(side - c + 1), rng.randrange(side - c + 1)
+        window = sample.image[:, y : y + c, x : x + c]
+        if c < crop:
+            window = F.pad(window, (0, crop - c, 0, crop - c))
+        if rng.random() < 0.5:
+            window = window.flip(-1)
+        out.append(window)
+    return torch.stack(out)
+
+
+def distill_prefix(
+    student: ESPMedSAM,
+    teacher: ESPMedSAM,
+    train: Sequence[PrefixSample],
+    held_out: Sequence[PrefixSample],
+    *,
+    steps: int,
+    minutes: float | None = None,
+    batch_size: int = 8,
+    crop: int = 192,
+    lr: float = 5e-4,
+    eval_every: int = 50,
+    bf16: bool = True,
+    seed: int = 0,
+    progress: Callable[[PrefixProgress], None] | None = None,
+) -> PrefixHistory:
+    """Train the student's stem and stage 0 in place; the rest of both models stays bitwise as it was.
+
+    The learning rate follows a cosine over ``steps``; ``minutes`` stops earlier (the student keeps the
+    weights of its best held-out embedding error, measured every ``eval_every`` steps and at the end).
+    """
+    if not train:
+        raise InputError("no training images for the prefix distillation")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for model in (student, teacher):
+        model.eval()  # batch norms keep the teacher's statistics; only weights move
+        model.requires_grad_(False)
+    params = prefix_parameters(student)
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
+    by_modality: dict[int, list[PrefixSample]] = {}
+    for sample in train:
+        by_modality.setdefault(sample.modality, []).append(sample)
+    groups = list(by_modality.values())
+    history = PrefixHistory()
+    best = (held_out_error(student, teacher, held_out, crop, bf16), _prefix_state(student))
+    history.held_out.append((0, *best[0]))
+    start = time.monotonic()
+    for step in range(1, steps + 1):
+        # every modality equally often: a few fundus images teach as much as hundreds of dermoscopy ones
+        batch = [rng.choice(rng.choice(groups)) for _ in range(batch_size)]
+        images = random_crops(batch, crop, rng)
+        modality = torch.tensor([s.modality for s in batch])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            token_error, embedding_error = prefix_errors(student, teacher, images, modality)
+        loss = token_error + embedding_error
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        history.losses.append(float(loss.detach()))
+        out_of_time = minutes is not None and time.monotonic() - start > 60 * minutes
+        measured = None
+        if step % eval_every == 0 or step == steps or out_of_time:
+            errors = held_out_error(student, teacher, held_out, crop, bf16)
+            history.held_out.append((step, *errors))
+            measured = errors[1]
+            logger.info(
+                "prefix distillation step %d: held-out error tokens %.4f, embedding %.4f (train loss %.4f)",
+                step, *errors, history.losses[-1],
+            )  # fmt: skip
+            if errors[1] < best[0][1]:
+                best = (errors, _prefix_state(student))
+        if progress:
+            progress(PrefixProgress(step, steps, history.losses[-1], measured))
+        if out_of_time:
+            logger.info("prefix distillation: time budget reached at step %d of %d", step, steps)
+            break
+    student.load_state_dict(best[1], strict=False)
+    student.requires_grad_(False)
+    history.seconds = time.monotonic() - start
+    return history
+
+
+def held_out_error(
+    student: ESPMedSAM, teacher: ESPMedSAM, samples: Sequence[PrefixSample], crop: int, bf16: bool = True
+) -> tuple[float, float]:
+    """Mean relative errors (stage-0 tokens, embedding) over fixed crops of the held-out samples."""
+    if not samples:
+        return (math.nan, math.nan)
+    rng = random.Random(1234)  # the same windows at every measurement
+    totals = [0.0, 0.0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for first in range(0, len(samples), 8):
+            chunk = samples[first : first + 8]
+            images = random_crops(chunk, crop, rng)
+            modality = torch.tensor([s.modality for s in chunk])
+            errors = prefix_errors(student, teacher, images, modality)
+            for i, error in enumerate(errors):
+                totals[i] += float(error) * len(chunk)
+    return (totals[0] / len(samples), totals[1] / len(samples))
+
+
+def prepare_prefix_samples(
+    model: ESPMedSAM,
+    sources: Sequence[DatasetSource],
+    split: str,
+    *,
+    max_per_dataset: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[PrefixSample]:
+    """Each dataset's ``split`` images, preprocessed at their modality's input size (the first
+    ``max_per_dataset`` of each)."""
+    samples = []
+    for source in sources:
+        folder = SegmentationFolder(source, split)
+        size = model.input_size(source.modality)
+        modality = model.modalities.index(source.modality)
+        for index in range(min(len(folder), max_per_dataset or len(folder))):
+            image, _ = model.preprocess(folder[index].image, size)
+            samples.append(PrefixSample(image[0], modality))
+            if progress:
+                progress(1)
+    return samples
+
+
+def _prefix_state(model: ESPMedSAM) -> dict[str, torch.Tensor]:
+    prefixes = ("image_encoder.patch_embed.", "image_encoder.layers.0.")
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}

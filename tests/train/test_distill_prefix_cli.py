@@ -1,0 +1,46 @@
+"""``espmedsam distill prefix``: a faster checkpoint with the same output grid, written with its curve."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from espmedsam import build_model
+from espmedsam.checkpoints.native import load_model, save_model
+from espmedsam.cli import app
+from espmedsam.errors import InputError
+from espmedsam.models.registry import get_config
+
+runner = CliRunner()
+
+
+def test_the_cli_writes_a_patch2_checkpoint_and_its_curve(datasets, tmp_path):
+    tiny = get_config("tiny")
+    pointwise = dataclasses.replace(tiny, encoder=dataclasses.replace(tiny.encoder, stem="pointwise"))
+    torch.manual_seed(0)
+    checkpoint = save_model(build_model(pointwise), tmp_path / "m.safetensors")
+    out = tmp_path / "fast.safetensors"
+    args = ["distill", "prefix", str(checkpoint), "-d", datasets[0], "-d", datasets[1], "-o", str(out)]
+    result = runner.invoke(
+        app, [*args, "--steps", "3", "--eval-every", "2", "--batch-size", "2", "--crop", "32"]
+    )
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.config.encoder.stem == "patch2" and model.config.encoder.merge_strides[0] == 1
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64), "fundus").embeddings.shape == (1, 32, 16, 16)
+    record = json.loads(out.with_suffix(".prefix.json").read_text())
+    assert [row["step"] for row in record["held_out"]] == [0, 2, 3] and len(record["losses"]) == 3
+    bad = runner.invoke(app, [*args, "--steps", "0"])
+    assert isinstance(bad.exception, InputError) and "--steps" in str(bad.exception)
+
+
+def test_a_strided_stem_is_refused_in_one_line(datasets, tmp_path):
+    checkpoint = save_model(build_model("tiny"), tmp_path / "m.safetensors")
+    result = runner.invoke(
+        app, ["distill", "prefix", str(checkpoint), "-d", datasets[0], "-o", str(tmp_path / "o")]
+    )
+    assert isinstance(result.exception, InputError) and "pointwise stem" in str(result.exception)

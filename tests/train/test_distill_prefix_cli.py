@@ -44,3 +44,22 @@ def test_a_strided_stem_is_refused_in_one_line(datasets, tmp_path):
         app, ["distill", "prefix", str(checkpoint), "-d", datasets[0], "-o", str(tmp_path / "o")]
     )
     assert isinstance(result.exception, InputError) and "pointwise stem" in str(result.exception)
+
+
+def test_a_run_continues_from_its_student_and_refuses_another_model(datasets, tmp_path):
+    tiny = get_config("tiny")
+    pointwise = dataclasses.replace(tiny, encoder=dataclasses.replace(tiny.encoder, stem="pointwise"))
+    torch.manual_seed(0)
+    checkpoint = save_model(build_model(pointwise), tmp_path / "m.safetensors")
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    base = ["distill", "prefix", str(checkpoint), "-d", datasets[0], "--batch-size", "2", "--crop", "32"]
+    assert runner.invoke(app, [*base, "-o", str(first), "--steps", "2"]).exit_code == 0
+    result = runner.invoke(app, [*base, "-o", str(second), "--steps", "1", "--student", str(first)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(second.with_suffix(".prefix.json").read_text())
+    assert record["continued_from"] == str(first)
+    # the held-out error before the continued run's first step is the first run's final one
+    before = json.loads(first.with_suffix(".prefix.json").read_text())["held_out"]
+    assert record["held_out"][0]["embedding"] == min(row["embedding"] for row in before)
+    wrong = runner.invoke(app, [*base, "-o", str(second), "--student", str(checkpoint)])
+    assert isinstance(wrong.exception, InputError) and "not a cheaper-prefix student" in str(wrong.exception)

@@ -239,17 +239,29 @@ def distill_prefix_command(
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Measure the held-out error every N steps.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the batches and crops.")] = 0,
+    student: Annotated[
+        Path | None,
+        typer.Option(help="Continue from this student (an earlier --out) instead of a fresh copy of CKPT."),
+    ] = None,
     fp16: Fp16Opt = False,
 ) -> None:
     """A faster checkpoint: the pointwise stem and stage 0 replaced by a 2x2 patch stem and stage 0 at a
     quarter of the positions (same output grid), distilled from the checkpoint itself. Only the stem and
     stage 0 learn, to reproduce the original's stage-0 tokens and image embeddings on the train splits;
-    the weights with the lowest embedding error on the val splits are kept. Everything else is copied, so
-    recalibrate the quality score (``quality calibrate``) on the result."""
+    the weights with the lowest embedding error on the val splits are kept, and written to --out at each
+    new low. Everything else is copied, so recalibrate the quality score (``quality calibrate``) on the
+    result."""
 
-    from espmedsam.checkpoints.native import default_checkpoint, load_model
+    import torch
+
+    from espmedsam.checkpoints.native import default_checkpoint, load_model, save_model
     from espmedsam.data.dataset import parse_dataset_arg
-    from espmedsam.distill.prefix import distill_prefix, prepare_prefix_samples, student_from
+    from espmedsam.distill.prefix import (
+        cheaper_prefix_config,
+        distill_prefix,
+        prepare_prefix_samples,
+        student_from,
+    )
 
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--eval-every", eval_every)):
         if value < 1:
@@ -259,7 +271,9 @@ def distill_prefix_command(
         raise InputError("no bundled weights; pass a CHECKPOINT")
     sources = [parse_dataset_arg(item) for item in data]
     teacher = load_model(path)
-    student = student_from(teacher)
+    fast = load_model(student) if student else student_from(teacher)
+    if fast.config != cheaper_prefix_config(teacher.config):
+        raise InputError(f"{student}: not a cheaper-prefix student of {path}")
     with progress_bar() as progress:
         samples = {}
         for split, limit in (("train", max_per_dataset), ("val", 8)):
@@ -277,8 +291,9 @@ def distill_prefix_command(
             progress.update(task, completed=row.step, description=f"distilling, loss {row.loss:.4f}")
 
         history = distill_prefix(
-            student, teacher, samples["train"], samples["val"], steps=steps, minutes=minutes,
+            fast, teacher, samples["train"], samples["val"], steps=steps, minutes=minutes,
             batch_size=batch_size, crop=crop, lr=lr, eval_every=eval_every, seed=seed, progress=show,
+            on_best=lambda best: save_model(best, out, dtype=torch.float16 if fp16 else None),
         )  # fmt: skip
     first, best = history.held_out[0], min(history.held_out, key=lambda row: row[2])
     console.print(
@@ -287,9 +302,14 @@ def distill_prefix_command(
         f"(MSE / variance) {first[2]:.4f} at the start -> {best[2]:.4f} (step {best[0]}); "
         f"stage-0 tokens {first[1]:.4f} -> {best[1]:.4f}"
     )
-    record = {"teacher": str(path), "steps": len(history.losses), "minutes": round(history.seconds / 60, 2)}
+    record = {
+        "teacher": str(path),
+        "continued_from": str(student) if student else None,
+        "steps": len(history.losses),
+        "minutes": round(history.seconds / 60, 2),
+    }
     rows = [{"step": s, "tokens": t, "embedding": e} for s, t, e in history.held_out]
-    _save_with_log(student, out, fp16, ".prefix.json", {**record, "held_out": rows, "losses": history.losses})
+    _save_with_log(fast, out, fp16, ".prefix.json", {**record, "held_out": rows, "losses": history.losses})
 
 
 @classifier_app.command("train")

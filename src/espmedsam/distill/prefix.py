@@ -149,11 +149,14 @@ def distill_prefix(
     bf16: bool = True,
     seed: int = 0,
     progress: Callable[[PrefixProgress], None] | None = None,
+    on_best: Callable[[ESPMedSAM], None] | None = None,
 ) -> PrefixHistory:
     """Train the student's stem and stage 0 in place; the rest of both models stays bitwise as it was.
 
     The learning rate follows a cosine over ``steps``; ``minutes`` stops earlier (the student keeps the
     weights of its best held-out embedding error, measured every ``eval_every`` steps and at the end).
+    ``on_best`` is called with the student whenever the held-out error reaches a new low (to save it, so
+    an interrupted run loses nothing measured).
     """
     if not train:
         raise InputError("no training images for the prefix distillation")
@@ -202,6 +205,8 @@ def distill_prefix(
             )  # fmt: skip
             if errors[1] < best[0][1]:
                 best = (errors, _prefix_state(student))
+                if on_best:
+                    on_best(student)
         if progress:
             progress(PrefixProgress(step, steps, history.losses[-1], measured))
         if out_of_time:

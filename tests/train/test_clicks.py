@@ -164,6 +164,25 @@ def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(prompted_mo
     assert Path(out.with_suffix(".clicks.json")).exists()
     bad = runner.invoke(app, [*args, "--steps", "0"])
     assert isinstance(bad.exception, InputError) and "--steps" in str(bad.exception)
+    for option, value in (("--random-clicks", "1.5"), ("--select-after", "4")):
+        bad = runner.invoke(app, [*args, option, value])
+        assert isinstance(bad.exception, InputError) and option in str(bad.exception)
+
+
+def test_centre_clicks_only_and_selection_after_one_click(prompted_model, datasets):
+    """With ``random_share`` 0 every training click is the benchmark's (the same for a given mask), and
+    the kept weights are the best after one click, not after all of them."""
+    model = with_click_decoder(prompted_model)
+    samples = prepare_samples(model, [parse_dataset_arg(datasets[0])], "train", bf16=False)
+    model.requires_grad_(False)
+    model.click_decoder.requires_grad_(True)
+    result = train_clicks(
+        model, samples, samples, steps=40, batch_size=4, lr=3e-3, max_clicks=2, val_every=10, bf16=False,
+        random_share=0.0, select_after=1,
+    )  # fmt: skip
+    after_one = [row["dice"][1] for row in result.history]
+    assert result.best.mean[1] == max(after_one)
+    assert result.history[after_one.index(max(after_one))]["step"] == result.best_step
 
 
 def test_the_embedding_pass_reads_a_cached_frozen_prefix(tiny_config, tmp_path):

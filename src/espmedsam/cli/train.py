@@ -524,6 +524,16 @@ def prompts_train_clicks(
         int | None, typer.Option(help="At most this many training images per dataset (the first ones).")
     ] = None,
     val_every: Annotated[int, typer.Option(help="Validate (and keep the best weights) every N steps.")] = 100,
+    random_clicks: Annotated[
+        float,
+        typer.Option(
+            help="Share of training clicks on a random pixel of the error region (else its centre)."
+        ),
+    ] = 0.5,
+    select_after: Annotated[
+        int | None,
+        typer.Option(help="Keep the weights with the best val Dice after this many clicks (default: all)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the batches and the random clicks.")] = 0,
     fp16: Fp16Opt = False,
     device: DeviceOpt = "auto",
@@ -543,6 +553,10 @@ def prompts_train_clicks(
                         ("--val-every", val_every)):  # fmt: skip
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
+    if not 0 <= random_clicks <= 1:
+        raise InputError(f"--random-clicks must lie in [0, 1], got {random_clicks}")
+    if select_after is not None and not 1 <= select_after <= max_clicks:
+        raise InputError(f"--select-after must lie in 1..{max_clicks}, got {select_after}")
     sources = [parse_dataset_arg(item) for item in data]
     target = resolve_device(device)
     model = with_click_decoder(load_model(checkpoint).to(target))
@@ -567,6 +581,7 @@ def prompts_train_clicks(
         result = train_clicks(
             model, samples["train"], samples["val"], steps=steps, minutes=minutes, batch_size=batch_size,
             lr=lr, max_clicks=max_clicks, val_every=val_every, seed=seed, progress=show,
+            random_share=random_clicks, select_after=select_after,
         )  # fmt: skip
     first = result.history[0]["dice"]
     table = Table(
@@ -581,8 +596,8 @@ def prompts_train_clicks(
     console.print(table)
     console.print(
         f"{len(samples['train'])} train and {len(samples['val'])} val images; {result.steps} steps in "
-        f"{result.seconds / 60:.1f} min; mean val Dice after {max_clicks} clicks {first[-1]:.4f} (untrained) "
-        f"-> {result.best.mean[-1]:.4f}"
+        f"{result.seconds / 60:.1f} min; mean val Dice after {max_clicks} clicks "
+        f"{first[-1]:.4f} (at the start) -> {result.best.mean[-1]:.4f}"
     )
     record = {"steps": result.steps, "minutes": round(result.seconds / 60, 2), "best_step": result.best_step}
     _save_with_log(model, out, fp16, ".clicks.json", {**record, "history": result.history})

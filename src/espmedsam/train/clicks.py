@@ -245,9 +245,11 @@ def _add_clicks(
     masks: Sequence[np.ndarray],
     samples: Sequence[ClickSample],
     rng: np.random.Generator | None,
+    random_share: float = 0.5,
 ) -> None:
     for image_clicks, mask, sample in zip(clicks, masks, samples, strict=True):
-        click = next_click(mask, sample.truth, rng if rng is not None and rng.random() < 0.5 else None)
+        drawn = rng is not None and rng.random() < random_share
+        click = next_click(mask, sample.truth, rng if drawn else None)
         if click is not None:
             image_clicks.append(click)
 
@@ -324,15 +326,22 @@ def train_clicks(
     val_every: int = 100,
     seed: int = 0,
     bf16: bool = True,
+    random_share: float = 0.5,
+    select_after: int | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> ClickTraining:
     """Train ``model.click_decoder`` in place (every other weight is frozen) for ``steps`` steps or
     ``minutes``, whichever ends first, with a cosine learning rate; validate every ``val_every`` steps
-    and keep the weights with the best mean Dice after ``max_clicks`` clicks (the untrained decoder,
-    which changes nothing, is the first candidate). ``progress(step, row)`` after each step."""
+    and keep the weights with the best mean Dice after ``select_after`` clicks (default ``max_clicks``;
+    the decoder it starts with is the first candidate). ``random_share`` of the simulated clicks fall on
+    a random pixel of the largest error region, the others at its centre (the benchmark's click).
+    ``progress(step, row)`` after each step."""
     if model.click_decoder is None:
         raise InputError("the model has no click decoder (with_click_decoder adds one)")
     decoder = model.click_decoder
+    chosen_after = max_clicks if select_after is None else select_after
+    if not 1 <= chosen_after <= max_clicks:
+        raise InputError(f"select_after must lie in 1..{max_clicks}, got {chosen_after}")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     batches = _Batches(train, batch_size, rng)
@@ -348,7 +357,8 @@ def train_clicks(
     while step < steps and (minutes is None or time.monotonic() - start < 60 * minutes):
         decoder.train()
         chosen = [train[i] for i in batches.draw()]
-        loss = _step(model, chosen, int(rng.integers(1, max_clicks + 1)), rng, mask_loss, bf16)
+        clicks_now = int(rng.integers(1, max_clicks + 1))
+        loss = _step(model, chosen, clicks_now, rng, mask_loss, bf16, random_share)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
@@ -366,7 +376,7 @@ def train_clicks(
             logger.info(
                 "step %d, loss %.4f: val Dice after 0..%d clicks %s", step, row["loss"], max_clicks, dice
             )
-            if scores.mean[-1] > best.mean[-1]:
+            if scores.mean[chosen_after] > best.mean[chosen_after]:
                 best, best_state, best_step = scores, copy.deepcopy(decoder.state_dict()), step
         if progress is not None:
             progress(step, row)
@@ -382,6 +392,7 @@ def _step(
     rng: np.random.Generator,
     mask_loss: MaskLoss,
     bf16: bool,
+    random_share: float = 0.5,
 ) -> torch.Tensor:
     """One training step's loss on a same-size batch with ``clicks_now`` simulated clicks."""
     device = model.pixel_mean.device
@@ -393,7 +404,7 @@ def _step(
     clicks: list[list[tuple[int, int, int]]] = [[] for _ in samples]
     masks = _valid_masks(logits, samples)
     for k in range(clicks_now):
-        _add_clicks(clicks, masks, samples, rng)
+        _add_clicks(clicks, masks, samples, rng, random_share)
         points, labels = clicks_to_tensors(clicks)
         last = k == clicks_now - 1
         with torch.set_grad_enabled(last), autocast(device, bf16):

@@ -275,16 +275,12 @@ def distill_prefix_command(
     if fast.config != cheaper_prefix_config(teacher.config):
         raise InputError(f"{student}: not a cheaper-prefix student of {path}")
     with progress_bar() as progress:
-        samples = {}
-        for split, limit in (("train", max_per_dataset), ("val", 8)):
-            task = progress.add_task(f"reading the {split} images", total=None)
-            samples[split] = prepare_prefix_samples(
-                teacher,
-                sources,
-                split,
-                max_per_dataset=limit,
-                progress=lambda n, t=task: progress.advance(t, n),
-            )
+        samples = _samples_by_split(
+            progress, "reading", max_per_dataset, 8,
+            lambda split, limit, advance: prepare_prefix_samples(
+                teacher, sources, split, max_per_dataset=limit, progress=advance
+            ),
+        )  # fmt: skip
         task = progress.add_task("distilling", total=steps)
 
         def show(row) -> None:
@@ -563,16 +559,12 @@ def prompts_train_clicks(
     model.requires_grad_(False)
     model.click_decoder.requires_grad_(True)
     with progress_bar() as progress:
-        samples = {}
-        for split, limit in (("train", max_per_dataset), ("val", None)):
-            task = progress.add_task(f"embedding the {split} images", total=None)
-            samples[split] = prepare_samples(
-                model,
-                sources,
-                split,
-                max_per_dataset=limit,
-                progress=lambda n, t=task: progress.advance(t, n),
-            )
+        samples = _samples_by_split(
+            progress, "embedding", max_per_dataset, None,
+            lambda split, limit, advance: prepare_samples(
+                model, sources, split, max_per_dataset=limit, progress=advance
+            ),
+        )  # fmt: skip
         task = progress.add_task("training", total=steps)
 
         def show(step: int, row: dict) -> None:
@@ -601,6 +593,15 @@ def prompts_train_clicks(
     )
     record = {"steps": result.steps, "minutes": round(result.seconds / 60, 2), "best_step": result.best_step}
     _save_with_log(model, out, fp16, ".clicks.json", {**record, "history": result.history})
+
+
+def _samples_by_split(progress, verb: str, train_limit: int | None, val_limit: int | None, prepare) -> dict:
+    """``{"train": ..., "val": ...}`` from ``prepare(split, limit, advance)``, each split with its bar."""
+    samples = {}
+    for split, limit in (("train", train_limit), ("val", val_limit)):
+        task = progress.add_task(f"{verb} the {split} images", total=None)
+        samples[split] = prepare(split, limit, lambda n, t=task: progress.advance(t, n))
+    return samples
 
 
 def _save_with_log(model, out: Path, fp16: bool, suffix: str, record: dict) -> None:

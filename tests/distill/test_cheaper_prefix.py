@@ -93,3 +93,30 @@ def test_distillation_moves_only_the_prefix_and_lowers_the_error(teacher):
     moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(id(named[k]) in prefix for k in moved if k in named)
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
+
+
+def test_the_prefix_file_holds_the_whole_difference_and_refuses_other_models(teacher, tmp_path):
+    from espmedsam.checkpoints.native import save_model
+    from espmedsam.distill.prefix import is_prefix_file, load_prefix, save_prefix
+
+    trained = student_from(teacher)
+    with torch.no_grad():
+        for param in prefix_parameters(trained):
+            param.add_(torch.randn_like(param))
+    path = save_prefix(trained, tmp_path / "p.safetensors")
+    assert is_prefix_file(path) and path.stat().st_size < 100_000
+    rebuilt = load_prefix(student_from(teacher), path)
+    theirs = trained.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in rebuilt.state_dict().items())
+    whole = save_model(teacher, tmp_path / "whole.safetensors")
+    assert not is_prefix_file(whole) and not is_prefix_file(tmp_path / "missing")
+    with pytest.raises(InputError, match="not a cheaper prefix"):
+        load_prefix(student_from(teacher), whole)
+    other = build_model(
+        dataclasses.replace(
+            pointwise_tiny(),
+            encoder=dataclasses.replace(pointwise_tiny().encoder, embed_dims=(16, 16, 16, 32)),
+        )
+    )
+    with pytest.raises(InputError, match="not a cheaper prefix"):
+        load_prefix(student_from(other), path)

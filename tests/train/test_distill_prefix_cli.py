@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -61,5 +62,13 @@ def test_a_run_continues_from_its_student_and_refuses_another_model(datasets, tm
     # the held-out error before the continued run's first step is the first run's final one
     before = json.loads(first.with_suffix(".prefix.json").read_text())["held_out"]
     assert record["held_out"][0]["embedding"] == min(row["embedding"] for row in before)
+    # the small prefix file, with the checkpoint, continues the run as well as the whole student
+    prefix = first.with_suffix(".prefix.safetensors")
+    assert prefix.exists()
+    third = tmp_path / "third.safetensors"
+    result = runner.invoke(app, [*base, "-o", str(third), "--steps", "1", "--student", str(prefix)])
+    assert result.exit_code == 0, result.output
+    again = json.loads(third.with_suffix(".prefix.json").read_text())["held_out"][0]
+    assert again["embedding"] == pytest.approx(record["held_out"][0]["embedding"], rel=1e-6)
     wrong = runner.invoke(app, [*base, "-o", str(second), "--student", str(checkpoint)])
     assert isinstance(wrong.exception, InputError) and "not a cheaper-prefix student" in str(wrong.exception)

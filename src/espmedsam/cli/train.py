@@ -241,7 +241,10 @@ def distill_prefix_command(
     seed: Annotated[int, typer.Option(help="Seed of the batches and crops.")] = 0,
     student: Annotated[
         Path | None,
-        typer.Option(help="Continue from this student (an earlier --out) instead of a fresh copy of CKPT."),
+        typer.Option(
+            help="Continue from this student (an earlier --out, or its OUT.prefix.safetensors with CKPT) "
+            "instead of a fresh copy of CKPT."
+        ),
     ] = None,
     fp16: Fp16Opt = False,
 ) -> None:
@@ -259,7 +262,10 @@ def distill_prefix_command(
     from espmedsam.distill.prefix import (
         cheaper_prefix_config,
         distill_prefix,
+        is_prefix_file,
+        load_prefix,
         prepare_prefix_samples,
+        save_prefix,
         student_from,
     )
 
@@ -271,7 +277,11 @@ def distill_prefix_command(
         raise InputError("no bundled weights; pass a CHECKPOINT")
     sources = [parse_dataset_arg(item) for item in data]
     teacher = load_model(path)
-    fast = load_model(student) if student else student_from(teacher)
+    fast = student_from(teacher)
+    if student and is_prefix_file(student):
+        fast = load_prefix(fast, student)
+    elif student:
+        fast = load_model(student)
     if fast.config != cheaper_prefix_config(teacher.config):
         raise InputError(f"{student}: not a cheaper-prefix student of {path}")
     with progress_bar() as progress:
@@ -306,6 +316,9 @@ def distill_prefix_command(
     }
     rows = [{"step": s, "tokens": t, "embedding": e} for s, t, e in history.held_out]
     _save_with_log(fast, out, fp16, ".prefix.json", {**record, "held_out": rows, "losses": history.losses})
+    console.print(
+        f"wrote {save_prefix(fast, out.with_suffix('.prefix.safetensors')).name} (stem and stage 0)"
+    )
 
 
 @classifier_app.command("train")

@@ -19,10 +19,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 
+from espmedsam.checkpoints.native import write_safetensors
 from espmedsam.config import ModelConfig
 from espmedsam.data.dataset import DatasetSource, SegmentationFolder
 from espmedsam.errors import InputError
@@ -32,6 +35,8 @@ from espmedsam.models.registry import build_model
 logger = logging.getLogger(__name__)
 
 STEM_CONV = "image_encoder.patch_embed.seq.0.c.weight"
+PREFIX_KEYS = ("image_encoder.patch_embed.", "image_encoder.layers.0.")
+PREFIX_FORMAT = "espmedsam-cheaper-prefix"
 
 
 def cheaper_prefix_config(config: ModelConfig) -> ModelConfig:
@@ -261,5 +266,39 @@ def prepare_prefix_samples(
 
 
 def _prefix_state(model: ESPMedSAM) -> dict[str, torch.Tensor]:
-    prefixes = ("image_encoder.patch_embed.", "image_encoder.layers.0.")
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(PREFIX_KEYS)}
+
+
+def save_prefix(model: ESPMedSAM, path: str | Path) -> Path:
+    """Write only the student's stem and stage 0 (a few hundred kB): with the checkpoint it was distilled
+    from, they are the whole student (``load_prefix``)."""
+    return write_safetensors(path, _prefix_state(model), {"format": PREFIX_FORMAT})
+
+
+def is_prefix_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``save_prefix`` file (else, say, a whole checkpoint)."""
+    try:
+        with safe_open(str(path), "pt") as file:
+            return (file.metadata() or {}).get("format") == PREFIX_FORMAT
+    except (OSError, SafetensorError):
+        return False
+
+
+def load_prefix(student: ESPMedSAM, path: str | Path) -> ESPMedSAM:
+    """Put the stem and stage 0 of ``save_prefix``'s file into ``student`` (from ``student_from``).
+
+    Raises:
+        InputError: not such a file, or tensors of other names or shapes.
+    """
+    try:
+        with safe_open(str(path), "pt") as file:
+            fmt = (file.metadata() or {}).get("format")
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (OSError, SafetensorError) as error:
+        raise InputError(f"{path}: not a readable safetensors file ({error})") from None
+    expected = _prefix_state(student)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if fmt != PREFIX_FORMAT or shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+        raise InputError(f"{path}: not a cheaper prefix of this model (espmedsam distill prefix writes one)")
+    student.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False)
+    return student

@@ -120,3 +120,10 @@ def test_the_prefix_file_holds_the_whole_difference_and_refuses_other_models(tea
     )
     with pytest.raises(InputError, match="not a cheaper prefix"):
         load_prefix(student_from(other), path)
+
+
+def test_no_training_or_no_held_out_images_is_an_error(teacher):
+    sample = PrefixSample(torch.randn(3, 64, 64), 0)
+    for train, held_out in (([], [sample]), ([sample], [])):
+        with pytest.raises(InputError, match="training and held-out"):
+            distill_prefix(student_from(teacher), teacher, train, held_out, steps=1)

@@ -277,10 +277,11 @@ def distill_prefix_command(
         raise InputError("no bundled weights; pass a CHECKPOINT")
     sources = [parse_dataset_arg(item) for item in data]
     teacher = load_model(path)
-    fast = student_from(teacher)
-    if student and is_prefix_file(student):
-        fast = load_prefix(fast, student)
-    elif student:
+    if student is None:
+        fast = student_from(teacher)
+    elif is_prefix_file(student):
+        fast = load_prefix(student_from(teacher), student)
+    else:
         fast = load_model(student)
     if fast.config != cheaper_prefix_config(teacher.config):
         raise InputError(f"{student}: not a cheaper-prefix student of {path}")
@@ -550,8 +551,9 @@ def prompts_train_clicks(
     """Train a click decoder, so that clicks alone correct a prompt-free mask: each click, with the
     clicks before it and the mask so far, is one pass of a copy of the promptable decoder that also reads
     the mask. Trained with simulated clicks (the centre of the largest error region) on the train splits;
-    the weights with the best validation Dice after --max-clicks clicks are kept. Everything else is
-    copied unchanged, so prompt-free masks, boxes and the quality score stay as they are."""
+    the weights with the best validation Dice after --max-clicks clicks (or --select-after) are kept.
+    Everything else is copied unchanged, so prompt-free masks, boxes and the quality score stay as they
+    are."""
 
     from espmedsam.checkpoints.native import load_model
     from espmedsam.data.dataset import parse_dataset_arg

@@ -163,8 +163,9 @@ def distill_prefix(
     ``on_best`` is called with the student whenever the held-out error reaches a new low (to save it, so
     an interrupted run loses nothing measured).
     """
-    if not train:
-        raise InputError("no training images for the prefix distillation")
+    if not train or not held_out:
+        # without held-out images no step could be chosen, and the untrained student would come back
+        raise InputError("the prefix distillation needs training and held-out images")
     rng = random.Random(seed)
     torch.manual_seed(seed)
     for model in (student, teacher):

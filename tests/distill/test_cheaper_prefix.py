@@ -95,6 +95,30 @@ def test_distillation_moves_only_the_prefix_and_lowers_the_error(teacher):
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
 
 
+def test_the_mask_divergence_is_zero_only_where_the_masks_agree():
+    from espmedsam.distill.prefix import mask_divergence
+
+    logits = torch.randn(2, 1, 16, 16) * 4
+    assert abs(float(mask_divergence(logits, logits))) < 1e-6
+    assert float(mask_divergence(-logits, logits)) > 0.5
+    assert float(mask_divergence(logits + 0.5, logits)) > 0
+
+
+def test_with_a_mask_weight_the_student_learns_the_teachers_masks(teacher):
+    torch.manual_seed(2)
+    student = student_from(teacher)
+    stem = student.image_encoder.patch_embed.seq[0].c.weight
+    with torch.no_grad():
+        stem.add_(0.2 * torch.randn_like(stem))
+    train = [PrefixSample(torch.randn(3, 64, 64), m) for m in (0, 1, 3, 3)]
+    history = distill_prefix(
+        student, teacher, train, train[:2], steps=20, batch_size=2, crop=48, lr=3e-3,
+        mask_weight=10.0, eval_every=10, bf16=False,
+    )  # fmt: skip
+    masks = [row[3] for row in history.held_out]
+    assert masks[0] > 0 and min(masks) < masks[0]
+
+
 def test_the_prefix_file_holds_the_whole_difference_and_refuses_other_models(teacher, tmp_path):
     from espmedsam.checkpoints.native import save_model
     from espmedsam.distill.prefix import is_prefix_file, load_prefix, save_prefix

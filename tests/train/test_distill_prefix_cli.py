@@ -26,7 +26,8 @@ def test_the_cli_writes_a_patch2_checkpoint_and_its_curve(datasets, tmp_path):
     out = tmp_path / "fast.safetensors"
     args = ["distill", "prefix", str(checkpoint), "-d", datasets[0], "-d", datasets[1], "-o", str(out)]
     result = runner.invoke(
-        app, [*args, "--steps", "3", "--eval-every", "2", "--batch-size", "2", "--crop", "32"]
+        app,
+        [*args, "--steps", "3", "--eval-every", "2", "--batch-size", "2", "--crop", "32", "--mask-weight", "2"],
     )
     assert result.exit_code == 0, result.output
     model = load_model(out)
@@ -35,6 +36,7 @@ def test_the_cli_writes_a_patch2_checkpoint_and_its_curve(datasets, tmp_path):
         assert model(torch.randn(1, 3, 64, 64), "fundus").embeddings.shape == (1, 32, 16, 16)
     record = json.loads(out.with_suffix(".prefix.json").read_text())
     assert [row["step"] for row in record["held_out"]] == [0, 2, 3] and len(record["losses"]) == 3
+    assert record["mask_weight"] == 2.0 and all(row["masks"] >= 0 for row in record["held_out"])
     bad = runner.invoke(app, [*args, "--steps", "0"])
     assert isinstance(bad.exception, InputError) and "--steps" in str(bad.exception)
 

@@ -234,6 +234,15 @@ def distill_prefix_command(
     batch_size: Annotated[int, typer.Option(help="Crops per step, modalities drawn equally often.")] = 8,
     crop: Annotated[int, typer.Option(help="Side of the random training crops (input pixels).")] = 192,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
+    mask_weight: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Weight of the masks' agreement with the original's (KL divergence of the per-pixel "
+            "mask probabilities, through the frozen decoders) beside the embedding error; 0 leaves "
+            "the masks out.",
+        ),
+    ] = 0.0,
     max_per_dataset: Annotated[
         int | None, typer.Option(help="At most this many training images per dataset (the first ones).")
     ] = None,
@@ -250,9 +259,9 @@ def distill_prefix_command(
 ) -> None:
     """A faster checkpoint: the pointwise stem and stage 0 replaced by a 2x2 patch stem and stage 0 at a
     quarter of the positions (same output grid), distilled from the checkpoint itself. Only the stem and
-    stage 0 learn, to reproduce the original's stage-0 tokens and image embeddings on the train splits;
-    the weights with the lowest embedding error on the val splits are kept, and written to --out at each
-    new low. Everything else is copied, so recalibrate the quality score (``quality calibrate``) on the
+    stage 0 learn, to reproduce the original's stage-0 tokens and image embeddings (and with
+    --mask-weight its masks) on the train splits; the weights with the lowest error on the val splits
+    are kept, and written to --out at each new low. Everything else is copied, so recalibrate the quality score (``quality calibrate``) on the
     result."""
 
     import torch
@@ -299,23 +308,26 @@ def distill_prefix_command(
 
         history = distill_prefix(
             fast, teacher, samples["train"], samples["val"], steps=steps, minutes=minutes,
-            batch_size=batch_size, crop=crop, lr=lr, eval_every=eval_every, seed=seed, progress=show,
+            batch_size=batch_size, crop=crop, lr=lr, mask_weight=mask_weight, eval_every=eval_every,
+            seed=seed, progress=show,
             on_best=lambda best: save_model(best, out, dtype=torch.float16 if fp16 else None),
         )  # fmt: skip
-    first, best = history.held_out[0], min(history.held_out, key=lambda row: row[2])
+    first = history.held_out[0]
+    best = min(history.held_out, key=lambda row: row[2] + mask_weight * row[3])
     console.print(
         f"{len(samples['train'])} train and {len(samples['val'])} held-out images; "
         f"{len(history.losses)} steps in {history.seconds / 60:.1f} min; held-out embedding error "
         f"(MSE / variance) {first[2]:.4f} at the start -> {best[2]:.4f} (step {best[0]}); "
-        f"stage-0 tokens {first[1]:.4f} -> {best[1]:.4f}"
+        f"stage-0 tokens {first[1]:.4f} -> {best[1]:.4f}; mask divergence {first[3]:.4f} -> {best[3]:.4f}"
     )
     record = {
         "teacher": str(path),
         "continued_from": str(student) if student else None,
         "steps": len(history.losses),
         "minutes": round(history.seconds / 60, 2),
+        "mask_weight": mask_weight,
     }
-    rows = [{"step": s, "tokens": t, "embedding": e} for s, t, e in history.held_out]
+    rows = [{"step": s, "tokens": t, "embedding": e, "masks": m} for s, t, e, m in history.held_out]
     _save_with_log(fast, out, fp16, ".prefix.json", {**record, "held_out": rows, "losses": history.losses})
     console.print(
         f"wrote {save_prefix(fast, out.with_suffix('.prefix.safetensors')).name} (stem and stage 0)"

@@ -7,7 +7,10 @@ at a quarter of the positions while stage 1 onwards see the same grid. It starts
 2x2-averaged image (the patch convolution holds the pointwise one's weights over four taps); everything
 after stage 0 is copied and frozen. Only the stem and stage 0 learn, to reproduce the teacher's stage-0
 tokens and its image embedding with each image's own controller (MSE, each scaled by the teacher's
-variance), on random crops of training images at their modality's input size.
+variance), on random crops of training images at their modality's input size. With ``mask_weight`` it
+also learns to give the teacher's masks through the frozen decoders (the KL divergence of the student's
+per-pixel mask probabilities from the teacher's): thin structures such as vessels are a small part of
+the embedding's error but most of the masks'.
 """
 
 from __future__ import annotations
@@ -88,38 +91,51 @@ class PrefixProgress:
     step: int
     steps: int
     loss: float
-    held_out: float | None = None  # relative embedding error on the held-out samples, when measured
+    held_out: float | None = None  # the held-out error the best student is chosen on, when measured
 
 
 @dataclass
 class PrefixHistory:
-    """Per-step training losses and the held-out relative errors (step, tokens, embedding)."""
+    """Per-step training losses and the held-out errors (step, tokens, embedding, mask)."""
 
     losses: list[float] = dataclasses.field(default_factory=list)
-    held_out: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
+    held_out: list[tuple[int, float, float, float]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
 def prefix_errors(
     student: ESPMedSAM, teacher: ESPMedSAM, images: torch.Tensor, modality: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relative squared errors (MSE / teacher variance) of the stage-0 tokens and of the embedding.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's errors against the teacher on the same images.
 
     Args:
         images: (B, 3, S, S) normalised inputs.
-        modality: (B,) modality ids; each image goes through its own controller.
+        modality: (B,) modality ids; each image goes through its own controller and decoding channel.
     Returns:
-        Two scalars; gradients reach the student's prefix only.
+        Three scalars: the relative squared errors (MSE / teacher variance) of the stage-0 tokens and of
+        the embedding, and the mean per-pixel KL divergence of the student's (B, 1, S, S) mask
+        probabilities from the teacher's. Gradients reach the student's prefix only.
     """
     route = teacher.route(modality)
+    side = images.shape[-1]
     with torch.no_grad():
         tokens = teacher.image_encoder.prefix(images, 1)
         embedding = teacher.image_encoder.suffix(tokens, 1, route)
+        teacher_masks = teacher.decode(embedding, modality, side, images).masks.float()
     student_tokens = student.image_encoder.prefix(images, 1)
     student_embedding = student.image_encoder.suffix(student_tokens, 1, route)
+    student_masks = student.decode(student_embedding, modality, side, images).masks.float()
     token_error = F.mse_loss(student_tokens.float(), tokens.float()) / tokens.float().var()
     embedding_error = F.mse_loss(student_embedding.float(), embedding.float()) / embedding.float().var()
-    return token_error, embedding_error
+    return token_error, embedding_error, mask_divergence(student_masks, teacher_masks)
+
+
+def mask_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel KL(teacher || student) of two (B, 1, S, S) mask-logit maps: zero when they agree."""
+    target = torch.sigmoid(teacher_logits)
+    cross = F.binary_cross_entropy_with_logits(student_logits, target)
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target)
+    return cross - entropy
 
 
 def random_crops(samples: Sequence[PrefixSample], crop: int, rng: random.Random) -> torch.Tensor:
@@ -150,6 +166,7 @@ def distill_prefix(
     batch_size: int = 8,
     crop: int = 192,
     lr: float = 5e-4,
+    mask_weight: float = 0.0,
     eval_every: int = 50,
     bf16: bool = True,
     seed: int = 0,
@@ -158,10 +175,12 @@ def distill_prefix(
 ) -> PrefixHistory:
     """Train the student's stem and stage 0 in place; the rest of both models stays bitwise as it was.
 
-    The learning rate follows a cosine over ``steps``; ``minutes`` stops earlier (the student keeps the
-    weights of its best held-out embedding error, measured every ``eval_every`` steps and at the end).
-    ``on_best`` is called with the student whenever the held-out error reaches a new low (to save it, so
-    an interrupted run loses nothing measured).
+    The loss is the token error plus the embedding error plus ``mask_weight`` times the mask divergence
+    (``prefix_errors``). The learning rate follows a cosine over ``steps``; ``minutes`` stops earlier.
+    The student keeps the weights of its best held-out error, the embedding error plus ``mask_weight``
+    times the mask divergence, measured every ``eval_every`` steps and at the end. ``on_best`` is called
+    with the student whenever that error reaches a new low (to save it, so an interrupted run loses
+    nothing measured).
     """
     if not train or not held_out:
         # without held-out images no step could be chosen, and the untrained student would come back
@@ -183,6 +202,10 @@ def distill_prefix(
         by_modality.setdefault(sample.modality, []).append(sample)
     groups = list(by_modality.values())
     history = PrefixHistory()
+
+    def chosen_on(errors: tuple[float, float, float]) -> float:
+        return errors[1] + mask_weight * errors[2]
+
     best = (held_out_error(student, teacher, held_out, crop, bf16), _prefix_state(student))
     history.held_out.append((0, *best[0]))
     start = time.monotonic()
@@ -192,8 +215,8 @@ def distill_prefix(
         images = random_crops(batch, crop, rng)
         modality = torch.tensor([s.modality for s in batch])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            token_error, embedding_error = prefix_errors(student, teacher, images, modality)
-        loss = token_error + embedding_error
+            token_error, embedding_error, mask_error = prefix_errors(student, teacher, images, modality)
+        loss = token_error + embedding_error + mask_weight * mask_error
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -204,12 +227,13 @@ def distill_prefix(
         if step % eval_every == 0 or step == steps or out_of_time:
             errors = held_out_error(student, teacher, held_out, crop, bf16)
             history.held_out.append((step, *errors))
-            measured = errors[1]
+            measured = chosen_on(errors)
             logger.info(
-                "prefix distillation step %d: held-out error tokens %.4f, embedding %.4f (train loss %.4f)",
+                "prefix distillation step %d: held-out error tokens %.4f, embedding %.4f, masks %.4f "
+                "(train loss %.4f)",
                 step, *errors, history.losses[-1],
             )  # fmt: skip
-            if errors[1] < best[0][1]:
+            if measured < chosen_on(best[0]):
                 best = (errors, _prefix_state(student))
                 if on_best:
                     on_best(student)
@@ -226,12 +250,13 @@ def distill_prefix(
 
 def held_out_error(
     student: ESPMedSAM, teacher: ESPMedSAM, samples: Sequence[PrefixSample], crop: int, bf16: bool = True
-) -> tuple[float, float]:
-    """Mean relative errors (stage-0 tokens, embedding) over fixed crops of the held-out samples."""
+) -> tuple[float, float, float]:
+    """``prefix_errors`` (stage-0 tokens, embedding, masks) averaged over fixed crops of the held-out
+    samples."""
     if not samples:
-        return (math.nan, math.nan)
+        return (math.nan, math.nan, math.nan)
     rng = random.Random(1234)  # the same windows at every measurement
-    totals = [0.0, 0.0]
+    totals = [0.0, 0.0, 0.0]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for first in range(0, len(samples), 8):
             chunk = samples[first : first + 8]
@@ -240,7 +265,7 @@ def held_out_error(
             errors = prefix_errors(student, teacher, images, modality)
             for i, error in enumerate(errors):
                 totals[i] += float(error) * len(chunk)
-    return (totals[0] / len(samples), totals[1] / len(samples))
+    return (totals[0] / len(samples), totals[1] / len(samples), totals[2] / len(samples))
 
 
 def prepare_prefix_samples(

@@ -36,6 +36,7 @@ from espmedsam.errors import CheckpointError, InputError, MissingDependencyError
 from espmedsam.files import atomic_write
 from espmedsam.models.controller import gathered_routing
 from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.models.tinyvit import graph_layout
 
 FORMAT = "espmedsam-onnx"
 FORMAT_VERSION = "1"
@@ -300,11 +301,12 @@ def _example(graph: ExportGraph, size: int, dynamic_size: bool) -> tuple[tuple[t
 
 @contextlib.contextmanager
 def _export_mode() -> Iterator[None]:
-    """Gathered modality routing, and the math attention kernel: the fused kernels' output strides make
-    torch.export turn a reshape into a view that the ONNX decomposition then rejects."""
+    """Gathered modality routing, the encoder's graph layout (``graph_layout``), and the math attention
+    kernel: the fused kernels' output strides make torch.export turn a reshape into a view that the ONNX
+    decomposition then rejects."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with gathered_routing(), sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+    with gathered_routing(), graph_layout(), sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         yield
 
 

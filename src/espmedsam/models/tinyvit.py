@@ -7,7 +7,9 @@ Feature maps between blocks are (B, H, W, C) tensors; convolutions see them as (
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -200,11 +202,52 @@ class TinyViTBlock(nn.Module):
         prompts = self.controllers.prompts(route) if route is not None else None
         out = self.attn(windows, (wh, ww), prompts, nh * nw)
         out = out.view(b, nh, nw, wh, ww, c).transpose(2, 3).reshape(b, h + pad_h, w + pad_w, c)
-        x = x + out[:, :h, :w]
-        x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if (pad_h or pad_w) and _GRAPH_LAYOUT[0]:
+            x = self._local_conv_padded(padded + out, h, w)
+        else:
+            x = x + out[:, :h, :w]
+            x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if route is None:
             return x + self.mlp(x)
         return x + self.mlp(x) + self.controllers.adapt(x, route)
+
+
+    def _local_conv_padded(self, summed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The local conv of the (B, H', W', C) padded sum, its padding zeroed first, cut to (B, h, w, C)
+        after: the same values as cutting first (the zeros stand in for the conv's own zero padding).
+        OpenVINO folds the layout change before a conv into the conv's input unless a cut comes between
+        them; there it runs a slow generic transpose (graph layout only, see ``graph_layout``)."""
+        rows = torch.arange(summed.shape[1], device=summed.device) < h
+        columns = torch.arange(summed.shape[2], device=summed.device) < w
+        inside = (rows[:, None] & columns[None, :])[None, :, :, None].to(summed.dtype)
+        conv = self.local_conv(channels_first(summed * inside))
+        return conv[:, :, :h, :w].permute(0, 2, 3, 1)
+
+
+_GRAPH_LAYOUT = [False]
+
+
+@contextlib.contextmanager
+def graph_layout() -> Iterator[None]:
+    """Trace the encoder for an exported graph: the same values (up to float rounding), laid out for a
+    graph compiler rather than for eager PyTorch. Eager oneDNN takes a (B, C, H, W) view of a
+    (B, H, W, C) tensor for free; a compiled graph copies it, and OpenVINO's generic 4-D transpose for
+    that copy took about a quarter of a 512² forward. Here the copy is a batched matrix transpose and
+    the local conv runs before the padding is cut (``TinyViTBlock._local_conv_padded``)."""
+    previous, _GRAPH_LAYOUT[0] = _GRAPH_LAYOUT[0], True
+    try:
+        yield
+    finally:
+        _GRAPH_LAYOUT[0] = previous
+
+
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, C, H, W): a view in eager mode; under ``graph_layout`` a transpose of
+    (B, H·W, C) matrices, which OpenVINO runs several times faster than the 4-D permutation."""
+    if not _GRAPH_LAYOUT[0]:
+        return x.permute(0, 3, 1, 2)
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
 
 
 class ConvLayer(nn.Module):
@@ -233,7 +276,7 @@ class BasicLayer(nn.Module):
         for block in self.blocks:
             x = block(x, route)
         if self.downsample is not None:
-            x = self.downsample(x.permute(0, 3, 1, 2))  # B H W C -> B C H W
+            x = self.downsample(channels_first(x))
         return x
 
 
@@ -314,7 +357,7 @@ class TinyViT(nn.Module):
         x = features
         for layer in self.layers[depth:]:
             x = layer(x, route)
-        return self.neck(x.permute(0, 3, 1, 2))  # B H W C -> B C H W
+        return self.neck(channels_first(x))
 
     def train(self, mode: bool = True) -> TinyViT:
         """As ``nn.Module.train``; with ``frozen_batchnorm`` the batch norms stay in eval mode (a partly

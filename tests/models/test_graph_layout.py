@@ -1,0 +1,49 @@
+"""The encoder traced for an exported graph (``graph_layout``) computes what the eager encoder does."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from espmedsam.models.registry import build_model, tiny_config
+from espmedsam.models.tinyvit import _GRAPH_LAYOUT, TinyViTBlock, channels_first, graph_layout
+
+
+def _pointwise_tiny():
+    config = tiny_config()
+    return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, stem="pointwise"))
+
+
+@pytest.mark.parametrize("side", [40, 64, 72])
+def test_the_graph_layout_gives_the_eager_masks_and_embeddings(side):
+    torch.manual_seed(0)
+    model = build_model(_pointwise_tiny()).eval()
+    images = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        eager = model(images, ["xray", "fundus"])
+        with graph_layout():
+            traced = model(images, ["xray", "fundus"])
+    torch.testing.assert_close(traced.embeddings, eager.embeddings, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(traced.masks, eager.masks, rtol=1e-4, atol=1e-4)
+
+
+def test_the_padded_local_conv_equals_cutting_first():
+    torch.manual_seed(1)
+    block = TinyViTBlock(16, 2, 7).eval()
+    x = torch.randn(1, 10, 9, 16)  # 10 x 9 tokens: windows of 5 x 5, so 0 and 1 rows/columns of padding
+    with torch.no_grad():
+        eager = block(x, None)
+        with graph_layout():
+            traced = block(x, None)
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_first_is_a_view_outside_the_graph_layout_and_restored_after():
+    x = torch.randn(2, 3, 4, 5)
+    assert channels_first(x).data_ptr() == x.data_ptr() and channels_first(x).shape == (2, 5, 3, 4)
+    with graph_layout():
+        assert _GRAPH_LAYOUT[0]
+        torch.testing.assert_close(channels_first(x), x.permute(0, 3, 1, 2))
+    assert not _GRAPH_LAYOUT[0]

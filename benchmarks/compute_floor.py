@@ -1,15 +1,16 @@
 """The bundled model's forward against this CPU's compute floor, per modality at its own input size.
 
-Usage: python benchmarks/compute_floor.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--openvino] [--runs 5]
-       [--profile] [--out FILE]
+Usage: python benchmarks/compute_floor.py [--checkpoint CKPT] [--onnx MODEL.onnx ...] [--openvino]
+       [--no-onnxruntime] [--runs 5] [--profile] [--out FILE]
 
 Floor = the forward's matmul/conv FLOPs (torch's FlopCounterMode) / this CPU's bf16 matmul rate, measured
 in the same run on a large (4096²) bf16 matmul. Each backend's forward (batch 1, one image per modality) is
 timed and divided by the floor: torch fp32 and bf16 autocast, and with ``--onnx`` the exported file in
 onnxruntime (fp32) and, with ``--openvino``, in OpenVINO (bf16 where the CPU has it). In the same run the
 official-layout ESP-MedSAM (MobileSAM's stem) runs its paper workload, one 1024² image in fp32, and each
-backend's six images are set against six such forwards. ``--profile`` adds the top operators by self CPU
-time (torch bf16).
+backend's six images are set against six such forwards. ``--onnx`` given more than once compares exported
+files of the same weights in one run (columns named by file). ``--profile`` adds the top operators by
+self CPU time (torch bf16).
 """
 
 from __future__ import annotations
@@ -55,18 +56,21 @@ def onnx_seconds(backend, size: int, modality_id: int, runs: int) -> float:
     return median_seconds(lambda: backend.segment(x, ids), runs)
 
 
-def exported_backends(onnx: Path | None, openvino: bool, threads: int) -> dict:
-    """The columns of the exported file: onnxruntime, and OpenVINO when asked for."""
-    if onnx is None:
-        return {}
-    from espmedsam.onnx_backend import OnnxBackend
+def exported_backends(onnx: list[Path], openvino: bool, onnxruntime: bool, threads: int) -> dict:
+    """The columns of the exported files: onnxruntime, and OpenVINO when asked for (each file's name
+    in the column when there are several)."""
+    backends = {}
+    for path in onnx:
+        name = f" ({path.stem})" if len(onnx) > 1 else ""
+        if onnxruntime:
+            from espmedsam.onnx_backend import OnnxBackend
 
-    backends = {"onnxruntime fp32": OnnxBackend(onnx, threads=threads)}
-    if openvino:
-        from espmedsam.openvino_backend import OpenVinoBackend
+            backends[f"onnxruntime fp32{name}"] = OnnxBackend(path, threads=threads)
+        if openvino:
+            from espmedsam.openvino_backend import OpenVinoBackend
 
-        backend = OpenVinoBackend(onnx, threads=threads)
-        backends[f"openvino {backend.precision}"] = backend
+            backend = OpenVinoBackend(path, threads=threads)
+            backends[f"openvino {backend.precision}{name}"] = backend
     return backends
 
 
@@ -84,8 +88,11 @@ def profile_table(model, size: int, modality: str, rows: int = 15) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--onnx", type=Path, default=None, help="Exported model for the onnxruntime column.")
-    parser.add_argument("--openvino", action="store_true", help="Also run the --onnx file in OpenVINO.")
+    parser.add_argument(
+        "--onnx", type=Path, action="append", default=[], help="Exported model (repeatable) for the columns."
+    )
+    parser.add_argument("--openvino", action="store_true", help="Also run the --onnx files in OpenVINO.")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="No onnxruntime columns.")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
@@ -93,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint or default_checkpoint())
-    exported = exported_backends(args.onnx, args.openvino, args.threads)
+    exported = exported_backends(args.onnx, args.openvino, not args.no_onnxruntime, args.threads)
     rate = matmul_rate()
     official = official_seconds(args.runs)
     columns = ["torch fp32", "torch bf16", *exported]

@@ -59,7 +59,12 @@ def one_click_dice(model, sample: ClickSample) -> dict[str, float]:
     row = {"free": dice_score(free, sample.truth)}
     click = next_click(free, sample.truth)
     if click is None:
-        return {**row, "whole": row["free"], "region": row["free"], **{f"t{t}": row["free"] for t in THRESHOLDS}}
+        return {
+            **row,
+            "whole": row["free"],
+            "region": row["free"],
+            **{f"t{t}": row["free"] for t in THRESHOLDS},
+        }
     points, labels = clicks_to_tensors([[click]])
     with torch.inference_mode(), autocast(torch.device("cpu"), True):
         out = model.decode_clicks(sample.embedding[None].float(), sample.size, points, labels, logits)
@@ -88,7 +93,8 @@ def main() -> None:
     header = ["whole image (shipped)", "clicked region only", *(f"threshold {t:+g}" for t in THRESHOLDS)]
     lines = [
         f"`python benchmarks/click_variants.py --checkpoint {args.checkpoint.name}`; {cpu_description()}, "
-        f"{args.threads} thread(s), bf16; validation splits, model-input pixels; gain in Dice after one click",
+        f"{args.threads} thread(s), bf16; validation splits, model-input pixels; "
+        "gain in Dice after one click",
         "",
         "| val set | images | prompt-free | " + " | ".join(header) + " |",
         "|---|---:|---:|" + "---:|" * len(header),

@@ -27,7 +27,19 @@ def test_the_cli_writes_a_patch2_checkpoint_and_its_curve(datasets, tmp_path):
     args = ["distill", "prefix", str(checkpoint), "-d", datasets[0], "-d", datasets[1], "-o", str(out)]
     result = runner.invoke(
         app,
-        [*args, "--steps", "3", "--eval-every", "2", "--batch-size", "2", "--crop", "32", "--mask-weight", "2"],
+        [
+            *args,
+            "--steps",
+            "3",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "2",
+            "--crop",
+            "32",
+            "--mask-weight",
+            "2",
+        ],
     )
     assert result.exit_code == 0, result.output
     model = load_model(out)

@@ -261,8 +261,8 @@ def distill_prefix_command(
     quarter of the positions (same output grid), distilled from the checkpoint itself. Only the stem and
     stage 0 learn, to reproduce the original's stage-0 tokens and image embeddings (and with
     --mask-weight its masks) on the train splits; the weights with the lowest error on the val splits
-    are kept, and written to --out at each new low. Everything else is copied, so recalibrate the quality score (``quality calibrate``) on the
-    result."""
+    are kept, and written to --out at each new low. Everything else is copied, so recalibrate the
+    quality score (``quality calibrate``) on the result."""
 
     import torch
 

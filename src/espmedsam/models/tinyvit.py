@@ -211,7 +211,6 @@ class TinyViTBlock(nn.Module):
             return x + self.mlp(x)
         return x + self.mlp(x) + self.controllers.adapt(x, route)
 
-
     def _local_conv_padded(self, summed: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """The local conv of the (B, H', W', C) padded sum, its padding zeroed first, cut to (B, h, w, C)
         after: the same values as cutting first (the zeros stand in for the conv's own zero padding).

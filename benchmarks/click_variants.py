@@ -30,17 +30,10 @@ from scipy import ndimage
 from espmedsam.checkpoints.native import load_model
 from espmedsam.data.dataset import parse_dataset_arg
 from espmedsam.device import autocast
-from espmedsam.train.clicks import ClickSample, clicks_to_tensors, next_click, prepare_samples
+from espmedsam.train.clicks import ClickSample, clicks_to_tensors, next_click, prepare_samples, valid_masks
 from espmedsam.train.quality import dice_score
 
 THRESHOLDS = (-1.0, -0.5, 0.5, 1.0)
-
-
-def valid(mask: np.ndarray, sample: ClickSample) -> np.ndarray:
-    h, w = sample.valid
-    out = np.zeros_like(mask)
-    out[:h, :w] = mask[:h, :w]
-    return out
 
 
 def clicked_region_only(new: np.ndarray, old: np.ndarray, x: int, y: int) -> np.ndarray:
@@ -55,7 +48,7 @@ def clicked_region_only(new: np.ndarray, old: np.ndarray, x: int, y: int) -> np.
 def one_click_dice(model, sample: ClickSample) -> dict[str, float]:
     """Dice of the prompt-free mask and of each way of applying the first click."""
     logits = sample.logits[None].float()
-    free = valid(logits[0, 0].numpy() > 0, sample)
+    free = valid_masks(logits, [sample])[0]
     row = {"free": dice_score(free, sample.truth)}
     click = next_click(free, sample.truth)
     if click is None:
@@ -68,12 +61,12 @@ def one_click_dice(model, sample: ClickSample) -> dict[str, float]:
     points, labels = clicks_to_tensors([[click]])
     with torch.inference_mode(), autocast(torch.device("cpu"), True):
         out = model.decode_clicks(sample.embedding[None].float(), sample.size, points, labels, logits)
-    corrected = out.masks.float()[0, 0].numpy()
-    whole = valid(corrected > 0, sample)
+    corrected = out.masks.float()
+    whole = valid_masks(corrected, [sample])[0]
     row["whole"] = dice_score(whole, sample.truth)
     row["region"] = dice_score(clicked_region_only(whole, free, click[0], click[1]), sample.truth)
     for t in THRESHOLDS:
-        row[f"t{t}"] = dice_score(valid(corrected > t, sample), sample.truth)
+        row[f"t{t}"] = dice_score(valid_masks(corrected - t, [sample])[0], sample.truth)
     return row
 
 

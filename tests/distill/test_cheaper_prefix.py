@@ -117,6 +117,18 @@ def test_with_a_mask_weight_the_student_learns_the_teachers_masks(teacher):
     )  # fmt: skip
     masks = [row[3] for row in history.held_out]
     assert masks[0] > 0 and min(masks) < masks[0]
+    assert history.best == min(history.held_out, key=lambda row: row[2] + 10.0 * row[3])
+
+
+def test_a_step_without_the_mask_term_skips_the_decoders(teacher):
+    from espmedsam.distill.prefix import prefix_errors
+
+    student, images, modality = student_from(teacher), torch.randn(2, 3, 48, 48), torch.tensor([0, 3])
+    with torch.no_grad():
+        with_masks = prefix_errors(student, teacher, images, modality)
+        without = prefix_errors(student, teacher, images, modality, masks=False)
+    assert float(without[2]) == 0.0 and float(with_masks[2]) > 0
+    torch.testing.assert_close(without[:2], with_masks[:2])
 
 
 def test_the_prefix_file_holds_the_whole_difference_and_refuses_other_models(teacher, tmp_path):

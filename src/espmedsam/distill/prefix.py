@@ -96,37 +96,49 @@ class PrefixProgress:
 
 @dataclass
 class PrefixHistory:
-    """Per-step training losses and the held-out errors (step, tokens, embedding, mask)."""
+    """Per-step training losses, the held-out errors (step, tokens, embedding, mask) and of them the row
+    the student was kept at."""
 
     losses: list[float] = dataclasses.field(default_factory=list)
     held_out: list[tuple[int, float, float, float]] = dataclasses.field(default_factory=list)
+    best: tuple[int, float, float, float] | None = None
     seconds: float = 0.0
 
 
 def prefix_errors(
-    student: ESPMedSAM, teacher: ESPMedSAM, images: torch.Tensor, modality: torch.Tensor
+    student: ESPMedSAM,
+    teacher: ESPMedSAM,
+    images: torch.Tensor,
+    modality: torch.Tensor,
+    *,
+    masks: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The student's errors against the teacher on the same images.
 
     Args:
         images: (B, 3, S, S) normalised inputs.
         modality: (B,) modality ids; each image goes through its own controller and decoding channel.
+        masks: False skips both decoders (a training step whose loss leaves the masks out) and gives 0
+            for the mask divergence.
     Returns:
         Three scalars: the relative squared errors (MSE / teacher variance) of the stage-0 tokens and of
         the embedding, and the mean per-pixel KL divergence of the student's (B, 1, S, S) mask
         probabilities from the teacher's. Gradients reach the student's prefix only.
     """
     route = teacher.route(modality)
-    side = images.shape[-1]
     with torch.no_grad():
         tokens = teacher.image_encoder.prefix(images, 1)
         embedding = teacher.image_encoder.suffix(tokens, 1, route)
-        teacher_masks = teacher.decode(embedding, modality, side, images).masks.float()
     student_tokens = student.image_encoder.prefix(images, 1)
     student_embedding = student.image_encoder.suffix(student_tokens, 1, route)
-    student_masks = student.decode(student_embedding, modality, side, images).masks.float()
     token_error = F.mse_loss(student_tokens.float(), tokens.float()) / tokens.float().var()
     embedding_error = F.mse_loss(student_embedding.float(), embedding.float()) / embedding.float().var()
+    if not masks:
+        return token_error, embedding_error, torch.zeros(())
+    side = images.shape[-1]
+    with torch.no_grad():
+        teacher_masks = teacher.decode(embedding, modality, side, images).masks.float()
+    student_masks = student.decode(student_embedding, modality, side, images).masks.float()
     return token_error, embedding_error, mask_divergence(student_masks, teacher_masks)
 
 
@@ -208,6 +220,7 @@ def distill_prefix(
 
     best = (held_out_error(student, teacher, held_out, crop, bf16), _prefix_state(student))
     history.held_out.append((0, *best[0]))
+    history.best = history.held_out[-1]
     start = time.monotonic()
     for step in range(1, steps + 1):
         # every modality equally often: a few fundus images teach as much as hundreds of dermoscopy ones
@@ -215,7 +228,9 @@ def distill_prefix(
         images = random_crops(batch, crop, rng)
         modality = torch.tensor([s.modality for s in batch])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            token_error, embedding_error, mask_error = prefix_errors(student, teacher, images, modality)
+            token_error, embedding_error, mask_error = prefix_errors(
+                student, teacher, images, modality, masks=mask_weight > 0
+            )
         loss = token_error + embedding_error + mask_weight * mask_error
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,6 +250,7 @@ def distill_prefix(
             )  # fmt: skip
             if measured < chosen_on(best[0]):
                 best = (errors, _prefix_state(student))
+                history.best = history.held_out[-1]
                 if on_best:
                     on_best(student)
         if progress:
@@ -265,7 +281,8 @@ def held_out_error(
             errors = prefix_errors(student, teacher, images, modality)
             for i, error in enumerate(errors):
                 totals[i] += float(error) * len(chunk)
-    return (totals[0] / len(samples), totals[1] / len(samples), totals[2] / len(samples))
+    tokens, embedding, masks = (total / len(samples) for total in totals)
+    return tokens, embedding, masks
 
 
 def prepare_prefix_samples(

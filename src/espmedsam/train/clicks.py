@@ -230,7 +230,7 @@ def clicks_to_tensors(clicks: list[list[tuple[int, int, int]]]) -> tuple[torch.T
     return points, labels
 
 
-def _valid_masks(logits: torch.Tensor, samples: Sequence[ClickSample]) -> list[np.ndarray]:
+def valid_masks(logits: torch.Tensor, samples: Sequence[ClickSample]) -> list[np.ndarray]:
     """(B, 1, S, S) logits -> each image's bool mask with the padding cleared."""
     masks = (logits[:, 0] > 0).cpu().numpy()
     for mask, sample in zip(masks, samples, strict=True):
@@ -276,7 +276,7 @@ def evaluate_clicks(
         chosen = [samples[i] for i in indices]
         embeddings, logits = _stack(chosen, device)
         clicks: list[list[tuple[int, int, int]]] = [[] for _ in chosen]
-        masks = _valid_masks(logits, chosen)
+        masks = valid_masks(logits, chosen)
         rows = [[dice_score(m, s.truth)] for m, s in zip(masks, chosen, strict=True)]
         for _ in range(max_clicks):
             before = [len(c) for c in clicks]
@@ -289,7 +289,7 @@ def evaluate_clicks(
                         embeddings, chosen[0].size, points.to(device), labels.to(device), logits
                     )
                 logits = torch.where(clicked[:, None, None, None], out.masks.float(), logits)
-                masks = _valid_masks(logits, chosen)
+                masks = valid_masks(logits, chosen)
             for row, mask, sample in zip(rows, masks, chosen, strict=True):
                 row.append(dice_score(mask, sample.truth))
         for row, sample in zip(rows, chosen, strict=True):
@@ -402,7 +402,7 @@ def _step(
     embeddings, logits = _stack(samples, device)
     truth = torch.from_numpy(np.stack([s.truth for s in samples])).to(device)[:, None].float()
     clicks: list[list[tuple[int, int, int]]] = [[] for _ in samples]
-    masks = _valid_masks(logits, samples)
+    masks = valid_masks(logits, samples)
     for k in range(clicks_now):
         _add_clicks(clicks, masks, samples, rng, random_share)
         points, labels = clicks_to_tensors(clicks)
@@ -411,7 +411,7 @@ def _step(
             out = model.decode_clicks(embeddings, size, points.to(device), labels.to(device), logits)
         if not last:
             logits = out.masks.detach().float()
-            masks = _valid_masks(logits, samples)
+            masks = valid_masks(logits, samples)
     valid = torch.zeros_like(truth)
     for i, sample in enumerate(samples):
         valid[i, :, : sample.valid[0], : sample.valid[1]] = 1

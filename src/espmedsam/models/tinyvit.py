@@ -65,8 +65,7 @@ class PatchMerging(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
-        return x.permute(0, 2, 3, 1)  # B C H W -> B H W C
+        return channels_last(self.conv3(self.act(self.conv2(self.act(self.conv1(x))))))
 
 
 class WindowAttention(nn.Module):
@@ -118,6 +117,8 @@ class WindowAttention(nn.Module):
         Returns:
             (B·nW, N, C).
         """
+        if _GRAPH_LAYOUT[0]:
+            return self._graph_forward(x, window, prompts, windows_per_image)
         bw, n, c = x.shape
         qkv = self.qkv(self.norm(x)).view(bw, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
@@ -126,6 +127,35 @@ class WindowAttention(nn.Module):
             k, v, bias = _append_prompts(k, v, bias, prompts, windows_per_image)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+    def _graph_forward(
+        self,
+        x: torch.Tensor,
+        window: tuple[int, int],
+        prompts: tuple[torch.Tensor, torch.Tensor] | None,
+        windows_per_image: int,
+    ) -> torch.Tensor:
+        """``forward`` for an exported graph (``graph_layout``): the same attention written as the
+        multi-head pattern OpenVINO fuses into one kernel, head transposes included: q, k and v from
+        their own matmuls as (B·nW, N, h, d) (no split of a qkv tensor: a slow generic kernel there),
+        then ``softmax(q·kᵀ + bias)·v`` with explicit matmuls."""
+        bw, n, c = x.shape
+        h, d = self.num_heads, self.head_dim
+        weight = self.qkv.weight.view(h, 3, d, c)  # head-major: head i owns rows [3d·i, 3d·(i+1)) as q, k, v
+        bias = self.qkv.bias.view(h, 3, d)
+        normed = self.norm(x)
+        q, k, v = (
+            F.linear(normed, weight[:, i].reshape(h * d, c), bias[:, i].reshape(h * d)).view(bw, n, h, d)
+            for i in range(3)
+        )
+        attn_bias = self.relative_bias(*window).unsqueeze(0).to(q.dtype)
+        if prompts is not None:
+            k, v, attn_bias = _append_prompts_tokens_major(k, v, attn_bias, prompts, windows_per_image)
+        q = (q * d**-0.5).permute(0, 2, 1, 3)
+        keys = k.permute(0, 2, 1, 3).transpose(-1, -2)
+        attn = (q @ keys + attn_bias).softmax(dim=-1)
+        out = (attn @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        return self.proj(out.reshape(bw, n, c))
 
 
 def _append_prompts(
@@ -147,6 +177,28 @@ def _append_prompts(
         prompt_bias = prompt_bias.to(bias.dtype).repeat_interleave(windows_per_image, dim=0)
         bias = torch.cat([bias.expand(bw, h, n, n), prompt_bias.expand(bw, h, n, t)], dim=-1)
     return torch.cat([k, tokens], dim=2), torch.cat([v, tokens], dim=2), bias
+
+
+def _append_prompts_tokens_major(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    prompts: tuple[torch.Tensor, torch.Tensor],
+    windows_per_image: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_append_prompts`` for (B·nW, N, h, d) keys and values (``WindowAttention._graph_forward``)."""
+    tokens, prompt_bias = prompts
+    bw, n, h, d = k.shape
+    tokens = tokens.transpose(1, 2).to(k.dtype)  # (B or 1, T, h, d)
+    t = tokens.shape[1]
+    if tokens.shape[0] == 1:
+        tokens = tokens.expand(bw, t, h, d)
+        bias = torch.cat([bias, prompt_bias.to(bias.dtype).expand(1, h, n, t)], dim=-1)
+    else:
+        tokens = tokens.repeat_interleave(windows_per_image, dim=0)
+        prompt_bias = prompt_bias.to(bias.dtype).repeat_interleave(windows_per_image, dim=0)
+        bias = torch.cat([bias.expand(bw, h, n, n), prompt_bias.expand(bw, h, n, t)], dim=-1)
+    return torch.cat([k, tokens], dim=1), torch.cat([v, tokens], dim=1), bias
 
 
 class TinyViTBlock(nn.Module):
@@ -198,15 +250,17 @@ class TinyViTBlock(nn.Module):
         # zero padding is not masked: padded tokens act as keys/values, as in TinyViT and MobileSAM
         padded = F.pad(x, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else x
         nh, nw = (h + pad_h) // wh, (w + pad_w) // ww
-        windows = padded.view(b, nh, wh, nw, ww, c).transpose(2, 3).reshape(b * nh * nw, wh * ww, c)
+        # a window's rows of ww·C values move as one piece: a 4-D transpose, which a graph compiler runs
+        # much faster than the 6-D one of (B, nh, wh, nw, ww, C)
+        windows = padded.reshape(b * nh, wh, nw, ww * c).transpose(1, 2).reshape(b * nh * nw, wh * ww, c)
         prompts = self.controllers.prompts(route) if route is not None else None
         out = self.attn(windows, (wh, ww), prompts, nh * nw)
-        out = out.view(b, nh, nw, wh, ww, c).transpose(2, 3).reshape(b, h + pad_h, w + pad_w, c)
+        out = out.reshape(b * nh, nw, wh, ww * c).transpose(1, 2).reshape(b, h + pad_h, w + pad_w, c)
         if (pad_h or pad_w) and _GRAPH_LAYOUT[0]:
             x = self._local_conv_padded(padded + out, h, w)
         else:
             x = x + out[:, :h, :w]
-            x = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = channels_last(self.local_conv(channels_first(x)))
         if route is None:
             return x + self.mlp(x)
         return x + self.mlp(x) + self.controllers.adapt(x, route)
@@ -220,7 +274,7 @@ class TinyViTBlock(nn.Module):
         columns = torch.arange(summed.shape[2], device=summed.device) < w
         inside = (rows[:, None] & columns[None, :])[None, :, :, None].to(summed.dtype)
         conv = self.local_conv(channels_first(summed * inside))
-        return conv[:, :, :h, :w].permute(0, 2, 3, 1)
+        return channels_last(conv)[:, :h, :w]
 
 
 _GRAPH_LAYOUT = [False]
@@ -247,6 +301,16 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2)
     b, h, w, c = x.shape
     return x.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C): a view in eager mode; under ``graph_layout`` a transpose of
+    (B, C, H·W) matrices. OpenVINO otherwise carries the convolution's channels-last memory layout into
+    the (B, H, W, C) tensors after it and converts back and forth around every elementwise operation."""
+    if not _GRAPH_LAYOUT[0]:
+        return x.permute(0, 2, 3, 1)
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).transpose(1, 2).reshape(b, h, w, c)
 
 
 class ConvLayer(nn.Module):

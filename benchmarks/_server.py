@@ -24,7 +24,7 @@ def serve_process(*options: str) -> Iterator[tuple[subprocess.Popen, str]]:
     command = [sys.executable, "-m", "espmedsam", "serve", "--port", "0", "--log-level", "warning", *options]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
-        seen, deadline = "", time.monotonic() + 120
+        seen, deadline = "", time.monotonic() + 600  # a first OpenVINO export: minutes
         while not (found := re.search(r"http://127\.0\.0\.1:\d+", seen)):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"espmedsam serve did not start: {seen}")

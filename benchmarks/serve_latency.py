@@ -1,8 +1,10 @@
 """Latency from upload to overlay in the page of ``espmedsam serve``, measured in headless Chromium.
 
-Usage: python benchmarks/serve_latency.py [--repeats 5] [--chromium PATH] [--out FILE]
+Usage: python benchmarks/serve_latency.py [--repeats 5] [--backend torch|openvino] [--chromium PATH]
+    [--out FILE]
 
-The server runs as its own process (bundled weights, all cores, bf16 autocast). For the first test image of
+The server runs as its own process (bundled weights, all cores, bf16 autocast; ``--backend openvino``:
+its image encoder compiled by OpenVINO). For the first test image of
 each in-domain set, resized to 512 px (long side), the page is given the file ``--repeats`` times (after one
 warm-up) with modality auto; the page measures from the file input's change event to the moment the
 overlay is drawn on its canvas (``window.espmedsamTiming.uploadToOverlayMs``): upload, classifier,
@@ -42,11 +44,11 @@ def upload_and_time(page, name: str, data: bytes) -> tuple[float, float]:
 
 
 @contextmanager
-def served_page(chromium: str | None) -> Iterator:
+def served_page(chromium: str | None, backend: str = "torch") -> Iterator:
     """A headless Chromium tab on the page of an ``espmedsam serve`` process, once its model info loaded."""
     from playwright.sync_api import sync_playwright
 
-    with serve_process() as (_, url), sync_playwright() as playwright:
+    with serve_process("--backend", backend) as (_, url), sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium_path(chromium), args=["--no-sandbox", "--disable-gpu"]
         )
@@ -60,13 +62,14 @@ def served_page(chromium: str | None) -> Iterator:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backend", choices=("torch", "openvino"), default="torch")
     parser.add_argument("--chromium", default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         images = [(path.stem, path.read_bytes(), modality) for path, modality in images_512(Path(folder))]
     rows = []
-    with served_page(args.chromium) as page:
+    with served_page(args.chromium, args.backend) as page:
         for stem, data, modality in images:
             upload_and_time(page, f"{stem}_warm.png", data)
             timings = [upload_and_time(page, f"{stem}_{k}.png", data) for k in range(args.repeats)]
@@ -77,8 +80,9 @@ def main() -> None:
     lines = [
         "# espmedsam serve: upload to overlay in the page, 512-px images",
         "",
-        f"`python benchmarks/serve_latency.py --repeats {args.repeats}`; {cpu_description()}, headless "
-        "Chromium on the same machine, bundled weights, bf16 autocast, modality auto (classifier).",
+        f"`python benchmarks/serve_latency.py --repeats {args.repeats} --backend {args.backend}`; "
+        f"{cpu_description()}, headless Chromium on the same machine, bundled weights, bf16, modality auto "
+        "(classifier).",
         "",
         "| image (512 px long side) | modality | shown as | upload → overlay, median (ms) | max (ms) "
         "| server part, median (ms) |",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from espmedsam import backends
@@ -88,7 +89,7 @@ def test_auto_falls_back_with_a_one_line_notice(monkeypatch, tmp_path):
     [
         ("tensorrt", "m.onnx", "must be one of auto, torch, onnxruntime, openvino"),
         ("torch", "m.onnx", "runs native .safetensors"),
-        ("openvino", "m.safetensors", "needs --checkpoint MODEL.onnx"),
+        ("onnxruntime", "m.safetensors", "needs --checkpoint MODEL.onnx"),
         ("onnxruntime", None, "needs --checkpoint MODEL.onnx"),
     ],
 )
@@ -123,3 +124,125 @@ def test_predict_auto_without_openvino_notices_and_writes_the_same_masks(
         written[name] = np.asarray(Image.open(out / "case_mask.png"))
     assert (written["openvino"] == written["onnxruntime"]).mean() > 0.999
     assert any((tmp_path / "cache").iterdir())  # the compiled graph, kept for the next process
+
+
+# --- a native checkpoint with its image encoder in OpenVINO (``openvino_encoder``) -------------------
+
+
+@pytest.fixture(scope="module")
+def hybrid(model, tmp_path_factory):  # noqa: F811
+    """A copy of the tiny model with its encoder compiled by OpenVINO in fp32, and the cache folder."""
+    import copy
+
+    from espmedsam.openvino_encoder import use_openvino_encoder
+
+    cache = tmp_path_factory.mktemp("encoders")
+    said = []
+    hybrid = use_openvino_encoder(
+        copy.deepcopy(model), threads=1, bfloat16=False, cache_dir=cache, progress=said.append
+    )
+    return hybrid, cache, said
+
+
+@pytest.fixture(scope="module")
+def unbalanced(tmp_path_factory):
+    """The tiny model with fixed-size windows, as the bundled weights have: one graph for every side."""
+
+    from espmedsam.openvino_encoder import use_openvino_encoder
+    from test_onnx import _tiny
+
+    cache = tmp_path_factory.mktemp("encoders-unbalanced")
+    hybrid = use_openvino_encoder(_tiny(balanced_windows=False), threads=1, bfloat16=False, cache_dir=cache)
+    return _tiny(balanced_windows=False), hybrid, cache
+
+
+def test_openvino_is_a_backend_for_a_native_checkpoint(tmp_path):
+    assert choose_backend("openvino", tmp_path / "m.safetensors") == ("openvino", None)
+    assert choose_backend("openvino", None) == ("openvino", None)
+
+
+@pytest.mark.parametrize(("batch", "size"), [(3, SIZE), (2, 96), (1, 128)])
+def test_the_openvino_encoder_gives_the_eager_masks(hybrid, model, batch, size):  # noqa: F811
+    """Mixed modalities (each with its own controller) at the export side and at two others."""
+    images, ids = _inputs(batch, size, seed=batch)
+    with torch.no_grad():
+        got = hybrid[0](images, ids)
+        expected = model(images, ids)
+    torch.testing.assert_close(got.embeddings, expected.embeddings, rtol=1e-3, atol=1e-3)
+    assert np.abs(got.masks.numpy() - expected.masks.numpy()).max() <= 1e-2
+
+
+def test_an_encoder_with_fixed_windows_exports_one_graph_for_every_side(unbalanced):
+    eager, hybrid, cache = unbalanced
+    for batch, size in [(2, SIZE), (1, 96)]:
+        images, ids = _inputs(batch, size, seed=size)
+        with torch.no_grad():
+            got, expected = hybrid(images, ids), eager(images, ids)
+        torch.testing.assert_close(got.embeddings, expected.embeddings, rtol=1e-3, atol=1e-3)
+    assert [path.name.count("-") for path in cache.glob("encoder-*.onnx")] == [1]  # no per-side graphs
+
+
+def test_the_controller_free_encoder_stays_in_torch(hybrid, model):  # noqa: F811
+    assert not hybrid[0].image_encoder.training
+    images, _ = _inputs(2)
+    with torch.no_grad():
+        assert torch.equal(hybrid[0].encode(images, None), model.encode(images, None))
+        assert torch.equal(hybrid[0].classify(images), model.classify(images))
+
+
+def test_the_exported_encoder_is_cached_per_weights(hybrid, model, monkeypatch):  # noqa: F811
+    import copy
+
+    from espmedsam import openvino_encoder
+
+    _, cache, said = hybrid
+    # windows that follow the input side: one graph per side met so far, each exported once
+    assert said and all("exporting the image encoder" in line for line in said)
+    assert len(list(cache.glob("encoder-*-*.onnx"))) == len(said)
+    monkeypatch.setattr(
+        openvino_encoder, "export_encoder_onnx", lambda *a, **k: pytest.fail("exported again")
+    )
+    again = openvino_encoder.use_openvino_encoder(copy.deepcopy(model), threads=1, cache_dir=cache)
+    assert isinstance(again.image_encoder, openvino_encoder.OpenVinoImageEncoder)
+
+
+def test_an_encoder_graph_that_differs_is_refused_in_one_line(model, monkeypatch, tmp_path):  # noqa: F811
+    import copy
+
+    from espmedsam import openvino_encoder
+    from espmedsam.errors import CheckpointError
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in other.image_encoder.parameters():
+            parameter.add_(0.5)
+    real_export = openvino_encoder.export_encoder_onnx
+    monkeypatch.setattr(
+        openvino_encoder, "export_encoder_onnx", lambda _, path, **kwargs: real_export(other, path, **kwargs)
+    )
+    hybrid = openvino_encoder.use_openvino_encoder(copy.deepcopy(model), threads=1, cache_dir=tmp_path)
+    images, ids = _inputs(1)
+    with pytest.raises(CheckpointError, match="differs from the eager one") as raised, torch.no_grad():
+        hybrid(images, ids)
+    assert "\n" not in str(raised.value) and not list(tmp_path.glob("encoder-*.onnx"))
+
+
+def test_predict_with_backend_openvino_on_a_native_checkpoint(model, monkeypatch, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    from espmedsam import openvino_encoder
+    from espmedsam.checkpoints.native import save_model
+
+    monkeypatch.setattr(openvino_encoder, "CACHE_DIR", tmp_path / "encoders")
+    checkpoint = save_model(model, tmp_path / "tiny.safetensors")
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    masks = {}
+    for backend in ("torch", "openvino"):
+        out = tmp_path / backend
+        args = ["predict", str(tmp_path / "a.png"), "-c", str(checkpoint), "--modality", "fundus",
+                "--backend", backend, "--out", str(out), "--fp32"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        masks[backend] = np.array(Image.open(next(out.glob("a_mask.png")))) > 0
+    assert dice(masks["openvino"], masks["torch"]) >= 0.98 or not masks["torch"].any()

@@ -44,6 +44,7 @@ INPUTS = ("images", "modality")
 CLASSIFIER_INPUT = "classifier_images"
 OUTPUTS = ("masks", "patch_logits")
 CLASSIFIER_OUTPUT = "modality_logits"
+ENCODER_OUTPUT = "embeddings"
 MAX_BATCH = 1024
 MAX_SIZE = 4096
 _PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -70,6 +71,14 @@ class ExportGraph(nn.Module):
         self.model = model
         self.has_classifier = getattr(model, "classifier", None) is not None
 
+    @property
+    def input_names(self) -> list[str]:
+        return list(INPUTS) + ([CLASSIFIER_INPUT] if self.has_classifier else [])
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(OUTPUTS) + ([CLASSIFIER_OUTPUT] if self.has_classifier else [])
+
     def forward(
         self, images: torch.Tensor, modality: torch.Tensor, classifier_images: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
@@ -78,6 +87,22 @@ class ExportGraph(nn.Module):
         if not self.has_classifier:
             return out.masks, out.patch_logits
         return out.masks, out.patch_logits, self.model.classify(classifier_images)
+
+
+class EncoderGraph(ExportGraph):
+    """The image encoder alone, with each image's controller: images (B, 3, S, S) and ids (B,) ->
+    ``embeddings`` (B, 256, S/s, S/s). The decoders stay in torch (``openvino_encoder``)."""
+
+    def __init__(self, model: ESPMedSAM) -> None:
+        super().__init__(model)
+        self.has_classifier = False
+
+    @property
+    def output_names(self) -> list[str]:
+        return [ENCODER_OUTPUT]
+
+    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return (self.model.encode(images, modality),)
 
 
 def export_onnx(
@@ -121,6 +146,26 @@ def export_onnx(
     import onnx
 
     onnx.helper.set_model_props(proto, metadata)
+    return atomic_write(path, lambda file: file.write(proto.SerializeToString()))
+
+
+def export_encoder_onnx(
+    model: ESPMedSAM, path: str | Path, *, size: int | None = None, opset: int | None = None
+) -> Path:
+    """Write the image encoder of ``model`` (with its controllers) as an ONNX file (``EncoderGraph``),
+    atomically: with a dynamic batch, and a dynamic input side when ``size`` is None, else fixed at
+    ``size``. It is not compared with the eager model here (``openvino_encoder`` compiles and checks it).
+
+    Raises:
+        MissingDependencyError: onnx or onnxscript is not installed.
+        CheckpointError: the exporter fails, or (``size`` None) no input side gives a dynamic-size graph.
+    """
+    require_onnx(("onnx", "onnxscript"), "openvino")
+    graph = EncoderGraph(copy.deepcopy(model).float().cpu().eval())
+    example = size or _padding_side(graph.model, model.config.image_size)
+    if example is None:
+        raise CheckpointError("no input side pads every attention block: no dynamic-size encoder graph")
+    proto = _to_onnx(_torch_export(graph, example, dynamic_size=size is None), graph, opset)
     return atomic_write(path, lambda file: file.write(proto.SerializeToString()))
 
 
@@ -356,8 +401,8 @@ def _check(proto: Any, graph: ExportGraph, sizes: list[int]) -> str | None:
 
 
 def graph_inputs(graph: ExportGraph) -> list[str]:
-    return list(INPUTS) + ([CLASSIFIER_INPUT] if graph.has_classifier else [])
+    return graph.input_names
 
 
 def graph_outputs(graph: ExportGraph) -> list[str]:
-    return list(OUTPUTS) + ([CLASSIFIER_OUTPUT] if graph.has_classifier else [])
+    return graph.output_names

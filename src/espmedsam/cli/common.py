@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from espmedsam.backends import choose_backend
+from espmedsam.backends import choose_backend, is_exported
 from espmedsam.errors import ConfigError, EspMedSAMError, InputError
 
 console = Console(stderr=True)
@@ -204,8 +204,9 @@ ModelFileOpt = Annotated[
 BackendOpt = Annotated[
     str,
     typer.Option(
-        help="torch (.safetensors); onnxruntime or openvino (an exported .onnx file); auto: the fastest "
-        "installed for the checkpoint (openvino, else onnxruntime, for .onnx; torch otherwise)."
+        help="torch (.safetensors); onnxruntime (an exported .onnx file); openvino (an exported .onnx "
+        "file, or a .safetensors whose image encoder OpenVINO then runs, the rest in torch); auto: the "
+        "fastest installed for the checkpoint (openvino, else onnxruntime, for .onnx; torch otherwise)."
     ),
 ]
 
@@ -243,7 +244,13 @@ def make_predictor(
     choice = choose_backend(backend, checkpoint)
     if choice.notice:
         console.print(f"[yellow]--backend auto:[/yellow] {choice.notice}")
-    if choice.name == "openvino":
+    if choice.name == "openvino" and not is_exported(checkpoint):
+        from espmedsam.openvino_encoder import use_openvino_encoder
+
+        model = use_openvino_encoder(
+            load_or_build(checkpoint, "default"), threads=threads, bfloat16=bfloat16, progress=_say
+        )
+    elif choice.name == "openvino":
         from espmedsam import openvino_backend
 
         model = openvino_backend.OpenVinoBackend(
@@ -258,6 +265,10 @@ def make_predictor(
     return Predictor(
         model, device=device, size=size, bfloat16=bfloat16, batch_size=batch_size, refine=refine_flag(refine)
     )
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
 
 
 def refine_flag(refine: str) -> bool:

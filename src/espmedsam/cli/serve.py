@@ -24,6 +24,13 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
     checkpoint: CheckpointOpt = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="torch; or openvino: the image encoder compiled by OpenVINO (about twice as fast on a "
+            "CPU; exported once per checkpoint at startup, cached), everything else in torch."
+        ),
+    ] = "torch",
     device: DeviceOpt = "auto",
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for the model (default: all cores).")
@@ -62,6 +69,8 @@ def serve(
         raise InputError("--max-upload-mb, --max-pixels and --max-frames must be positive")
     if checkpoint is not None and checkpoint.suffix.lower() == ".onnx":
         raise InputError("serve runs native checkpoints (.safetensors); it has no ONNX backend")
+    if backend not in ("torch", "openvino"):
+        raise InputError(f"serve --backend must be torch or openvino, got {backend!r}")
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_frames=max_frames)
     sock = bind(host, port)  # before the model loads: a taken port is said at once
     name = checkpoint.name if checkpoint else "bundled default weights"
@@ -73,7 +82,10 @@ def serve(
         threads = max(1, (os.cpu_count() or 1) // workers)
 
     def make_app():
-        predictor = make_predictor(checkpoint, "torch", device, None, not fp32, 8, threads)
+        predictor = make_predictor(checkpoint, backend, device, None, not fp32, 8, threads)
+        if backend == "openvino":  # export and compile now, not at the first upload
+            sides = [predictor.input_size(modality) for modality in predictor.modalities]
+            predictor.model.image_encoder.prepare(sides)
         return create_app(predictor, limits=limits, checkpoint_name=name)
 
     if workers == 1:

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from espmedsam.models.registry import build_model, tiny_config
 from espmedsam.models.controller import gathered_routing
+from espmedsam.models.registry import build_model, tiny_config
 from espmedsam.models.tinyvit import (
     _GRAPH_LAYOUT,
     TinyViTBlock,

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from espmedsam.device import resolve_device
 from espmedsam.errors import InputError
 from espmedsam.memory import release_freed_memory
 from espmedsam.modalities import modality_ids
-from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
+from espmedsam.models.espmedsam import ESPMedSAM, ESPOutput, ModalityLike
 from espmedsam.models.image_io import RawImageIO
 from espmedsam.models.quality import DEFAULT_REVIEW_BELOW
 from espmedsam.models.self_prompt import refined_logits, self_prompts
@@ -397,12 +397,21 @@ class Predictor:
     def _forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 mask logits and the (B, 1, g, g) SPPG
         patch logits (None for networks without SPPG), on the CPU."""
+        if compiled := self._compiled_encoder():
+            _, masks, patches = compiled.segment(x, ids)
+            return masks, patches
         if isinstance(self.model, torch.nn.Module):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
                 out = self.model(x.to(self.device), ids.to(self.device))
             patches = getattr(out, "patch_logits", None)
             return out.masks.float().cpu(), None if patches is None else patches.float().cpu()
         return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy())), None
+
+    def _compiled_encoder(self) -> Any:
+        """The model's OpenVINO encoder graph (``openvino_encoder``), which also gives the prompt-free
+        masks, or None."""
+        encoder = getattr(self.model, "image_encoder", None)
+        return encoder if hasattr(encoder, "segment") else None
 
     @torch.inference_mode()
     def _self_prompt_pass(
@@ -426,8 +435,12 @@ class Predictor:
         size = x.shape[-1]
         limit = model.quality.max_components if model.quality is not None else QualityConfig().max_components
         with self.autocast():
-            embeddings = model.encode(x, ids)
-            out = model.decode(embeddings, ids, size, x)
+            if compiled := self._compiled_encoder():
+                embeddings, masks, patches = compiled.segment(x, ids)
+                out = ESPOutput(masks=masks, patch_logits=patches, embeddings=embeddings)
+            else:
+                embeddings = model.encode(x, ids)
+                out = model.decode(embeddings, ids, size, x)
             decode_boxes = None if model.prompt_decoder is None else model.box_decoder(embeddings, size)
             prompts = self_prompts(out.masks, valid_sizes, decode_boxes, limit)
             features = None

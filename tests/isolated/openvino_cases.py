@@ -161,7 +161,7 @@ def test_openvino_is_a_backend_for_a_native_checkpoint(tmp_path):
     assert choose_backend("openvino", None) == ("openvino", None)
 
 
-@pytest.mark.parametrize(("batch", "size"), [(3, SIZE), (2, 96), (1, 128)])
+@pytest.mark.parametrize(("batch", "size"), [(3, SIZE), (1, 96)])
 def test_the_openvino_encoder_gives_the_eager_masks(hybrid, model, batch, size):  # noqa: F811
     """Mixed modalities (each with its own controller) at the export side and at two others."""
     images, ids = _inputs(batch, size, seed=batch)
@@ -246,3 +246,20 @@ def test_predict_with_backend_openvino_on_a_native_checkpoint(model, monkeypatch
         assert result.exit_code == 0, result.output
         masks[backend] = np.array(Image.open(next(out.glob("a_mask.png")))) > 0
     assert dice(masks["openvino"], masks["torch"]) >= 0.98 or not masks["torch"].any()
+
+
+def test_the_predictor_takes_the_prompt_free_masks_from_the_graph(hybrid, model, monkeypatch):  # noqa: F811
+    """One graph run gives the embedding and the prompt-free masks: torch decodes nothing again."""
+    from espmedsam.predict import Predictor
+
+    compiled = hybrid[0]
+    image = np.random.default_rng(1).integers(0, 255, (50, 70, 3), np.uint8)
+    expected = Predictor(model, bfloat16=False).predict_with_patch_maps([image], "fundus")[0]
+
+    def decode(*args, **kwargs):
+        pytest.fail("decoded in torch")
+
+    monkeypatch.setattr(compiled, "decode", decode)
+    got = Predictor(compiled, bfloat16=False).predict_with_patch_maps([image], "fundus")[0]
+    assert dice(got.mask, expected.mask) >= 0.98 or not expected.mask.any()
+    assert np.abs(got.patch_map - expected.patch_map).max() <= 1e-2

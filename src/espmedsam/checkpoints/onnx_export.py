@@ -90,8 +90,10 @@ class ExportGraph(nn.Module):
 
 
 class EncoderGraph(ExportGraph):
-    """The image encoder alone, with each image's controller: images (B, 3, S, S) and ids (B,) ->
-    ``embeddings`` (B, 256, S/s, S/s). The decoders stay in torch (``openvino_encoder``)."""
+    """The image encoder with each image's controller, and the prompt-free decoding of its embedding:
+    images (B, 3, S, S) and ids (B,) -> ``embeddings`` (B, 256, S/s, S/s), the encoder's output that the
+    promptable decoder reads, then ``masks`` and ``patch_logits`` as ``ExportGraph``'s. The promptable
+    decoder and the quality head stay in torch (``openvino_encoder``)."""
 
     def __init__(self, model: ESPMedSAM) -> None:
         super().__init__(model)
@@ -99,10 +101,12 @@ class EncoderGraph(ExportGraph):
 
     @property
     def output_names(self) -> list[str]:
-        return [ENCODER_OUTPUT]
+        return [ENCODER_OUTPUT, *OUTPUTS]
 
     def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
-        return (self.model.encode(images, modality),)
+        embeddings = self.model.encode(images, modality)
+        out = self.model.decode(embeddings, modality, images.shape[-1], images)
+        return embeddings, out.masks, out.patch_logits
 
 
 def export_onnx(

@@ -1,12 +1,14 @@
 """End-to-end ``espmedsam predict`` throughput over the six in-domain test splits, per backend.
 
 Usage: python benchmarks/predict_throughput.py [--checkpoint CKPT] [--onnx MODEL.onnx] [--openvino]
-       [--backends NAME ...] [--limit N] [--out FILE]
+       [--native-openvino] [--backends NAME ...] [--limit N] [--out FILE]
 
 Each backend runs ``predict_files`` (what ``espmedsam predict`` runs: read ahead, classify the modality,
 segment in batches, write mask and overlay PNGs and predictions.csv) over the same files with
 ``--modality auto``: torch fp32, torch bf16 autocast and, with ``--onnx``, onnxruntime and (``--openvino``)
-OpenVINO, its graphs compiled before timing (as a second run finds them in its cache); ``--backends``
+OpenVINO, its graphs compiled before timing (as a second run finds them in its cache); with
+``--native-openvino`` the native checkpoint with its encoder graph in OpenVINO ("openvino native",
+``predict --backend openvino`` on a ``.safetensors``: quality scores included, as torch's); ``--backends``
 keeps only the named ones. In the same run,
 the official-layout ESP-MedSAM (MobileSAM's stem, one shared controller) forward in fp32 at 1024², batch 1.
 """
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--onnx", type=Path, default=None)
     parser.add_argument("--openvino", action="store_true", help="Also run the --onnx file in OpenVINO.")
+    parser.add_argument("--native-openvino", action="store_true", help="Also the native file in OpenVINO.")
     parser.add_argument("--backends", nargs="*", default=None, help="Only these, e.g. 'torch bf16'.")
     parser.add_argument("--limit", type=int, default=None, help="At most N images per dataset.")
     parser.add_argument("--threads", type=int, default=2)
@@ -79,6 +82,14 @@ def main() -> None:
 
         backend = OpenVinoBackend(args.onnx, threads=args.threads, cache_dir=CACHE_DIR)
         backends[f"openvino {backend.precision}"] = predictor = Predictor(backend)
+        run(predictor, [next(f for f in files if f[1] == m) for m in {m for _, m in files}])  # compile
+    if args.native_openvino:
+        import copy
+
+        from espmedsam.openvino_encoder import use_openvino_encoder
+
+        hybrid = use_openvino_encoder(copy.deepcopy(model), threads=args.threads)
+        backends["openvino native"] = predictor = Predictor(hybrid, device="cpu")
         run(predictor, [next(f for f in files if f[1] == m) for m in {m for _, m in files}])  # compile
     backends = {name: p for name, p in backends.items() if not args.backends or name in args.backends}
     official = official_forward_seconds(3)

@@ -150,7 +150,7 @@ class WindowAttention(nn.Module):
         )
         attn_bias = self.relative_bias(*window).unsqueeze(0).to(q.dtype)
         if prompts is not None:
-            k, v, attn_bias = _append_prompts_tokens_major(k, v, attn_bias, prompts, windows_per_image)
+            k, v, attn_bias = _append_prompts(k, v, attn_bias, prompts, windows_per_image, tokens_major=True)
         q = (q * d**-0.5).permute(0, 2, 1, 3)
         keys = k.permute(0, 2, 1, 3).transpose(-1, -2)
         attn = (q @ keys + attn_bias).softmax(dim=-1)
@@ -164,41 +164,25 @@ def _append_prompts(
     bias: torch.Tensor,
     prompts: tuple[torch.Tensor, torch.Tensor],
     windows_per_image: int,
+    tokens_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the same prompt tokens to keys and values, and their bias column to the attention bias."""
+    """Append the same prompt tokens to keys and values, and their bias column to the attention bias.
+
+    Keys and values are (B·nW, h, N, d), or (B·nW, N, h, d) with ``tokens_major``
+    (``WindowAttention._graph_forward``); the prompt tokens (B or 1, h, T, d).
+    """
     tokens, prompt_bias = prompts
-    bw, h, n, d = k.shape
-    t = tokens.shape[2]
+    axis = 1 if tokens_major else 2  # the token axis of keys and values
+    tokens = (tokens.transpose(1, 2) if tokens_major else tokens).to(k.dtype)
+    bw, n, h, t = k.shape[0], k.shape[axis], bias.shape[1], tokens.shape[axis]
     if tokens.shape[0] == 1:
-        tokens = tokens.to(k.dtype).expand(bw, h, t, d)
+        tokens = tokens.expand(bw, *tokens.shape[1:])
         bias = torch.cat([bias, prompt_bias.to(bias.dtype).expand(1, h, n, t)], dim=-1)
     else:  # one prompt per image, repeated over that image's windows
-        tokens = tokens.to(k.dtype).repeat_interleave(windows_per_image, dim=0)
-        prompt_bias = prompt_bias.to(bias.dtype).repeat_interleave(windows_per_image, dim=0)
-        bias = torch.cat([bias.expand(bw, h, n, n), prompt_bias.expand(bw, h, n, t)], dim=-1)
-    return torch.cat([k, tokens], dim=2), torch.cat([v, tokens], dim=2), bias
-
-
-def _append_prompts_tokens_major(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: torch.Tensor,
-    prompts: tuple[torch.Tensor, torch.Tensor],
-    windows_per_image: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_append_prompts`` for (B·nW, N, h, d) keys and values (``WindowAttention._graph_forward``)."""
-    tokens, prompt_bias = prompts
-    bw, n, h, d = k.shape
-    tokens = tokens.transpose(1, 2).to(k.dtype)  # (B or 1, T, h, d)
-    t = tokens.shape[1]
-    if tokens.shape[0] == 1:
-        tokens = tokens.expand(bw, t, h, d)
-        bias = torch.cat([bias, prompt_bias.to(bias.dtype).expand(1, h, n, t)], dim=-1)
-    else:
         tokens = tokens.repeat_interleave(windows_per_image, dim=0)
         prompt_bias = prompt_bias.to(bias.dtype).repeat_interleave(windows_per_image, dim=0)
         bias = torch.cat([bias.expand(bw, h, n, n), prompt_bias.expand(bw, h, n, t)], dim=-1)
-    return torch.cat([k, tokens], dim=1), torch.cat([v, tokens], dim=1), bias
+    return torch.cat([k, tokens], dim=axis), torch.cat([v, tokens], dim=axis), bias
 
 
 class TinyViTBlock(nn.Module):

@@ -148,12 +148,27 @@ class WindowAttention(nn.Module):
             F.linear(normed, weight[:, i].reshape(h * d, c), bias[:, i].reshape(h * d)).view(bw, n, h, d)
             for i in range(3)
         )
-        attn_bias = self.relative_bias(*window).unsqueeze(0).to(q.dtype)
+        attn_bias = self.relative_bias(*window).unsqueeze(0).to(q.dtype)  # (1, h, N, N)
+        prompt_bias = None
         if prompts is not None:
-            k, v, attn_bias = _append_prompts(k, v, attn_bias, prompts, windows_per_image, tokens_major=True)
+            tokens, per_token = prompts  # (B or 1, h, T, d), (B or 1, 1, 1, T)
+            t = tokens.shape[2]
+            tokens = tokens.transpose(1, 2).to(k.dtype)
+            if tokens.shape[0] != 1:
+                tokens = tokens.repeat_interleave(windows_per_image, dim=0)
+                per_token = per_token.repeat_interleave(windows_per_image, dim=0)
+            tokens = tokens.expand(bw, t, h, d)
+            k, v = torch.cat([k, tokens], dim=1), torch.cat([v, tokens], dim=1)
+            # the window bias padded with the prompt columns' zeros, and the prompt bias as its own small
+            # add: one (B·nW, h, N, N + T) bias would be written out in full for every forward
+            attn_bias = F.pad(attn_bias, (0, t))
+            prompt_bias = F.pad(per_token.to(q.dtype), (n, 0))  # (B·nW or 1, 1, 1, N + T)
         q = (q * d**-0.5).permute(0, 2, 1, 3)
         keys = k.permute(0, 2, 1, 3).transpose(-1, -2)
-        attn = (q @ keys + attn_bias).softmax(dim=-1)
+        scores = q @ keys + attn_bias
+        if prompt_bias is not None:
+            scores = scores + prompt_bias
+        attn = scores.softmax(dim=-1)
         out = (attn @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
         return self.proj(out.reshape(bw, n, c))
 

@@ -136,9 +136,24 @@ class WindowAttention(nn.Module):
         windows_per_image: int,
     ) -> torch.Tensor:
         """``forward`` for an exported graph (``graph_layout``): the same attention written as the
-        multi-head pattern OpenVINO fuses into one kernel, head transposes included: q, k and v from
-        their own matmuls as (B·nW, N, h, d) (no split of a qkv tensor: a slow generic kernel there),
-        then ``softmax(q·kᵀ + bias)·v`` with explicit matmuls."""
+        multi-head pattern OpenVINO fuses into one kernel, head transposes and bias adds included:
+        ``softmax(q·kᵀ + bias [+ prompt bias])·v`` with explicit matmuls."""
+        bw, n, c = x.shape
+        q, k, v = self._projections(x)
+        bias = self.relative_bias(*window).unsqueeze(0).to(q.dtype)  # (1, h, N, N)
+        prompt_bias = None
+        if prompts is not None:
+            k, v, bias, prompt_bias = _append_prompts_graph(k, v, bias, prompts, windows_per_image)
+        q = (q * self.head_dim**-0.5).permute(0, 2, 1, 3)
+        scores = q @ k.permute(0, 2, 1, 3).transpose(-1, -2) + bias
+        if prompt_bias is not None:
+            scores = scores + prompt_bias
+        out = (scores.softmax(dim=-1) @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        return self.proj(out.reshape(bw, n, c))
+
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B·nW, N, C) -> q, k, v as (B·nW, N, h, d), each from its own matmul: a graph compiler runs the
+        split of one qkv tensor with a slow generic kernel."""
         bw, n, c = x.shape
         h, d = self.num_heads, self.head_dim
         weight = self.qkv.weight.view(h, 3, d, c)  # head-major: head i owns rows [3d·i, 3d·(i+1)) as q, k, v
@@ -148,29 +163,29 @@ class WindowAttention(nn.Module):
             F.linear(normed, weight[:, i].reshape(h * d, c), bias[:, i].reshape(h * d)).view(bw, n, h, d)
             for i in range(3)
         )
-        attn_bias = self.relative_bias(*window).unsqueeze(0).to(q.dtype)  # (1, h, N, N)
-        prompt_bias = None
-        if prompts is not None:
-            tokens, per_token = prompts  # (B or 1, h, T, d), (B or 1, 1, 1, T)
-            t = tokens.shape[2]
-            tokens = tokens.transpose(1, 2).to(k.dtype)
-            if tokens.shape[0] != 1:
-                tokens = tokens.repeat_interleave(windows_per_image, dim=0)
-                per_token = per_token.repeat_interleave(windows_per_image, dim=0)
-            tokens = tokens.expand(bw, t, h, d)
-            k, v = torch.cat([k, tokens], dim=1), torch.cat([v, tokens], dim=1)
-            # the window bias padded with the prompt columns' zeros, and the prompt bias as its own small
-            # add: one (B·nW, h, N, N + T) bias would be written out in full for every forward
-            attn_bias = F.pad(attn_bias, (0, t))
-            prompt_bias = F.pad(per_token.to(q.dtype), (n, 0))  # (B·nW or 1, 1, 1, N + T)
-        q = (q * d**-0.5).permute(0, 2, 1, 3)
-        keys = k.permute(0, 2, 1, 3).transpose(-1, -2)
-        scores = q @ keys + attn_bias
-        if prompt_bias is not None:
-            scores = scores + prompt_bias
-        attn = scores.softmax(dim=-1)
-        out = (attn @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
-        return self.proj(out.reshape(bw, n, c))
+        return q, k, v
+
+
+def _append_prompts_graph(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    prompts: tuple[torch.Tensor, torch.Tensor],
+    windows_per_image: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_append_prompts`` for (B·nW, N, h, d) keys and values: the window bias (1, h, N, N) padded with
+    the prompt columns' zeros, and the prompt bias returned apart as (B·nW or 1, 1, 1, N + T), to be added
+    on its own (one (B·nW, h, N, N + T) bias would be written out in full at every forward)."""
+    tokens, prompt_bias = prompts  # (B or 1, h, T, d), (B or 1, 1, 1, T)
+    bw, n, h, d = k.shape
+    t = tokens.shape[2]
+    tokens = tokens.transpose(1, 2).to(k.dtype)
+    if tokens.shape[0] != 1:  # one prompt per image, repeated over that image's windows
+        tokens = tokens.repeat_interleave(windows_per_image, dim=0)
+        prompt_bias = prompt_bias.repeat_interleave(windows_per_image, dim=0)
+    tokens = tokens.expand(bw, t, h, d)
+    keys, values = torch.cat([k, tokens], dim=1), torch.cat([v, tokens], dim=1)
+    return keys, values, F.pad(bias, (0, t)), F.pad(prompt_bias.to(bias.dtype), (n, 0))
 
 
 def _append_prompts(
@@ -179,25 +194,19 @@ def _append_prompts(
     bias: torch.Tensor,
     prompts: tuple[torch.Tensor, torch.Tensor],
     windows_per_image: int,
-    tokens_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Append the same prompt tokens to keys and values, and their bias column to the attention bias.
-
-    Keys and values are (B·nW, h, N, d), or (B·nW, N, h, d) with ``tokens_major``
-    (``WindowAttention._graph_forward``); the prompt tokens (B or 1, h, T, d).
-    """
+    """Append the same prompt tokens to keys and values, and their bias column to the attention bias."""
     tokens, prompt_bias = prompts
-    axis = 1 if tokens_major else 2  # the token axis of keys and values
-    tokens = (tokens.transpose(1, 2) if tokens_major else tokens).to(k.dtype)
-    bw, n, h, t = k.shape[0], k.shape[axis], bias.shape[1], tokens.shape[axis]
+    bw, h, n, d = k.shape
+    t = tokens.shape[2]
     if tokens.shape[0] == 1:
-        tokens = tokens.expand(bw, *tokens.shape[1:])
+        tokens = tokens.to(k.dtype).expand(bw, h, t, d)
         bias = torch.cat([bias, prompt_bias.to(bias.dtype).expand(1, h, n, t)], dim=-1)
     else:  # one prompt per image, repeated over that image's windows
-        tokens = tokens.repeat_interleave(windows_per_image, dim=0)
+        tokens = tokens.to(k.dtype).repeat_interleave(windows_per_image, dim=0)
         prompt_bias = prompt_bias.to(bias.dtype).repeat_interleave(windows_per_image, dim=0)
         bias = torch.cat([bias.expand(bw, h, n, n), prompt_bias.expand(bw, h, n, t)], dim=-1)
-    return torch.cat([k, tokens], dim=axis), torch.cat([v, tokens], dim=axis), bias
+    return torch.cat([k, tokens], dim=2), torch.cat([v, tokens], dim=2), bias
 
 
 class TinyViTBlock(nn.Module):

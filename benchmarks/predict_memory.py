@@ -1,6 +1,9 @@
 """Resident memory while ``predict_files`` runs over a folder of 1,000 images (the six test splits, cycled).
 
-Usage: python benchmarks/predict_memory.py [--checkpoint CKPT] [--images 1000] [--out FILE]
+Usage: python benchmarks/predict_memory.py [--checkpoint CKPT] [--images 1000] [--openvino] [--out FILE]
+
+``--openvino``: the native checkpoint with its graph in OpenVINO (``predict --backend openvino``), the
+graph exported or taken from the cache before the first RSS reading after loading.
 
 RSS is read from /proc/self/status (VmRSS now, VmHWM = peak) before the model loads, after it loads, and
 after every 100 files.
@@ -33,11 +36,19 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--openvino", action="store_true", help="The graph in OpenVINO.")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start_rss = rss_mb()[0]
-    predictor = Predictor(load_model(args.checkpoint or default_checkpoint()), device="cpu")
+    model = load_model(args.checkpoint or default_checkpoint())
+    if args.openvino:
+        from espmedsam.openvino_encoder import use_openvino_encoder
+
+        model = use_openvino_encoder(model, threads=args.threads)
+    predictor = Predictor(model, device="cpu")
+    if args.openvino:
+        model.image_encoder.prepare(predictor.input_size(m) for m in predictor.modalities)
     loaded_rss = rss_mb()[0]
     sources = [path for path, _ in split_images(IN_DOMAIN, "test")]
     rows = ["| files done | RSS (MB) | peak RSS (MB) | elapsed (s) |", "|---:|---:|---:|---:|"]
@@ -59,7 +70,8 @@ def main() -> None:
                 elapsed = time.perf_counter() - start
                 rows.append(f"| {done} | {now:.0f} | {peak:.0f} | {elapsed:.0f} |")
     lines = [
-        f"{args.images} images (the {len(sources)} in-domain test images, cycled), torch bf16, "
+        f"{args.images} images (the {len(sources)} in-domain test images, cycled), "
+        f"{'OpenVINO graph (native checkpoint)' if args.openvino else 'torch bf16'}, "
         f"--modality auto, {args.threads} threads",
         f"RSS before loading the model {start_rss:.0f} MB, after {loaded_rss:.0f} MB",
         "",

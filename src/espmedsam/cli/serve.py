@@ -27,8 +27,9 @@ def serve(
     backend: Annotated[
         str,
         typer.Option(
-            help="torch; or openvino: the image encoder compiled by OpenVINO (about twice as fast on a "
-            "CPU; exported once per checkpoint at startup, cached), everything else in torch."
+            help="torch; or openvino: the encoder and the prompt-free decoders compiled by OpenVINO "
+            "(faster on a CPU, more memory; exported once per checkpoint at startup, cached), the "
+            "promptable decoder and the classifier in torch."
         ),
     ] = "torch",
     device: DeviceOpt = "auto",

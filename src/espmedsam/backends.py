@@ -1,7 +1,7 @@
 """Which runtime runs a checkpoint: torch (native ``.safetensors``), onnxruntime or OpenVINO (an
 ``espmedsam export --format onnx`` file), or ``auto``, the fastest one installed for the file given.
-OpenVINO also takes a native checkpoint: its image encoder is then compiled by OpenVINO and the rest
-runs in torch (``openvino_encoder``), prompts and quality scores included.
+OpenVINO also takes a native checkpoint: its encoder and prompt-free decoders are then compiled by
+OpenVINO and the rest runs in torch (``openvino_encoder``), prompts and quality scores included.
 
 Measured on two CPU cores (``BENCHMARKS.md``, "Backends"): OpenVINO in bf16 is the fastest where it is
 installed, then torch with bf16 autocast; onnxruntime runs fp32 kernels only and comes last, so ``auto``

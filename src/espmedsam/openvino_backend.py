@@ -101,19 +101,49 @@ class OpenVinoBackend(OnnxBackend):
             )
             try:
                 model = _cut(self._core.read_model(str(self.path)), inputs, output)
-                model.reshape(
-                    {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
-                )
-                config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-                if self.cache_dir is not None:
-                    config["CACHE_DIR"] = str(self.cache_dir)
-                if self.threads:
-                    config["INFERENCE_NUM_THREADS"] = self.threads
-                self._sessions[key] = self._core.compile_model(model, DEVICE, config)
             except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
-                first = str(error).strip().splitlines()[0]
-                raise CheckpointError(f"OpenVINO cannot compile {self.path}: {first}") from None
+                raise _one_line(error, str(self.path)) from None
+            shapes = {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
+            self._sessions[key] = compile_graph(
+                self._core, model, shapes, self.precision, threads=self.threads, cache_dir=self.cache_dir,
+                name=str(self.path),
+            )  # fmt: skip
         return self._sessions[key]
+
+
+def compile_graph(
+    core: Any,
+    model: Any,
+    shapes: dict[str, list[int]],
+    precision: str,
+    *,
+    threads: int | None = None,
+    cache_dir: Path | None = None,
+    name: str = "the graph",
+) -> Any:
+    """``model`` (an ``openvino.Model``, or a path OpenVINO reads) reshaped to the static ``shapes`` (input
+    name -> shape) and compiled for the CPU in ``precision`` with the latency hint.
+
+    Raises:
+        CheckpointError: OpenVINO cannot read or compile it (one line, naming ``name``).
+    """
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if cache_dir is not None:
+        config["CACHE_DIR"] = str(cache_dir)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        if isinstance(model, (str, Path)):
+            model = core.read_model(str(model))
+        model.reshape(shapes)
+        return core.compile_model(model, DEVICE, config)
+    except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
+        raise _one_line(error, name) from None
+
+
+def _one_line(error: Exception, name: str) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"OpenVINO cannot compile {name}: {first}")
 
 
 def _cut(model: Any, inputs: list[str], output: str) -> Any:

@@ -8,17 +8,16 @@ compiled by OpenVINO and put in the encoder's place (``OpenVinoImageEncoder``); 
 embedding: ``espmedsam serve --backend openvino`` and ``predict --backend openvino`` with a native
 checkpoint. ``Predictor`` takes the masks from the graph (``segment``) instead of decoding again.
 
-The exported encoder is kept in ``CACHE_DIR`` under a hash of the encoder's weights, so only the first
-run with a checkpoint pays the export (about a minute); OpenVINO's own cache keeps the compiled graphs.
-A fresh export is compared with the eager encoder in fp32 before it is used; a graph that differs is
-refused with a one-line error.
+The exported graph is kept in ``CACHE_DIR`` under a hash of the model's weights and of the graph's kind,
+so only the first run with a checkpoint pays the export (about a minute); OpenVINO's own cache keeps the
+compiled graphs. A fresh export is compared with the eager model in fp32 before it is used; a graph that
+differs is refused with a one-line error.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,11 @@ from espmedsam.errors import CheckpointError
 from espmedsam.models.controller import ControllerRoute
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.openvino_backend import CACHE_DIR as COMPILED_CACHE
-from espmedsam.openvino_backend import DEVICE, cpu_has_bf16
+from espmedsam.openvino_backend import compile_graph, cpu_has_bf16
 
 CACHE_DIR = COMPILED_CACHE / "encoders"  # beside the compiled graphs
 GRAPH_VERSION = "encoder+prompt-free-decoding 1"  # part of the cache key: change it when the graph does
 _CHECK_TOLERANCE = 2e-3  # max abs difference to the eager fp32 encoder, relative to max(1, |reference|)
-logger = logging.getLogger(__name__)
 
 
 def graph_key(model: nn.Module) -> str:
@@ -98,7 +96,7 @@ class OpenVinoImageEncoder(nn.Module):
         self.progress = progress
         self._core = ov.Core()
         self.precision = "bf16" if bfloat16 and cpu_has_bf16(self._core) else "f32"
-        self._compiled: dict[tuple[int, str], Any] = {}
+        self._compiled: dict[int, Any] = {}  # input side -> compiled graph
         self.train(model.training)  # a fresh module trains; this one starts as the model is
 
     def forward(self, images: torch.Tensor, route: ControllerRoute | None = None) -> torch.Tensor:
@@ -127,24 +125,14 @@ class OpenVinoImageEncoder(nn.Module):
         for side in sorted(set(sides)):
             self.compiled(side)
 
-    def compiled(self, side: int, precision: str | None = None) -> Any:
-        """The graph compiled for one image of ``side`` (in ``precision``, default the encoder's)."""
-        precision = precision or self.precision
-        key = (side, precision)
-        if key not in self._compiled:
-            model = self._core.read_model(str(self.graph(side)))
-            model.reshape({INPUTS[0]: [1, 3, side, side], INPUTS[1]: [1]})
-            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-            if self.cache_dir is not None:
-                config["CACHE_DIR"] = str(self.cache_dir)
-            if self.threads:
-                config["INFERENCE_NUM_THREADS"] = self.threads
-            try:
-                self._compiled[key] = self._core.compile_model(model, DEVICE, config)
-            except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
-                first = str(error).strip().splitlines()[0]
-                raise CheckpointError(f"OpenVINO cannot compile the image encoder: {first}") from None
-        return self._compiled[key]
+    def compiled(self, side: int) -> Any:
+        """The graph compiled for one image of ``side``."""
+        if side not in self._compiled:
+            self._compiled[side] = compile_graph(
+                self._core, self.graph(side), _shapes(side), self.precision, threads=self.threads,
+                cache_dir=self.cache_dir, name="the image encoder",
+            )  # fmt: skip
+        return self._compiled[side]
 
     def graph(self, side: int) -> Path:
         """The exported graph that runs inputs of ``side``: the cached one, else a fresh, checked export
@@ -170,9 +158,7 @@ class OpenVinoImageEncoder(nn.Module):
         side = side or min(config.inference_sizes or (config.image_size,))
         images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
         ids = torch.arange(2) % len(config.modalities)
-        model = self._core.read_model(str(path))
-        model.reshape({INPUTS[0]: [1, 3, side, side], INPUTS[1]: [1]})
-        compiled = self._core.compile_model(model, DEVICE, {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = compile_graph(self._core, path, _shapes(side), "f32", name="the image encoder")
         with torch.no_grad():
             embeddings = self.torch_encoder(images, ControllerRoute.from_index(ids))
             out = self._source.decode(embeddings, ids, side, images)
@@ -193,6 +179,11 @@ class OpenVinoImageEncoder(nn.Module):
         return [results[compiled.output(name)] for name in (ENCODER_OUTPUT, *OUTPUTS)]
 
 
+def _shapes(side: int) -> dict[str, list[int]]:
+    """The graph's input shapes for one image of ``side``."""
+    return {INPUTS[0]: [1, 3, side, side], INPUTS[1]: [1]}
+
+
 def _with_encoder(model: ESPMedSAM, encoder: nn.Module) -> ESPMedSAM:
     """A shallow copy of ``model`` with ``encoder`` as its image encoder (the other modules shared)."""
     view = copy.copy(model)
@@ -209,9 +200,10 @@ def use_openvino_encoder(
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ESPMedSAM:
-    """Put an OpenVINO-compiled image encoder in ``model``'s place (the model is changed and returned).
-    Its exported graph is kept in ``cache_dir`` (default ``CACHE_DIR``) under a hash of the encoder's
-    weights, so a checkpoint is exported once (``progress`` is told then), at its first image.
+    """Put an OpenVINO-compiled image encoder (with the prompt-free decoding, see ``OpenVinoImageEncoder``)
+    in ``model``'s place (the model is changed and returned). Its exported graph is kept in ``cache_dir``
+    (default ``CACHE_DIR``) under a hash of the model's weights, so a checkpoint is exported once
+    (``progress`` is told then), at its first image.
 
     Raises:
         MissingDependencyError: openvino, onnx or onnxscript is not installed.

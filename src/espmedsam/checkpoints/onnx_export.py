@@ -259,8 +259,8 @@ def _to_onnx(program: Any, graph: ExportGraph, opset: int | None) -> Any:
         with _quiet(), _export_mode():
             onnx_program = torch.onnx.export(
                 program,
-                input_names=graph_inputs(graph),
-                output_names=graph_outputs(graph),
+                input_names=graph.input_names,
+                output_names=graph.output_names,
                 opset_version=opset,
                 dynamo=True,
                 custom_translation_table=_translations(),
@@ -389,12 +389,12 @@ def _check(proto: Any, graph: ExportGraph, sizes: list[int]) -> str | None:
         args = _inputs(graph, side, batch, generator)
         with torch.no_grad():
             expected = graph(*args)
-        feeds = {name: arg.numpy() for name, arg in zip(graph_inputs(graph), args, strict=True)}
+        feeds = {name: arg.numpy() for name, arg in zip(graph.input_names, args, strict=True)}
         try:
             got = session.run(None, feeds)
         except Exception as error:  # onnxruntime's own error types
             return f"fails at B={batch}, {side}x{side} ({str(error).splitlines()[0]})"
-        for name, ref, out in zip(graph_outputs(graph), expected, got, strict=True):
+        for name, ref, out in zip(graph.output_names, expected, got, strict=True):
             ref = ref.numpy()
             diff = np.abs(out - ref) if out.shape == ref.shape else np.array([np.inf])
             # masks: a patch logit a rounding error away from the threshold flips a dense-prompt cell
@@ -402,11 +402,3 @@ def _check(proto: Any, graph: ExportGraph, sizes: list[int]) -> str | None:
             if error > _CHECK_TOLERANCE * max(1.0, float(np.abs(ref).max())):
                 return f"differs at B={batch}, {side}x{side} ({name}: {error:.2g})"
     return None
-
-
-def graph_inputs(graph: ExportGraph) -> list[str]:
-    return graph.input_names
-
-
-def graph_outputs(graph: ExportGraph) -> list[str]:
-    return graph.output_names

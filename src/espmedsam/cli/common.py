@@ -205,7 +205,8 @@ BackendOpt = Annotated[
     str,
     typer.Option(
         help="torch (.safetensors); onnxruntime (an exported .onnx file); openvino (an exported .onnx "
-        "file, or a .safetensors whose image encoder OpenVINO then runs, the rest in torch); auto: the "
+        "file, or a .safetensors whose encoder and prompt-free decoders OpenVINO then runs, the rest in "
+        "torch); auto: the "
         "fastest installed for the checkpoint (openvino, else onnxruntime, for .onnx; torch otherwise)."
     ),
 ]

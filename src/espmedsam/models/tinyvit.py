@@ -293,8 +293,9 @@ def graph_layout() -> Iterator[None]:
     """Trace the encoder for an exported graph: the same values (up to float rounding), laid out for a
     graph compiler rather than for eager PyTorch. Eager oneDNN takes a (B, C, H, W) view of a
     (B, H, W, C) tensor for free; a compiled graph copies it, and OpenVINO's generic 4-D transpose for
-    that copy took about a quarter of a 512² forward. Here the copy is a batched matrix transpose and
-    the local conv runs before the padding is cut (``TinyViTBlock._local_conv_padded``)."""
+    that copy took about a quarter of a 512² forward. Here the copy is a batched matrix transpose, the
+    local conv runs before the padding is cut (``TinyViTBlock._local_conv_padded``), and the window
+    attention is written as the pattern OpenVINO fuses (``WindowAttention._graph_forward``)."""
     previous, _GRAPH_LAYOUT[0] = _GRAPH_LAYOUT[0], True
     try:
         yield

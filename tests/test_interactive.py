@@ -88,6 +88,28 @@ def test_the_embedding_is_computed_once_for_many_corrections(prompted_model, ima
     assert len(calls) == 2
 
 
+def test_a_segmented_image_is_scored_and_corrected_from_one_embedding(prompted_model, image, monkeypatch):
+    from espmedsam.train.quality import with_quality_head
+
+    model = with_quality_head(prompted_model)
+    with torch.no_grad():
+        model.quality.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.quality.calibrated.fill_(True)
+    predictor = Predictor(model, device="cpu")
+    (expected,) = predictor.predict_with_patch_maps([image], "xray", quality=True)
+    calls = []
+    encoder_forward = model.image_encoder.forward
+    monkeypatch.setattr(
+        model.image_encoder, "forward", lambda *a, **k: calls.append(1) or encoder_forward(*a, **k)
+    )
+    mask, patch_map = predictor.prompter.segment(image, "xray")
+    # what predict_with_patch_maps gives, bitwise, and the same score from the kept embedding
+    assert np.array_equal(mask, expected.mask) and np.array_equal(patch_map, expected.patch_map)
+    assert predictor.prompter.quality(image, "xray") == expected.quality is not None
+    predictor.predict(image, "xray", points=[[20, 20]])
+    assert len(calls) == 1
+
+
 def test_box_prompts_give_a_mask_and_one_iou_per_pass(prompted_model, image):
     predictor = Predictor(prompted_model, device="cpu")
     result = predictor.predict_prompted(image, "xray", Prompts.of([[2, 2, 30, 30], [40, 10, 70, 40]]))

@@ -31,7 +31,7 @@ import torch
 from scipy import ndimage
 
 from espmedsam.errors import InputError
-from espmedsam.models.espmedsam import ESPMedSAM, ModalityLike
+from espmedsam.models.espmedsam import ESPMedSAM, ESPOutput, ModalityLike
 from espmedsam.models.image_io import PreprocessMeta
 from espmedsam.prompting import FOREGROUND, PromptPass, Prompts, prompt_passes, to_model_input
 
@@ -54,6 +54,9 @@ class ImageEmbedding:
     key: bytes  # the image's pixels, shape, modality and S, digested
     prompt_free: np.ndarray | None = field(default=None, repr=False)  # (H, W) bool, once decoded
     prompt_free_logits: torch.Tensor | None = field(default=None, repr=False)  # (1, 1, S, S)
+    patch_logits: torch.Tensor | None = field(default=None, repr=False)  # (1, 1, g, g) SPPG's
+    quality: float | None = field(default=None, repr=False)  # the prompt-free mask's, once scored
+    scored: bool = field(default=False, repr=False)
     # the click decoder's (1, 1, S, S) logits and predicted IoU after each sequence of clicks so far
     corrections: dict[tuple, tuple[torch.Tensor, float]] = field(default_factory=dict, repr=False)
 
@@ -97,22 +100,62 @@ class PromptPredictor:
         if self.embedded is not None and self.embedded.key == key:
             return self.embedded
         x, meta = model.preprocess(image, size)
+        x = x.to(predictor.device)
+        logits = patches = None
         with torch.inference_mode(), predictor.autocast():
-            embeddings = model.encode(x, name)
+            # a compiled encoder's graph decodes the prompt-free mask as well
+            if compiled := predictor.compiled_segment(x, model.modality_ids(name, 1).to(x.device)):
+                embeddings, logits, patches = compiled
+            else:
+                embeddings = model.encode(x, name)
         self.encoder_calls += 1
-        self.embedded = ImageEmbedding(x, embeddings, name, meta, key)
+        self.embedded = ImageEmbedding(x, embeddings, name, meta, key, prompt_free_logits=logits,
+                                       patch_logits=patches)  # fmt: skip
         return self.embedded
 
     def prompt_free(self, embedded: ImageEmbedding) -> np.ndarray:
         """The prompt-free mask from the kept embedding: the same operations as ``Predictor.predict``."""
         if embedded.prompt_free is None:
+            logits = self._decoded(embedded).prompt_free_logits
+            assert logits is not None
+            embedded.prompt_free = (
+                self.model.postprocess(logits.float().cpu(), embedded.meta)[0, 0].numpy() > 0
+            )
+        return embedded.prompt_free
+
+    def segment(self, image: np.ndarray, modality: ModalityLike) -> tuple[np.ndarray, np.ndarray | None]:
+        """The prompt-free (H, W) bool mask and (H, W) SPPG patch map of ``image`` (None without SPPG), as
+        ``Predictor.predict_with_patch_maps`` gives them; the image's embedding is kept, so its quality
+        score (``quality``) and corrections do not run the encoder again."""
+        embedded = self._decoded(self.embed(image, modality))
+        patches = embedded.patch_logits
+        patch_map = None if patches is None else self.predictor.patch_map(patches, embedded.meta)
+        return self.prompt_free(embedded), patch_map
+
+    def quality(self, image: np.ndarray, modality: ModalityLike) -> float | None:
+        """The predicted Dice of ``image``'s prompt-free mask (``Predictor.predict_with_quality``'s), from
+        its kept embedding when it is the last image embedded; None without a calibrated score."""
+        embedded = self._decoded(self.embed(image, modality))
+        if not embedded.scored:
+            out = ESPOutput(embedded.prompt_free_logits, embedded.patch_logits, embedded.embeddings)  # type: ignore[arg-type]
+            ids = self.model.modality_ids(embedded.modality, 1).to(embedded.inputs.device)
+            embedded.quality = self.predictor.score_embedded(
+                embedded.embeddings, out, ids, embedded.meta.resized_size
+            )
+            embedded.scored = True
+        return embedded.quality
+
+    def _decoded(self, embedded: ImageEmbedding) -> ImageEmbedding:
+        """``embedded`` with its prompt-free logits and patch logits, decoded once from its embedding
+        (``Predictor.predict``'s operations) unless the encoder's graph gave them."""
+        if embedded.prompt_free_logits is None:
             model = self.model
             with torch.inference_mode(), self.predictor.autocast():
                 ids = model.modality_ids(embedded.modality, 1).to(embedded.inputs.device)
                 out = model.decode(embedded.embeddings, ids, embedded.size, embedded.inputs)
             embedded.prompt_free_logits = out.masks.float()
-            embedded.prompt_free = model.postprocess(out.masks.float().cpu(), embedded.meta)[0, 0].numpy() > 0
-        return embedded.prompt_free
+            embedded.patch_logits = out.patch_logits
+        return embedded
 
     def predict(self, image: np.ndarray, modality: ModalityLike, prompts: Prompts) -> PromptedMask:
         """The mask of ``prompts`` on ``image`` (the module docstring says how).

@@ -100,7 +100,7 @@ class OpenVinoBackend(OnnxBackend):
                 (list(INPUTS), OUTPUTS[0]) if graph == "segment" else ([CLASSIFIER_INPUT], CLASSIFIER_OUTPUT)
             )
             try:
-                model = _cut(self._core.read_model(str(self.path)), inputs, output)
+                model = cut_graph(self._core.read_model(str(self.path)), inputs, [output])
             except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
                 raise _one_line(error, str(self.path)) from None
             shapes = {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
@@ -146,11 +146,11 @@ def _one_line(error: Exception, name: str) -> CheckpointError:
     return CheckpointError(f"OpenVINO cannot compile {name}: {first}")
 
 
-def _cut(model: Any, inputs: list[str], output: str) -> Any:
-    """The part of ``model`` from the named inputs to the named output (the other inputs and outputs
-    dropped, so a segmentation needs no classifier images and the reverse)."""
+def cut_graph(model: Any, inputs: list[str], outputs: list[str]) -> Any:
+    """The part of ``model`` (an ``openvino.Model``) from the named inputs to the named outputs (the other
+    inputs and outputs dropped, so a segmentation needs no classifier images and the reverse)."""
     import openvino as ov
 
     parameters = [p for p in model.get_parameters() if p.get_friendly_name() in inputs]
-    results = [o for o in model.outputs if output in o.get_names()]
+    results = [o for o in model.outputs if o.get_names() & set(outputs)]
     return ov.Model(results, parameters, model.get_friendly_name())

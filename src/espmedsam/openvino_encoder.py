@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from espmedsam.checkpoints.onnx_export import (
+    CLASSIFIER_FEATURES,
+    CLASSIFIER_INPUT,
     ENCODER_OUTPUT,
     INPUTS,
     OUTPUTS,
@@ -37,10 +39,11 @@ from espmedsam.errors import CheckpointError
 from espmedsam.models.controller import ControllerRoute
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.openvino_backend import CACHE_DIR as COMPILED_CACHE
-from espmedsam.openvino_backend import compile_graph, cpu_has_bf16
+from espmedsam.openvino_backend import compile_graph, cpu_has_bf16, cut_graph
 
 CACHE_DIR = COMPILED_CACHE / "encoders"  # beside the compiled graphs
-GRAPH_VERSION = "encoder+prompt-free-decoding 1"  # part of the cache key: change it when the graph does
+# part of the cache key: change it when the graph does
+GRAPH_VERSION = "encoder+prompt-free-decoding+classifier-features 2"
 _CHECK_TOLERANCE = 2e-3  # max abs difference to the eager fp32 encoder, relative to max(1, |reference|)
 
 
@@ -97,6 +100,10 @@ class OpenVinoImageEncoder(nn.Module):
         self._core = ov.Core()
         self.precision = "bf16" if bfloat16 and cpu_has_bf16(self._core) else "f32"
         self._compiled: dict[int, Any] = {}  # input side -> compiled graph
+        self._classifier: Any = None  # the compiled classifier part, once asked for
+        self._classifier_side = (
+            getattr(model.config.classifier, "input_size", None) if model.classifier else None
+        )
         self.train(model.training)  # a fresh module trains; this one starts as the model is
 
     def forward(self, images: torch.Tensor, route: ControllerRoute | None = None) -> torch.Tensor:
@@ -119,20 +126,63 @@ class OpenVinoImageEncoder(nn.Module):
             torch.from_numpy(np.concatenate([run[k] for run in runs])).to(images.device) for k in range(3)
         )
 
+    @property
+    def has_classifier(self) -> bool:
+        """Whether the graph also pools the modality classifier's features (``classifier_features``)."""
+        return self._classifier_side is not None
+
+    def classifier_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s, s) classifier inputs -> (B, 2C) float32 features: the controller-free embedding
+        pooled, what ``ModalityClassifier.pool`` gives for ``encode(images, None)``."""
+        if self._classifier is None:
+            self._classifier = self._classifier_part(self._any_graph(), self.precision)
+        pixels = images.detach().float().cpu().numpy()
+        output = self._classifier.output(CLASSIFIER_FEATURES)
+        features = [
+            self._classifier({CLASSIFIER_INPUT: pixels[i : i + 1]})[output] for i in range(len(pixels))
+        ]
+        return torch.from_numpy(np.concatenate(features)).to(images.device)
+
+    def _classifier_part(self, path: Path, precision: str) -> Any:
+        """The exported graph's classifier part, compiled."""
+        side = self._classifier_side
+        assert side is not None, "this model has no modality classifier"
+        graph = cut_graph(self._core.read_model(str(path)), [CLASSIFIER_INPUT], [CLASSIFIER_FEATURES])
+        cache = self.cache_dir if precision == self.precision else None  # the check's fp32 one is not kept
+        return compile_graph(
+            self._core, graph, {CLASSIFIER_INPUT: [1, 3, side, side]}, precision, threads=self.threads,
+            cache_dir=cache, name="the classifier's encoder",
+        )  # fmt: skip
+
+    def _any_graph(self) -> Path:
+        """An exported graph (each holds the classifier part): one already written, else the graph of the
+        smallest configured side."""
+        written = sorted(self.folder.glob(f"encoder-{self.key}*.onnx"))
+        if written:
+            return written[0]
+        config = self._source.config
+        return self.graph(min(config.inference_sizes or (config.image_size,)))
+
     def prepare(self, sides: Iterable[int]) -> None:
-        """Export (if not cached) and compile the graphs of ``sides`` now, not at the first image there
-        (a server does this before it takes requests)."""
+        """Export (if not cached) and compile the graphs of ``sides`` (and the classifier's) now, not at
+        the first image there (a server does this before it takes requests)."""
         for side in sorted(set(sides)):
             self.compiled(side)
+        if self.has_classifier:
+            self.classifier_features(torch.zeros(1, 3, self._classifier_side, self._classifier_side))
 
     def compiled(self, side: int) -> Any:
-        """The graph compiled for one image of ``side``."""
+        """The graph compiled for one image of ``side`` (its segmentation part)."""
         if side not in self._compiled:
             self._compiled[side] = compile_graph(
-                self._core, self.graph(side), _shapes(side), self.precision, threads=self.threads,
-                cache_dir=self.cache_dir, name="the image encoder",
+                self._core, self._segmentation_part(self.graph(side)), _shapes(side), self.precision,
+                threads=self.threads, cache_dir=self.cache_dir, name="the image encoder",
             )  # fmt: skip
         return self._compiled[side]
+
+    def _segmentation_part(self, path: Path) -> Any:
+        """The exported graph without its classifier input and output."""
+        return cut_graph(self._core.read_model(str(path)), list(INPUTS), [ENCODER_OUTPUT, *OUTPUTS])
 
     def graph(self, side: int) -> Path:
         """The exported graph that runs inputs of ``side``: the cached one, else a fresh, checked export
@@ -156,21 +206,37 @@ class OpenVinoImageEncoder(nn.Module):
         or the smallest configured side); a graph that differs is deleted and refused."""
         config = self._source.config
         side = side or min(config.inference_sizes or (config.image_size,))
-        images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(2, 3, side, side, generator=generator)
         ids = torch.arange(2) % len(config.modalities)
-        compiled = compile_graph(self._core, path, _shapes(side), "f32", name="the image encoder")
+        compiled = compile_graph(self._core, self._segmentation_part(path), _shapes(side), "f32",
+                                 name="the image encoder")  # fmt: skip
         with torch.no_grad():
             embeddings = self.torch_encoder(images, ControllerRoute.from_index(ids))
             out = self._source.decode(embeddings, ids, side, images)
         pixels, ids_array = images.numpy(), ids.numpy()
         runs = [self._run(compiled, pixels[i : i + 1], ids_array[i : i + 1]) for i in range(2)]
-        for k, expected in enumerate((embeddings, out.masks, out.patch_logits)):
-            diff = np.abs(np.concatenate([run[k] for run in runs]) - expected.numpy())
+        pairs = [(np.concatenate([run[k] for run in runs]), expected)
+                 for k, expected in enumerate((embeddings, out.masks, out.patch_logits))]  # fmt: skip
+        if self.has_classifier:
+            pairs.append(self._classifier_pair(path, generator))
+        for k, (got, expected) in enumerate(pairs):
+            diff = np.abs(got - expected.numpy())
             # masks: a patch logit a rounding error from the threshold flips a dense-prompt cell
-            error = float(np.quantile(diff, 0.99) if k else diff.max())
+            error = float(np.quantile(diff, 0.99) if k in (1, 2) else diff.max())
             if error > _CHECK_TOLERANCE * max(1.0, float(expected.abs().max())):
                 path.unlink(missing_ok=True)
                 raise CheckpointError(f"the OpenVINO image encoder differs from the eager one ({error:.2g})")
+
+    def _classifier_pair(self, path: Path, generator: torch.Generator) -> tuple[np.ndarray, torch.Tensor]:
+        """The fp32 graph's classifier features of a random image, and the eager model's."""
+        side = self._classifier_side
+        assert side is not None
+        images = torch.randn(1, 3, side, side, generator=generator)
+        compiled = self._classifier_part(path, "f32")
+        got = compiled({CLASSIFIER_INPUT: images.numpy()})[compiled.output(CLASSIFIER_FEATURES)]
+        with torch.no_grad():
+            return got, self._source.classifier.pool(self.torch_encoder(images, None))
 
     @staticmethod
     def _run(compiled: Any, pixels: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,9 +24,9 @@ from espmedsam.errors import InputError
 from espmedsam.memory import release_freed_memory
 from espmedsam.modalities import modality_ids
 from espmedsam.models.espmedsam import ESPMedSAM, ESPOutput, ModalityLike
-from espmedsam.models.image_io import RawImageIO
+from espmedsam.models.image_io import PreprocessMeta, RawImageIO
 from espmedsam.models.quality import DEFAULT_REVIEW_BELOW
-from espmedsam.models.self_prompt import refined_logits, self_prompts
+from espmedsam.models.self_prompt import SelfPrompts, refined_logits, self_prompts
 from espmedsam.prompting import Prompts
 
 if TYPE_CHECKING:
@@ -211,11 +211,17 @@ class Predictor:
     def predict_prompted(self, image: np.ndarray, modality: ModalityLike, prompts: Prompts) -> PromptedMask:
         """The mask of boxes and clicks on ``image`` and each decoder pass's predicted IoU
         (``interactive.PromptPredictor.predict``; the image is embedded once for all its corrections)."""
+        return self.prompter.predict(image, modality, prompts)
+
+    @property
+    def prompter(self) -> PromptPredictor:
+        """The prompt path (``interactive.PromptPredictor``), which keeps the last image's embedding: for
+        that image's prompt-free mask, quality score and corrections, the encoder runs once."""
         if self._prompter is None:
             from espmedsam.interactive import PromptPredictor
 
             self._prompter = PromptPredictor(self)
-        return self._prompter.predict(image, modality, prompts)
+        return self._prompter
 
     def autocast(self):
         """The torch backend's autocast context: bfloat16 unless ``bfloat16`` is off."""
@@ -382,12 +388,18 @@ class Predictor:
             mask = self.io.postprocess(logits[i : i + 1], meta)[0, 0].numpy() > 0
             patch_map = None
             if patch_maps and patches is not None:
-                # each patch logit covers its square of the padded input: map it back as the mask is
-                square = F.interpolate(patches[i : i + 1].float(), size=(size, size), mode="nearest")
-                patch_map = self.io.postprocess(square, meta)[0, 0].sigmoid().numpy()
+                patch_map = self.patch_map(patches[i : i + 1], meta)
             results.append(MaskWithPatchMap(mask, patch_map, scores[i]))
         release_freed_memory()  # the forward's activations are freed: give their pages back
         return results
+
+    def patch_map(self, patch_logits: torch.Tensor, meta: PreprocessMeta) -> np.ndarray:
+        """(1, 1, g, g) SPPG patch logits of a preprocessed image -> (H, W) float32 patch probabilities
+        at the image's own size."""
+        size = meta.input_size
+        # each patch logit covers its square of the padded input: map it back as the mask is
+        square = F.interpolate(patch_logits.float().cpu(), size=(size, size), mode="nearest")
+        return self.io.postprocess(square, meta)[0, 0].sigmoid().numpy()
 
     def _segment(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 logits on the CPU."""
@@ -397,9 +409,8 @@ class Predictor:
     def _forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 mask logits and the (B, 1, g, g) SPPG
         patch logits (None for networks without SPPG), on the CPU."""
-        if compiled := self._compiled_encoder():
-            _, masks, patches = compiled.segment(x, ids)
-            return masks, patches
+        if compiled := self.compiled_segment(x, ids):
+            return compiled[1], compiled[2]
         if isinstance(self.model, torch.nn.Module):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
                 out = self.model(x.to(self.device), ids.to(self.device))
@@ -407,11 +418,21 @@ class Predictor:
             return out.masks.float().cpu(), None if patches is None else patches.float().cpu()
         return torch.from_numpy(self.model.segment(x.numpy(), ids.numpy())), None
 
-    def _compiled_encoder(self) -> Any:
-        """The model's OpenVINO encoder graph (``openvino_encoder``), which also gives the prompt-free
-        masks, or None."""
+    def compiled_segment(
+        self, x: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """With an OpenVINO-compiled encoder (``openvino_encoder``), whose graph also decodes the
+        prompt-free masks: (B, C, h, w) embeddings, (B, 1, S, S) mask logits and (B, 1, g, g) patch
+        logits of (B, 3, S, S) inputs and (B,) ids; None without one. The embeddings come as the torch
+        encoder gives them under autocast, bfloat16 (under ``bfloat16``) and channels last: the promptable
+        decoder after them then runs at the torch backend's speed (float32 embeddings, cast at each
+        layer, and a channels-first layout made the quality score's decoder pass twice as slow)."""
         encoder = getattr(self.model, "image_encoder", None)
-        return encoder if hasattr(encoder, "segment") else None
+        if not hasattr(encoder, "segment"):
+            return None
+        embeddings, masks, patches = encoder.segment(x, ids)
+        dtype = torch.bfloat16 if self.bfloat16 else embeddings.dtype
+        return embeddings.to(dtype, memory_format=torch.channels_last), masks, patches
 
     @torch.inference_mode()
     def _self_prompt_pass(
@@ -432,23 +453,48 @@ class Predictor:
                 "self-prompting needs the torch backend and a promptable decoder or quality head"
             )
         x, ids = x.to(self.device), ids.to(self.device)
-        size = x.shape[-1]
-        limit = model.quality.max_components if model.quality is not None else QualityConfig().max_components
         with self.autocast():
-            if compiled := self._compiled_encoder():
-                embeddings, masks, patches = compiled.segment(x, ids)
+            if compiled := self.compiled_segment(x, ids):
+                embeddings, masks, patches = compiled
                 out = ESPOutput(masks=masks, patch_logits=patches, embeddings=embeddings)
             else:
                 embeddings = model.encode(x, ids)
-                out = model.decode(embeddings, ids, size, x)
-            decode_boxes = None if model.prompt_decoder is None else model.box_decoder(embeddings, size)
-            prompts = self_prompts(out.masks, valid_sizes, decode_boxes, limit)
-            features = None
-            if score and model.quality is not None:
-                features = model.quality.features(out.masks, out.patch_logits, valid_sizes, prompts)
+                out = model.decode(embeddings, ids, x.shape[-1], x)
+            prompts, features = self._box_pass(embeddings, out, valid_sizes, score)
         free = out.masks.float().cpu()
         logits = refined_logits(free, prompts, refine) if refine else free
         return SelfPromptPass(free, logits, out.patch_logits.float().cpu(), features, ids.cpu())
+
+    def _box_pass(
+        self, embeddings: torch.Tensor, out: ESPOutput, valid_sizes: Sequence[tuple[int, int]], score: bool
+    ) -> tuple[SelfPrompts, torch.Tensor | None]:
+        """The boxes of each prompt-free mask's largest components (``out.masks``, (B, 1, S, S)) through
+        the promptable decoder on their (B, C, h, w) ``embeddings``, in one batch, and with ``score`` each
+        image's quality features; run it under ``autocast``."""
+        model = self.model
+        assert isinstance(model, ESPMedSAM)
+        limit = model.quality.max_components if model.quality is not None else QualityConfig().max_components
+        size = out.masks.shape[-1]
+        decode_boxes = None if model.prompt_decoder is None else model.box_decoder(embeddings, size)
+        prompts = self_prompts(out.masks, valid_sizes, decode_boxes, limit)
+        features = None
+        if score and model.quality is not None:
+            features = model.quality.features(out.masks, out.patch_logits, valid_sizes, prompts)
+        return prompts, features
+
+    @torch.inference_mode()
+    def score_embedded(
+        self, embeddings: torch.Tensor, out: ESPOutput, ids: torch.Tensor, valid_size: tuple[int, int]
+    ) -> float | None:
+        """The predicted Dice of one image's prompt-free mask from its (1, C, h, w) embedding and its
+        decoded ``out`` (masks and patch logits), as ``predict_with_quality`` scores it; None without a
+        calibrated score (``has_quality``)."""
+        if not self.has_quality:
+            return None
+        with self.autocast():
+            _, features = self._box_pass(embeddings, out, [valid_size], score=True)
+        assert features is not None
+        return float(self.model.quality(features, ids.cpu())[0])  # type: ignore[union-attr]
 
     def _scores(self, passed: SelfPromptPass, count: int) -> list[float | None]:
         """Each image's predicted Dice (of its prompt-free mask), or None without features."""
@@ -463,10 +509,13 @@ class Predictor:
         if not isinstance(self.model, torch.nn.Module):
             return torch.from_numpy(self.model.classify(x.numpy())), None
         classifier = self.model.classifier
+        encoder = self.model.image_encoder
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
-            embeddings = self.model.encode(x.to(self.device), None)
-            logits = classifier(embeddings)  # what ``model.classify`` computes
+            if getattr(encoder, "has_classifier", False):  # compiled: its graph pools the features too
+                features = encoder.classifier_features(x.to(self.device))
+            else:
+                features = classifier.pool(self.model.encode(x.to(self.device), None))  # float32
+            logits = classifier.head(features)  # what ``model.classify`` computes
         if not classifier.has_statistics:
             return logits.float().cpu(), None
-        distances = classifier.unknown_distance(classifier.pool(embeddings))  # float32
-        return logits.float().cpu(), distances.cpu()
+        return logits.float().cpu(), classifier.unknown_distance(features).cpu()

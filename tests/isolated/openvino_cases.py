@@ -182,12 +182,19 @@ def test_an_encoder_with_fixed_windows_exports_one_graph_for_every_side(unbalanc
     assert [path.name.count("-") for path in cache.glob("encoder-*.onnx")] == [1]  # no per-side graphs
 
 
-def test_the_controller_free_encoder_stays_in_torch(hybrid, model):  # noqa: F811
-    assert not hybrid[0].image_encoder.training
+def test_the_classifier_features_come_from_the_graph(hybrid, model, monkeypatch):  # noqa: F811
+    from espmedsam.predict import Predictor
+
+    assert not hybrid[0].image_encoder.training and hybrid[0].image_encoder.has_classifier
     images, _ = _inputs(2)
-    with torch.no_grad():
+    with torch.no_grad():  # encode(images, None) itself stays in torch
         assert torch.equal(hybrid[0].encode(images, None), model.encode(images, None))
-        assert torch.equal(hybrid[0].classify(images), model.classify(images))
+    image = np.random.default_rng(2).integers(0, 255, (50, 70, 3), np.uint8)
+    expected = Predictor(model, bfloat16=False).classify(image)
+    monkeypatch.setattr(hybrid[0].image_encoder.torch_encoder, "forward", lambda *a: pytest.fail("torch"))
+    got = Predictor(hybrid[0], bfloat16=False).classify(image)
+    assert got.modality == expected.modality
+    assert got.probabilities == pytest.approx(expected.probabilities, abs=1e-3)
 
 
 def test_the_exported_encoder_is_cached_per_weights(hybrid, model, monkeypatch):  # noqa: F811

@@ -323,6 +323,24 @@ def test_a_box_and_clicks_correct_a_kept_image(client, predictor, example):
     np.testing.assert_array_equal(decode_png(answer.json()["mask_png"]) > 0, expected)
 
 
+def test_a_quality_score_left_for_later_is_the_same_score(client, predictor, example):
+    now = post(client, example.read_bytes(), example.name).json()
+    calls = predictor.prompter.encoder_calls
+    later = post(client, example.read_bytes(), "other.jpg", quality_later="true").json()
+    assert later["quality_pending"] and later["predicted_dice"] is None and not now["quality_pending"]
+    assert now["predicted_dice"] is not None  # the bundled model has a calibrated score
+    assert later["mask_png"] == now["mask_png"]
+    answer = client.post("/api/quality", json={"image_id": later["image_id"]})
+    assert answer.status_code == 200, answer.text
+    score = answer.json()
+    assert score["image_id"] == later["image_id"] and score["predicted_dice"] == now["predicted_dice"]
+    assert (score["review"], score["review_below"]) == (now["review"], now["review_below"])
+    # the same image: its kept embedding served the mask and the score
+    assert predictor.prompter.encoder_calls == calls
+    unknown = client.post("/api/quality", json={"image_id": "nope"})
+    assert unknown.status_code == 422 and "upload it again" in unknown.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [

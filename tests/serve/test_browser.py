@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from espmedsam.cli import app as cli_app  # noqa: E402
+from espmedsam.data.io import read_image  # noqa: E402
 
 DONE_TIMEOUT_MS = 60_000  # the example takes ~2 s; a loaded CI machine may take far longer
 COUNT_OVERLAY = """() => {
@@ -119,6 +120,15 @@ def test_upload_shows_the_mask_over_the_image(page, example):
     timing = page.evaluate("window.espmedsamTiming")
     assert timing["file"] == example.name and timing["uploadToOverlayMs"] > 0 and timing["serverSeconds"] > 0
     assert page.is_hidden("#slice-control") and page.is_hidden("#error")
+
+
+def test_the_quality_score_follows_the_overlay(page, example, predictor):
+    upload(page, str(example), 1)
+    page.wait_for_function("window.espmedsamQuality && window.espmedsamQuality.file === " + repr(example.name))
+    _, score = predictor.predict_logits_with_quality(read_image(example), shown_modality(page))
+    assert page.text_content("#result-quality") == f"predicted Dice {score:.2f}"
+    overlay_ms = page.evaluate("window.espmedsamTiming.uploadToOverlayMs")
+    assert page.evaluate("window.espmedsamQuality.uploadToQualityMs") >= overlay_ms
 
 
 def test_downloads_are_the_cli_mask_and_the_overlay(page, example, tmp_path):

@@ -45,6 +45,7 @@ CLASSIFIER_INPUT = "classifier_images"
 OUTPUTS = ("masks", "patch_logits")
 CLASSIFIER_OUTPUT = "modality_logits"
 ENCODER_OUTPUT = "embeddings"
+CLASSIFIER_FEATURES = "classifier_features"
 MAX_BATCH = 1024
 MAX_SIZE = 4096
 _PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -92,21 +93,24 @@ class ExportGraph(nn.Module):
 class EncoderGraph(ExportGraph):
     """The image encoder with each image's controller, and the prompt-free decoding of its embedding:
     images (B, 3, S, S) and ids (B,) -> ``embeddings`` (B, 256, S/s, S/s), the encoder's output that the
-    promptable decoder reads, then ``masks`` and ``patch_logits`` as ``ExportGraph``'s. The promptable
-    decoder and the quality head stay in torch (``openvino_encoder``)."""
-
-    def __init__(self, model: ESPMedSAM) -> None:
-        super().__init__(model)
-        self.has_classifier = False
+    promptable decoder reads, then ``masks`` and ``patch_logits`` as ``ExportGraph``'s. With a modality
+    classifier also its input, classifier images (B, 3, s, s), -> ``classifier_features`` (B, 2C), the
+    controller-free embedding pooled as the classifier pools it (its small head and the unknown-image
+    distance stay in torch, as the promptable decoder and the quality head do: ``openvino_encoder``)."""
 
     @property
     def output_names(self) -> list[str]:
-        return [ENCODER_OUTPUT, *OUTPUTS]
+        return [ENCODER_OUTPUT, *OUTPUTS] + ([CLASSIFIER_FEATURES] if self.has_classifier else [])
 
-    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(
+        self, images: torch.Tensor, modality: torch.Tensor, classifier_images: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         embeddings = self.model.encode(images, modality)
         out = self.model.decode(embeddings, modality, images.shape[-1], images)
-        return embeddings, out.masks, out.patch_logits
+        if not self.has_classifier:
+            return embeddings, out.masks, out.patch_logits
+        features = self.model.classifier.pool(self.model.encode(classifier_images, None))  # type: ignore[union-attr]
+        return embeddings, out.masks, out.patch_logits, features
 
 
 def export_onnx(

@@ -33,9 +33,12 @@ from espmedsam.serve.schema import (
     Info,
     PromptRequest,
     PromptResult,
+    QualityRequest,
+    QualityResult,
     SegmentResult,
     correction_of,
     info_of,
+    quality_of,
     result_of,
 )  # fmt: skip
 from espmedsam.serve.segmenter import Segmenter
@@ -145,6 +148,13 @@ def _add_routes(app: FastAPI) -> None:
         details: Annotated[
             bool, Form(description="also each frame as PNG and its SPPG patch map (what the page shows)")
         ] = False,
+        quality_later: Annotated[
+            bool,
+            Form(
+                description="leave a single image's quality score for POST /api/quality, so the mask "
+                "comes back sooner (quality_pending says when it was left)"
+            ),
+        ] = False,
     ) -> dict:
         """The mask as base64 PNG (``mask_png``; one per slice in ``slices``), the mask file `espmedsam
         predict` writes for the same input (``mask_file``: PNG, or NIfTI for NIfTI and DICOM), the modality,
@@ -152,8 +162,19 @@ def _add_routes(app: FastAPI) -> None:
         (``known``), the size, the foreground and the time taken."""
         name = display_name(file.filename)
         data = file.file.read()
-        segmentation = app.state.segmenter.segment(data, name, modality)
+        segmentation = app.state.segmenter.segment(data, name, modality, quality_later=quality_later)
         return result_of(segmentation, details)
+
+    @app.post(
+        "/api/quality",
+        response_model=QualityResult,
+        responses={422: ERROR_RESPONSES[422]},
+        summary="The quality score an /api/segment request left for later",
+    )
+    def quality(request: QualityRequest) -> dict:
+        """The predicted Dice of a kept image's prompt-free mask (its ``image_id``), from the embedding its
+        ``/api/segment`` request computed while no other image came between."""
+        return quality_of(app.state.segmenter.quality(request.image_id))
 
     @app.post(
         "/api/prompt",

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from espmedsam import __version__
 from espmedsam.predict import Predictor
-from espmedsam.serve.segmenter import Correction, Segmentation, png_base64
+from espmedsam.serve.segmenter import Correction, QualityScore, Segmentation, png_base64
 from espmedsam.serve.uploads import FORMATS, UploadLimits
 
 
@@ -92,6 +92,9 @@ class SegmentResult(BaseModel):
     )
     review: bool | None = Field(None, description="predicted_dice is below review_below: check this mask")
     review_below: float | None = Field(None, description="the checkpoint's review threshold")
+    quality_pending: bool = Field(
+        False, description="the request left the quality score for later: POST /api/quality gives it"
+    )
     image_id: str | None = Field(
         None, description="a single image kept on the server: correct its mask with POST /api/prompt"
     )
@@ -108,6 +111,21 @@ class PromptRequest(BaseModel):
     boxes: list[list[float]] = Field([], description="[x0, y0, x1, y1] each, in the image's pixels")
     points: list[list[float]] = Field([], description="[x, y] each, in the image's pixels")
     labels: list[int] | None = Field(None, description="one per point: 1 foreground (default), 0 background")
+
+
+class QualityRequest(BaseModel):
+    image_id: str = Field(description="from the image's /api/segment answer")
+
+
+class QualityResult(BaseModel):
+    image_id: str
+    predicted_dice: float | None = Field(
+        description="the quality score of the image's prompt-free mask (as /api/segment gives it); null "
+        "without a calibrated score"
+    )
+    review: bool | None = Field(description="predicted_dice is below review_below: check this mask")
+    review_below: float | None
+    seconds: float
 
 
 class PromptResult(BaseModel):
@@ -168,7 +186,11 @@ def result_of(segmentation: Segmentation, details: bool) -> dict:
         "foreground_mm2": None if spacing is None else pixels * spacing[0] * spacing[1],
         "spacing_mm": None if spacing is None else [float(s) for s in spacing],
         "mask_png": slices[0]["mask_png"] if len(slices) == 1 else None,
-        **_quality(segmentation),
+        **_quality(
+            segmentation.results[0].quality if len(segmentation.results) == 1 else None,
+            segmentation.review_below,
+        ),
+        "quality_pending": segmentation.quality_pending,
         "image_id": segmentation.image_id,
         "mask_file": {"filename": filename, "media_type": _media_type(filename), "data": _b64(contents)},
         "slices": slices,
@@ -176,11 +198,18 @@ def result_of(segmentation: Segmentation, details: bool) -> dict:
     }
 
 
-def _quality(segmentation: Segmentation) -> dict:
-    score = segmentation.results[0].quality if len(segmentation.results) == 1 else None
+def quality_of(score: QualityScore) -> dict:
+    """The JSON body of ``POST /api/quality``."""
+    return {
+        "image_id": score.image_id,
+        **_quality(score.predicted_dice, score.review_below),
+        "seconds": round(score.seconds, 4),
+    }
+
+
+def _quality(score: float | None, below: float) -> dict:
     if score is None:
         return {"predicted_dice": None, "review": None, "review_below": None}
-    below = segmentation.review_below
     return {"predicted_dice": round(score, 4), "review": score < below, "review_below": below}
 
 

@@ -1,8 +1,10 @@
 """One loaded model shared by every request: an upload in, masks, patch maps and their metadata out.
 
-Requests run in the web server's worker threads; the forward passes take turns behind one lock (the model
-already uses every core, and a module is not promised to be re-entrant), while reading, sniffing and
-encoding the answers of other requests go on beside them.
+Requests run in the web server's worker threads; the model runs on one thread of its own, one pass at a
+time (the model already uses every core, and a module is not promised to be re-entrant), while reading,
+sniffing and encoding the answers of other requests go on beside it. One thread, not one lock: the
+thread pools of torch and OpenMP belong to the thread that calls them, and a pass on a worker thread new
+to them paid for a pool of its own (the fundus quality score's decoder passes took up to twice as long).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -34,6 +39,8 @@ from espmedsam.serve.uploads import (
     sniff_format,
 )
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Segmentation:
@@ -51,6 +58,7 @@ class Segmentation:
     unknown_threshold: float | None = None  # the classifier's, when it has feature statistics
     review_below: float = 0.5  # masks whose predicted Dice is below it are flagged
     image_id: str | None = None  # a single image kept for corrections (``Segmenter.correct``)
+    quality_pending: bool = False  # its quality score was left for ``Segmenter.quality``
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,16 @@ class KeptImage:
     name: str
     stack: ImageStack
     modality: str
+
+
+@dataclass(frozen=True)
+class QualityScore:
+    """The quality score of a kept image's prompt-free mask."""
+
+    image_id: str
+    predicted_dice: float | None  # None: the model has no calibrated score
+    review_below: float
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -85,12 +103,18 @@ class Segmenter:
         self.predictor = predictor
         self.workspace = Path(workspace)
         self.limits = limits or UploadLimits()
-        self._model_lock = threading.Lock()
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="espmedsam-model")
         self._kept: OrderedDict[str, KeptImage] = OrderedDict()
         self._kept_lock = threading.Lock()
 
-    def segment(self, data: bytes, name: str, modality: str = "auto") -> Segmentation:
+    def segment(
+        self, data: bytes, name: str, modality: str = "auto", *, quality_later: bool = False
+    ) -> Segmentation:
         """Segment one uploaded file (``name`` is for messages and the suggested file name only).
+
+        A single image that takes prompts is embedded once for its mask, its quality score and its
+        corrections; with ``quality_later`` its score is left for ``quality`` (about a third of the time
+        at 512 px), so the mask comes back sooner.
 
         Raises:
             UploadTooLarge, UnsupportedFormat: over a limit; not a format the server reads.
@@ -107,13 +131,9 @@ class Segmenter:
                 try:
                     stack = self._read(path, fmt)
                     read_done = time.perf_counter()
-                    with self._model_lock:
-                        choice = choose_modality(self.predictor, stack, modality)
-                        classified = time.perf_counter()
-                        # a single image gets its quality score; a volume's slices are not failures one by one
-                        results = self.predictor.predict_with_patch_maps(
-                            list(stack.frames), choice.modality, quality=len(stack.frames) == 1
-                        )
+                    choice, classified, later, results = self._on_model_thread(
+                        self._segment_stack, stack, modality, quality_later
+                    )
                     segmented = time.perf_counter()
                     masks = np.stack([result.mask for result in results])
                     mask_file = _mask_file(stack, masks, path.parent, name)
@@ -130,10 +150,53 @@ class Segmenter:
         }
         threshold = self.predictor.unknown_threshold
         image_id = self._keep(name, stack, choice.modality) if self.accepts_prompts(stack) else None
+        pending = later and self.predictor.has_quality
         return Segmentation(
             name, fmt.name, stack, choice, results, masks, mask_file, seconds, threshold,
-            self.predictor.review_below, image_id,
+            self.predictor.review_below, image_id, pending,
         )  # fmt: skip
+
+    def _segment_stack(
+        self, stack: ImageStack, modality: str, quality_later: bool
+    ) -> tuple[ModalityChoice, float, bool, list[MaskWithPatchMap]]:
+        """On the model thread: the modality, when it was chosen, whether the score is left for later,
+        and the frames' results."""
+        choice = choose_modality(self.predictor, stack, modality)
+        classified = time.perf_counter()
+        later = quality_later and self._embeds(stack, choice.modality)
+        return choice, classified, later, self._results(stack, choice.modality, score=not later)
+
+    def _on_model_thread(self, function: Callable[..., T], *args) -> T:
+        """``function(*args)`` on the model's thread, after the passes queued before it."""
+        return self._model_thread.submit(function, *args).result()
+
+    def _embeds(self, stack: ImageStack, modality: str) -> bool:
+        """Whether the upload goes through the prompt path's kept embedding: a single image that takes
+        prompts, of a modality the predictor does not refine (the prompt path gives prompt-free masks)."""
+        return self.accepts_prompts(stack) and modality not in self.predictor.refined_modalities
+
+    def _results(self, stack: ImageStack, modality: str, *, score: bool) -> list[MaskWithPatchMap]:
+        """The frames' masks and patch maps; a single image's quality score with ``score`` (a volume's
+        slices are not failures one by one)."""
+        frames = list(stack.frames)
+        if not self._embeds(stack, modality):
+            return self.predictor.predict_with_patch_maps(frames, modality, quality=len(frames) == 1)
+        prompter = self.predictor.prompter
+        mask, patch_map = prompter.segment(frames[0], modality)
+        return [MaskWithPatchMap(mask, patch_map, prompter.quality(frames[0], modality) if score else None)]
+
+    def quality(self, image_id: str) -> QualityScore:
+        """The quality score of a kept image's prompt-free mask (``segment(..., quality_later=True)`` left
+        it): from its kept embedding while it is the last image segmented or corrected, else the image is
+        embedded again.
+
+        Raises:
+            InputError: an unknown (or no longer kept) image.
+        """
+        start = time.perf_counter()
+        kept = self._kept_image(image_id)
+        score = self._on_model_thread(self.predictor.prompter.quality, kept.stack.frames[0], kept.modality)
+        return QualityScore(image_id, score, self.predictor.review_below, time.perf_counter() - start)
 
     @property
     def prompts_enabled(self) -> bool:
@@ -151,6 +214,15 @@ class Segmenter:
             InputError: an unknown (or no longer kept) image, no prompt, a prompt outside the image.
         """
         start = time.perf_counter()
+        kept = self._kept_image(image_id)
+        result = self._on_model_thread(
+            self.predictor.predict_prompted, kept.stack.frames[0], kept.modality, prompts
+        )
+        with tempfile.TemporaryDirectory(dir=self.workspace) as folder:
+            mask_file = _mask_file(kept.stack, result.mask[None], Path(folder), kept.name)
+        return Correction(image_id, result.mask, result.iou, mask_file, time.perf_counter() - start)
+
+    def _kept_image(self, image_id: str) -> KeptImage:
         with self._kept_lock:
             kept = self._kept.get(image_id)
             if kept is not None:
@@ -159,11 +231,7 @@ class Segmenter:
             raise InputError(
                 f"no image {image_id!r} here (the last {KEPT_IMAGES} uploads are kept): upload it again"
             )
-        with self._model_lock:
-            result = self.predictor.predict_prompted(kept.stack.frames[0], kept.modality, prompts)
-        with tempfile.TemporaryDirectory(dir=self.workspace) as folder:
-            mask_file = _mask_file(kept.stack, result.mask[None], Path(folder), kept.name)
-        return Correction(image_id, result.mask, result.iou, mask_file, time.perf_counter() - start)
+        return kept
 
     def _keep(self, name: str, stack: ImageStack, modality: str) -> str:
         image_id = uuid.uuid4().hex

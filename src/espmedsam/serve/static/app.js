@@ -269,11 +269,42 @@
       item.status = "done";
       item.sliceIndex = initialSlice(outcome.result, previous, item.sliceIndex);
     }
+    let drawn = null;
     if (state.follow && state.selected !== item) {
-      select(item, item.since); // a failure is shown too: it must not pass unseen in a long batch
+      drawn = select(item, item.since); // a failure is shown too: it must not pass unseen in a long batch
     } else if (state.selected === item && item.result) {
-      show(item, item.since); // not awaited: the next file is sent while this one is decoded and drawn
+      drawn = show(item, item.since); // not awaited: the next file is sent while this one is decoded and drawn
     }
+    refresh();
+    if (item.original && item.original.quality_pending) {
+      await drawn; // the score's decoder passes would slow the drawing down
+      await scoreLater(item, generation);
+    }
+  }
+
+  // The quality score the segment request left for later (POST /api/quality); meanwhile the details say
+  // "scoring". window.espmedsamQuality times its arrival.
+  async function scoreLater(item, generation) {
+    const original = item.original;
+    let answer;
+    try {
+      const response = await fetch("/api/quality", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ image_id: original.image_id }),
+      });
+      answer = response.ok ? await response.json() : null;
+    } catch {
+      answer = null; // the mask stands; only its score is missing
+    }
+    if (generation !== item.generation || item.original !== original) return;
+    original.quality_pending = false;
+    if (answer) {
+      original.predicted_dice = answer.predicted_dice;
+      original.review = answer.review;
+      original.review_below = answer.review_below;
+    }
+    window.espmedsamQuality = { file: item.name, uploadToQualityMs: performance.now() - item.since };
     refresh();
   }
 
@@ -282,6 +313,8 @@
     form.append("file", item.file, item.name);
     form.append("modality", item.modality);
     form.append("details", "true");
+    // the overlay does not wait for the quality score: it is asked for once the mask is drawn
+    form.append("quality_later", "true");
     let response;
     try {
       response = await fetch("/api/segment", { method: "POST", body: form });
@@ -341,12 +374,14 @@
 
   // ---------------------------------------------------------------- showing a file
 
+  // -> the drawing's promise, or null when there is nothing to draw
   function select(item, since = null) {
     state.selected = item;
     el.modality.value = item.modality; // the select tells how the file shown was asked for
     if (el.modality.value !== item.modality) el.modality.selectedIndex = 0;
-    if (item.result) show(item, since);
+    const drawn = item.result ? show(item, since) : null;
     refresh();
+    return drawn;
   }
 
   // Decode the item's current slice and draw it; `since` (performance.now() of the upload) asks for the
@@ -929,6 +964,11 @@
       return;
     }
     const score = result.predicted_dice;
+    if (result.quality_pending) {
+      el.resultQuality.textContent = "scoring…";
+      el.resultQuality.title = "the quality score follows the mask";
+      return;
+    }
     el.resultQuality.textContent =
       score === null || score === undefined ? "no score" : `predicted Dice ${score.toFixed(2)}`;
     el.resultQuality.title = "the quality score, calibrated on validation images";

@@ -1,6 +1,7 @@
 """Requests per second that ``espmedsam serve`` sustains with concurrent clients on loopback, and its memory.
 
 Usage: python benchmarks/serve_throughput.py [--clients 4] [--seconds 30] [--workers 1] [--details]
+       [--backend torch|openvino]
        [--out FILE]
 
 The server is started as a user starts it (its own process, bundled weights, all cores). Each client posts
@@ -45,11 +46,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--workers", type=int, default=1, help="espmedsam serve --workers")
     parser.add_argument("--details", action="store_true", help="ask for display images and patch maps too")
+    parser.add_argument("--backend", choices=("torch", "openvino"), default="torch", help="espmedsam serve's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         uploads = [(path.name, path.read_bytes()) for path, _ in images_512(Path(folder))]
-    options = ("--workers", str(args.workers)) if args.workers > 1 else ()
+    options = ("--backend", args.backend, *(("--workers", str(args.workers)) if args.workers > 1 else ()))
     with serve_process(*options) as (server, url):
         idle_rss = tree_memory_mb(server.pid)[0]
         for _ in range(args.workers):  # warm-up: each worker's first request (the port spreads them)

@@ -35,8 +35,12 @@ def is_exported(checkpoint: Path | None) -> bool:
     return checkpoint is not None and checkpoint.suffix.lower() in EXPORTED
 
 
-def choose_backend(backend: str, checkpoint: Path | None) -> BackendChoice:
+def choose_backend(backend: str, checkpoint: Path | None, *, native_openvino: bool = False) -> BackendChoice:
     """Resolve ``backend`` (one of ``BACKENDS``) for ``checkpoint`` (None: the bundled weights).
+
+    ``auto`` keeps torch for a native checkpoint, unless ``native_openvino`` (``espmedsam serve``: one
+    model held for hours, where OpenVINO's speed is worth its memory and its one-time export) and OpenVINO
+    and the exporter are installed.
 
     Raises:
         InputError: an unknown backend, or a checkpoint of the wrong kind for the backend asked for.
@@ -45,6 +49,12 @@ def choose_backend(backend: str, checkpoint: Path | None) -> BackendChoice:
         raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     exported = is_exported(checkpoint)
     if backend == "auto":
+        if not exported and native_openvino:
+            if all(installed(package) for package in ("openvino", "onnx", "onnxscript")):
+                return BackendChoice("openvino")
+            return BackendChoice(
+                "torch", 'openvino is not installed (pip install "espmedsam[openvino]"): torch'
+            )
         if not exported:
             return BackendChoice("torch")
         if installed("openvino"):

@@ -82,6 +82,28 @@ def test_auto_falls_back_with_a_one_line_notice(monkeypatch, tmp_path):
     choice = choose_backend("auto", tmp_path / "m.onnx")
     assert choice.name == "onnxruntime"
     assert "openvino is not installed" in choice.notice and "\n" not in choice.notice
+    served = choose_backend("auto", None, native_openvino=True)  # serve's auto: torch, and says why
+    assert served.name == "torch" and "openvino is not installed" in served.notice
+
+
+def test_serve_auto_takes_openvino_for_a_native_checkpoint(tmp_path):
+    assert choose_backend("auto", None, native_openvino=True) == ("openvino", None)
+    assert choose_backend("auto", tmp_path / "m.safetensors", native_openvino=True) == ("openvino", None)
+
+
+def test_openvino_refuses_a_unet_in_one_line_and_auto_keeps_it_in_torch(tmp_path):
+    from espmedsam.checkpoints.native import save_unet
+    from espmedsam.cli.common import make_predictor
+    from espmedsam.models.unet import UNetBaseline, UNetConfig
+
+    checkpoint = save_unet(
+        UNetBaseline(UNetConfig(features=(4, 4, 8, 8, 16, 4))), tmp_path / "unet.safetensors"
+    )
+    with pytest.raises(InputError, match="runs ESP-MedSAM checkpoints") as raised:
+        make_predictor(checkpoint, "openvino", "cpu", None, False, 1, 1)
+    assert "\n" not in str(raised.value)
+    predictor = make_predictor(checkpoint, "auto", "cpu", None, False, 1, 1, native_openvino=True)
+    assert isinstance(predictor.model, torch.nn.Module)
 
 
 @pytest.mark.parametrize(

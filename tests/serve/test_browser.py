@@ -124,7 +124,9 @@ def test_upload_shows_the_mask_over_the_image(page, example):
 
 def test_the_quality_score_follows_the_overlay(page, example, predictor):
     upload(page, str(example), 1)
-    page.wait_for_function("window.espmedsamQuality && window.espmedsamQuality.file === " + repr(example.name))
+    page.wait_for_function(
+        "name => window.espmedsamQuality && window.espmedsamQuality.file === name", arg=example.name
+    )
     _, score = predictor.predict_logits_with_quality(read_image(example), shown_modality(page))
     assert page.text_content("#result-quality") == f"predicted Dice {score:.2f}"
     overlay_ms = page.evaluate("window.espmedsamTiming.uploadToOverlayMs")

@@ -44,7 +44,18 @@ def test_bad_options_are_one_line(args, message):
 
 def test_serve_prints_its_url_serves_and_cleans_its_workspace_on_ctrl_c(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "-m", "espmedsam", "serve", "--port", "0", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "espmedsam",
+        "serve",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        "--backend",
+        "torch",
+    ]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = _wait_for_url(server)
@@ -82,7 +93,18 @@ def test_two_workers_answer_behind_one_port_with_the_same_masks(tmp_path):
     image = tmp_path / "case.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "-m", "espmedsam", "serve", "--port", "0", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "espmedsam",
+        "serve",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        "--backend",
+        "torch",
+    ]
     command += ["--workers", "2", "--checkpoint", str(checkpoint)]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -114,7 +136,18 @@ def test_a_kill_of_the_parent_stops_every_worker(tmp_path):
     from espmedsam.checkpoints.native import save_model
 
     checkpoint = save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
-    command = [sys.executable, "-m", "espmedsam", "serve", "--port", "0", "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "espmedsam",
+        "serve",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        "--backend",
+        "torch",
+    ]
     command += ["--workers", "2", "--checkpoint", str(checkpoint)]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:

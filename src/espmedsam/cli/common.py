@@ -233,7 +233,11 @@ def make_predictor(
     batch_size: int,
     threads,
     refine: str = "none",
+    native_openvino: bool = False,
 ):
+    """The Predictor of a CLI verb; ``native_openvino``: ``auto`` may choose OpenVINO for a native
+    checkpoint (``backends.choose_backend``)."""
+    from espmedsam.models.espmedsam import ESPMedSAM
     from espmedsam.predict import Predictor
 
     if threads is not None and threads < 1:
@@ -242,15 +246,17 @@ def make_predictor(
         import torch
 
         torch.set_num_threads(threads)
-    choice = choose_backend(backend, checkpoint)
+    choice = choose_backend(backend, checkpoint, native_openvino=native_openvino)
     if choice.notice:
         console.print(f"[yellow]--backend auto:[/yellow] {choice.notice}")
     if choice.name == "openvino" and not is_exported(checkpoint):
         from espmedsam.openvino_encoder import use_openvino_encoder
 
-        model = use_openvino_encoder(
-            load_or_build(checkpoint, "default"), threads=threads, bfloat16=bfloat16, progress=_say
-        )
+        model = load_or_build(checkpoint, "default")
+        if isinstance(model, ESPMedSAM):
+            model = use_openvino_encoder(model, threads=threads, bfloat16=bfloat16, progress=_say)
+        elif backend != "auto":
+            raise InputError(f"--backend openvino runs ESP-MedSAM checkpoints, not a {type(model).__name__}")
     elif choice.name == "openvino":
         from espmedsam import openvino_backend
 

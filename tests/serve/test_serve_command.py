@@ -13,6 +13,9 @@ import time
 import httpx
 import pytest
 
+# a server as a user starts it, in torch (OpenVINO would export the graph first: minutes)
+SERVE = (sys.executable, "-m", "espmedsam", "serve", *"--port 0 --log-level warning --backend torch".split())
+
 
 def _espmedsam(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -44,18 +47,7 @@ def test_bad_options_are_one_line(args, message):
 
 def test_serve_prints_its_url_serves_and_cleans_its_workspace_on_ctrl_c(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    command = [
-        sys.executable,
-        "-m",
-        "espmedsam",
-        "serve",
-        "--port",
-        "0",
-        "--log-level",
-        "warning",
-        "--backend",
-        "torch",
-    ]
+    command = list(SERVE)
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = _wait_for_url(server)
@@ -93,18 +85,7 @@ def test_two_workers_answer_behind_one_port_with_the_same_masks(tmp_path):
     image = tmp_path / "case.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    command = [
-        sys.executable,
-        "-m",
-        "espmedsam",
-        "serve",
-        "--port",
-        "0",
-        "--log-level",
-        "warning",
-        "--backend",
-        "torch",
-    ]
+    command = list(SERVE)
     command += ["--workers", "2", "--checkpoint", str(checkpoint)]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -136,18 +117,7 @@ def test_a_kill_of_the_parent_stops_every_worker(tmp_path):
     from espmedsam.checkpoints.native import save_model
 
     checkpoint = save_model(build_model("tiny"), tmp_path / "tiny.safetensors")
-    command = [
-        sys.executable,
-        "-m",
-        "espmedsam",
-        "serve",
-        "--port",
-        "0",
-        "--log-level",
-        "warning",
-        "--backend",
-        "torch",
-    ]
+    command = list(SERVE)
     command += ["--workers", "2", "--checkpoint", str(checkpoint)]
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,7 @@
 """Resident memory while ``predict_files`` runs over a folder of 1,000 images (the six test splits, cycled).
 
-Usage: python benchmarks/predict_memory.py [--checkpoint CKPT] [--images 1000] [--openvino] [--out FILE]
+Usage: python benchmarks/predict_memory.py [--checkpoint CKPT] [--images 1000] [--openvino]
+    [--max-graphs N] [--out FILE]
 
 ``--openvino``: the native checkpoint with its graph in OpenVINO (``predict --backend openvino``), the
 graph exported or taken from the cache before the first RSS reading after loading.
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--openvino", action="store_true", help="The graph in OpenVINO.")
+    parser.add_argument("--max-graphs", type=int, default=None, help="OpenVINO: compiled sides kept at once")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,7 +47,7 @@ def main() -> None:
     if args.openvino:
         from espmedsam.openvino_encoder import use_openvino_encoder
 
-        model = use_openvino_encoder(model, threads=args.threads)
+        model = use_openvino_encoder(model, threads=args.threads, max_graphs=args.max_graphs)
     predictor = Predictor(model, device="cpu")
     if args.openvino:
         model.image_encoder.prepare(predictor.input_size(m) for m in predictor.modalities)
@@ -71,7 +73,8 @@ def main() -> None:
                 rows.append(f"| {done} | {now:.0f} | {peak:.0f} | {elapsed:.0f} |")
     lines = [
         f"{args.images} images (the {len(sources)} in-domain test images, cycled), "
-        f"{'OpenVINO graph (native checkpoint)' if args.openvino else 'torch bf16'}, "
+        f"{'OpenVINO graph (native checkpoint)' if args.openvino else 'torch bf16'}"
+        f"{f', at most {args.max_graphs} compiled sides' if args.openvino and args.max_graphs else ''}, "
         f"--modality auto, {args.threads} threads",
         f"RSS before loading the model {start_rss:.0f} MB, after {loaded_rss:.0f} MB",
         "",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from espmedsam.checkpoints.onnx_export import (
     require_onnx,
 )
 from espmedsam.errors import CheckpointError
+from espmedsam.memory import release_freed_memory
 from espmedsam.models.controller import ControllerRoute
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.openvino_backend import CACHE_DIR as COMPILED_CACHE
@@ -74,6 +76,9 @@ class OpenVinoImageEncoder(nn.Module):
         bfloat16: bf16 where the CPU has it; False: fp32.
         cache_dir: OpenVINO's compiled-graph cache; None: none.
         progress: told before an export (which takes about a minute).
+        max_graphs: compiled input sides kept at once (each holds its own copy of the weights and its
+            activations: ~0.2 GB, ~0.6 GB at 512²); the least recently used one goes when another is
+            needed, and comes back from ``cache_dir`` in about half a second. None: every side.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class OpenVinoImageEncoder(nn.Module):
         bfloat16: bool = True,
         cache_dir: Path | None = None,
         progress: Callable[[str], None] | None = None,
+        max_graphs: int | None = None,
     ) -> None:
         super().__init__()
         import openvino as ov
@@ -99,7 +105,8 @@ class OpenVinoImageEncoder(nn.Module):
         self.progress = progress
         self._core = ov.Core()
         self.precision = "bf16" if bfloat16 and cpu_has_bf16(self._core) else "f32"
-        self._compiled: dict[int, Any] = {}  # input side -> compiled graph
+        self.max_graphs = max_graphs
+        self._compiled: OrderedDict[int, Any] = OrderedDict()  # input side -> compiled graph, last used last
         self._classifier: Any = None  # the compiled classifier part, once asked for
         self._classifier_side = (
             getattr(model.config.classifier, "input_size", None) if model.classifier else None
@@ -173,11 +180,16 @@ class OpenVinoImageEncoder(nn.Module):
 
     def compiled(self, side: int) -> Any:
         """The graph compiled for one image of ``side`` (its segmentation part)."""
-        if side not in self._compiled:
-            self._compiled[side] = compile_graph(
-                self._core, self._segmentation_part(self.graph(side)), _shapes(side), self.precision,
-                threads=self.threads, cache_dir=self.cache_dir, name="the image encoder",
-            )  # fmt: skip
+        if side in self._compiled:
+            self._compiled.move_to_end(side)
+            return self._compiled[side]
+        if self.max_graphs is not None and len(self._compiled) >= self.max_graphs:
+            self._compiled.popitem(last=False)  # its weights and activations go (a recompile: ~0.5 s)
+            release_freed_memory()
+        self._compiled[side] = compile_graph(
+            self._core, self._segmentation_part(self.graph(side)), _shapes(side), self.precision,
+            threads=self.threads, cache_dir=self.cache_dir, name="the image encoder",
+        )  # fmt: skip
         return self._compiled[side]
 
     def _segmentation_part(self, path: Path) -> Any:
@@ -265,6 +277,7 @@ def use_openvino_encoder(
     bfloat16: bool = True,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    max_graphs: int | None = None,
 ) -> ESPMedSAM:
     """Put an OpenVINO-compiled image encoder (with the prompt-free decoding, see ``OpenVinoImageEncoder``)
     in ``model``'s place (the model is changed and returned). Its exported graph is kept in ``cache_dir``
@@ -278,6 +291,12 @@ def use_openvino_encoder(
     if not isinstance(model.image_encoder, OpenVinoImageEncoder):
         folder = Path(cache_dir) if cache_dir is not None else CACHE_DIR
         model.image_encoder = OpenVinoImageEncoder(
-            model, folder, threads=threads, bfloat16=bfloat16, cache_dir=COMPILED_CACHE, progress=progress
+            model,
+            folder,
+            threads=threads,
+            bfloat16=bfloat16,
+            cache_dir=COMPILED_CACHE,
+            progress=progress,
+            max_graphs=max_graphs,
         )
     return model

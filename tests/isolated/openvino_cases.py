@@ -235,6 +235,22 @@ def test_the_exported_encoder_is_cached_per_weights(hybrid, model, monkeypatch):
     assert isinstance(again.image_encoder, openvino_encoder.OpenVinoImageEncoder)
 
 
+def test_at_most_max_graphs_sides_stay_compiled(hybrid, model):  # noqa: F811
+    import copy
+
+    from espmedsam.openvino_encoder import use_openvino_encoder
+
+    small = use_openvino_encoder(
+        copy.deepcopy(model), threads=1, bfloat16=False, cache_dir=hybrid[1], max_graphs=1
+    )
+    for size in (SIZE, 96, SIZE):  # each side evicts the other, and comes back
+        images, ids = _inputs(2, size, seed=size)
+        with torch.no_grad():
+            got, expected = small(images, ids), model(images, ids)
+        torch.testing.assert_close(got.embeddings, expected.embeddings, rtol=1e-3, atol=1e-3)
+        assert list(small.image_encoder._compiled) == [size]
+
+
 def test_an_encoder_graph_that_differs_is_refused_in_one_line(model, monkeypatch, tmp_path):  # noqa: F811
     import copy
 

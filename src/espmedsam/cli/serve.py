@@ -85,7 +85,7 @@ def serve(
 
     def make_app():
         predictor = make_predictor(
-            checkpoint, backend, device, None, not fp32, 8, threads, native_openvino=True
+            checkpoint, backend, device, None, not fp32, 8, threads, native_openvino=True, max_graphs=None
         )
         encoder = getattr(predictor.model, "image_encoder", None)
         if hasattr(encoder, "prepare"):  # OpenVINO: export and compile now, not at the first upload

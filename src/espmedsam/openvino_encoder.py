@@ -9,8 +9,8 @@ embedding: ``espmedsam serve --backend openvino`` and ``predict --backend openvi
 checkpoint. ``Predictor`` takes the masks from the graph (``segment``) instead of decoding again.
 
 The exported graph is kept in ``CACHE_DIR`` under a hash of the model's weights and of the graph's kind,
-so only the first run with a checkpoint pays the export (about a minute); OpenVINO's own cache keeps the
-compiled graphs. A fresh export is compared with the eager model in fp32 before it is used; a graph that
+so only the first run with a checkpoint pays the export (about two minutes with the check and the
+compiles); OpenVINO's own cache keeps the compiled graphs. A fresh export is compared with the eager model in fp32 before it is used; a graph that
 differs is refused with a one-line error.
 """
 
@@ -75,7 +75,7 @@ class OpenVinoImageEncoder(nn.Module):
         threads: inference threads; None: OpenVINO's default (one per physical core).
         bfloat16: bf16 where the CPU has it; False: fp32.
         cache_dir: OpenVINO's compiled-graph cache; None: none.
-        progress: told before an export (which takes about a minute).
+        progress: told before an export (which takes about two minutes with its check).
         max_graphs: compiled input sides kept at once (each holds its own copy of the weights and its
             activations: ~0.2 GB, ~0.6 GB at 512²); the least recently used one goes when another is
             needed, and comes back from ``cache_dir`` in about half a second. None: every side.
@@ -205,7 +205,10 @@ class OpenVinoImageEncoder(nn.Module):
             if path.is_file():
                 return path
         if self.progress:
-            self.progress("exporting the image encoder for OpenVINO (once per checkpoint, about a minute)")
+            self.progress(
+                "exporting the image encoder for OpenVINO (once per checkpoint, about two minutes; "
+                "--backend torch starts at once)"
+            )
         try:
             path, check_side = export_encoder_onnx(self._source, dynamic), None
         except CheckpointError:  # windows that follow the input side: one graph per side

@@ -10,8 +10,8 @@ checkpoint. ``Predictor`` takes the masks from the graph (``segment``) instead o
 
 The exported graph is kept in ``CACHE_DIR`` under a hash of the model's weights and of the graph's kind,
 so only the first run with a checkpoint pays the export (about two minutes with the check and the
-compiles); OpenVINO's own cache keeps the compiled graphs. A fresh export is compared with the eager model in fp32 before it is used; a graph that
-differs is refused with a one-line error.
+compiles); OpenVINO's own cache keeps the compiled graphs. A fresh export is compared with the eager
+model in fp32 before it is used; a graph that differs is refused with a one-line error.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ def graph_key(model: nn.Module) -> str:
 
 class OpenVinoImageEncoder(nn.Module):
     """Stands in for ``ESPMedSAM.image_encoder``: images with a controller route run the compiled
-    encoder graph (one static graph per input side, batch 1, as ``OpenVinoBackend`` does); the
-    controller-free encoder (``route`` None, the modality classifier's) and training run the torch
-    encoder it keeps.
+    encoder graph (one static graph per input side, batch 1, as ``OpenVinoBackend`` does), and
+    ``classifier_features`` the graph's classifier part; the controller-free encoder called directly
+    (``route`` None) and training run the torch encoder it keeps.
 
     The graph is ``export_encoder_onnx``'s, kept in ``folder`` as ``encoder-KEY.onnx`` (any side) or,
     for an encoder whose windows follow the input side (no dynamic-side graph), ``encoder-KEY-S.onnx``

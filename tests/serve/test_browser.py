@@ -122,11 +122,16 @@ def test_upload_shows_the_mask_over_the_image(page, example):
     assert page.is_hidden("#slice-control") and page.is_hidden("#error")
 
 
+def wait_quality(page, name: str) -> None:
+    """Wait until the page has the quality score of ``name`` (it follows the overlay)."""
+    page.wait_for_function(
+        "name => window.espmedsamQuality && window.espmedsamQuality.file === name", arg=name
+    )
+
+
 def test_the_quality_score_follows_the_overlay(page, example, predictor):
     upload(page, str(example), 1)
-    page.wait_for_function(
-        "name => window.espmedsamQuality && window.espmedsamQuality.file === name", arg=example.name
-    )
+    wait_quality(page, example.name)
     _, score = predictor.predict_logits_with_quality(read_image(example), shown_modality(page))
     assert page.text_content("#result-quality") == f"predicted Dice {score:.2f}"
     overlay_ms = page.evaluate("window.espmedsamTiming.uploadToOverlayMs")
@@ -195,6 +200,7 @@ def test_display_options_change_the_overlay(page, example):
 
 def test_screenshot(page, example, tmp_path):
     upload(page, str(example), 1)
+    wait_quality(page, example.name)  # the picture shows the score, not "scoring"
     picture = tmp_path / "serve.png"
     page.screenshot(path=str(picture))
     data = picture.read_bytes()

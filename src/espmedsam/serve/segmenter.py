@@ -2,9 +2,9 @@
 
 Requests run in the web server's worker threads; the model runs on one thread of its own, one pass at a
 time (the model already uses every core, and a module is not promised to be re-entrant), while reading,
-sniffing and encoding the answers of other requests go on beside it. One thread, not one lock: the
-thread pools of torch and OpenMP belong to the thread that calls them, and a pass on a worker thread new
-to them paid for a pool of its own (the fundus quality score's decoder passes took up to twice as long).
+sniffing and encoding the answers of other requests go on beside it. One thread, not one lock: OpenMP's
+thread pool belongs to the thread that calls into it, so every pass then meets the same warm pool rather
+than whichever of the server's worker threads took the request.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def main() -> None:
         f"# espmedsam serve: {args.clients} concurrent clients for {args.seconds:.0f} s",
         "",
         f"`python benchmarks/serve_throughput.py --clients {args.clients} --seconds {args.seconds:.0f}"
-        f"{f' --workers {args.workers}' if args.workers > 1 else ''}{' --details' if args.details else ''}`;"
+        f"{f' --workers {args.workers}' if args.workers > 1 else ''}{' --details' if args.details else ''}"
+        f" --backend {args.backend}`;"
         f" {cpu_description()}, "
         "bundled weights, bf16 autocast, modality auto (classifier), the six in-domain sets' first test "
         "image at 512 px (long side), loopback.",

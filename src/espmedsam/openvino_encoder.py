@@ -6,7 +6,8 @@ an exported ``.onnx`` file holds only the prompt-free masks. Here the encoder an
 compiled by OpenVINO and put in the encoder's place (``OpenVinoImageEncoder``); the same graph pools the
 modality classifier's features from the controller-free encoder. The promptable decoder (boxes, clicks,
 the quality score's pass) and the classifier's small head keep running in torch: ``espmedsam serve
---backend openvino`` and ``predict --backend openvino`` with a native checkpoint. ``Predictor`` takes the masks from the graph (``segment``) instead of decoding again.
+--backend openvino`` and ``predict --backend openvino`` with a native checkpoint. ``Predictor`` takes
+the masks from the graph (``segment``) instead of decoding again.
 
 The exported graph is kept in ``CACHE_DIR`` under a hash of the model's weights and of the graph's kind,
 so only the first run with a checkpoint pays the export (about two minutes with the check and the

@@ -24,7 +24,7 @@ from _report import cpu_description, median_seconds, report
 from espmedsam.checkpoints.onnx_export import INPUTS, OUTPUTS
 from espmedsam.data.io import read_image, read_mask
 from espmedsam.metrics import dice
-from espmedsam.openvino_backend import DEVICE, OpenVinoBackend, _cut
+from espmedsam.openvino_backend import DEVICE, OpenVinoBackend, cut_graph
 from espmedsam.predict import Predictor
 
 
@@ -41,7 +41,7 @@ def quantized(backend: OpenVinoBackend, side: int, modality_id: int, calibration
     """The segmentation graph at ``side``, quantized to int8 on the calibration inputs."""
     import nncf
 
-    model = _cut(backend._core.read_model(str(backend.path)), list(INPUTS), OUTPUTS[0])
+    model = cut_graph(backend._core.read_model(str(backend.path)), list(INPUTS), [OUTPUTS[0]])
     model.reshape({INPUTS[0]: [1, 3, side, side], INPUTS[1]: [1]})
     ids = np.array([modality_id], dtype=np.int64)
     dataset = nncf.Dataset(calibration, lambda x: {INPUTS[0]: x, INPUTS[1]: ids})

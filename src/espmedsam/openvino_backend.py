@@ -99,14 +99,10 @@ class OpenVinoBackend(OnnxBackend):
             inputs, output = (
                 (list(INPUTS), OUTPUTS[0]) if graph == "segment" else ([CLASSIFIER_INPUT], CLASSIFIER_OUTPUT)
             )
-            try:
-                model = cut_graph(self._core.read_model(str(self.path)), inputs, [output])
-            except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages
-                raise _one_line(error, str(self.path)) from None
             shapes = {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
             self._sessions[key] = compile_graph(
-                self._core, model, shapes, self.precision, threads=self.threads, cache_dir=self.cache_dir,
-                name=str(self.path),
+                self._core, self.path, shapes, self.precision, outputs=[output], threads=self.threads,
+                cache_dir=self.cache_dir, name=str(self.path),
             )  # fmt: skip
         return self._sessions[key]
 
@@ -117,12 +113,14 @@ def compile_graph(
     shapes: dict[str, list[int]],
     precision: str,
     *,
+    outputs: list[str] | None = None,
     threads: int | None = None,
     cache_dir: Path | None = None,
     name: str = "the graph",
 ) -> Any:
     """``model`` (an ``openvino.Model``, or a path OpenVINO reads) reshaped to the static ``shapes`` (input
-    name -> shape) and compiled for the CPU in ``precision`` with the latency hint.
+    name -> shape) and compiled for the CPU in ``precision`` with the latency hint; with ``outputs``, only
+    the part from the inputs ``shapes`` names to those outputs (``cut_graph``).
 
     Raises:
         CheckpointError: OpenVINO cannot read or compile it (one line, naming ``name``).
@@ -135,6 +133,8 @@ def compile_graph(
     try:
         if isinstance(model, (str, Path)):
             model = core.read_model(str(model))
+        if outputs is not None:
+            model = cut_graph(model, list(shapes), outputs)
         model.reshape(shapes)
         return core.compile_model(model, DEVICE, config)
     except Exception as error:  # OpenVINO raises RuntimeError with multi-line messages

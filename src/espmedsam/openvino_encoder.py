@@ -42,7 +42,7 @@ from espmedsam.memory import release_freed_memory
 from espmedsam.models.controller import ControllerRoute
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.openvino_backend import CACHE_DIR as COMPILED_CACHE
-from espmedsam.openvino_backend import compile_graph, cpu_has_bf16, cut_graph
+from espmedsam.openvino_backend import compile_graph, cpu_has_bf16
 
 CACHE_DIR = COMPILED_CACHE / "encoders"  # beside the compiled graphs
 # part of the cache key: change it when the graph does
@@ -109,9 +109,7 @@ class OpenVinoImageEncoder(nn.Module):
         self.max_graphs = max_graphs
         self._compiled: OrderedDict[int, Any] = OrderedDict()  # input side -> compiled graph, last used last
         self._classifier: Any = None  # the compiled classifier part, once asked for
-        self._classifier_side = (
-            getattr(model.config.classifier, "input_size", None) if model.classifier else None
-        )
+        self._classifier_side = model.config.classifier.input_size if model.classifier is not None else None
         self.train(model.training)  # a fresh module trains; this one starts as the model is
 
     def forward(self, images: torch.Tensor, route: ControllerRoute | None = None) -> torch.Tensor:
@@ -155,11 +153,11 @@ class OpenVinoImageEncoder(nn.Module):
         """The exported graph's classifier part, compiled."""
         side = self._classifier_side
         assert side is not None, "this model has no modality classifier"
-        graph = cut_graph(self._core.read_model(str(path)), [CLASSIFIER_INPUT], [CLASSIFIER_FEATURES])
         cache = self.cache_dir if precision == self.precision else None  # the check's fp32 one is not kept
         return compile_graph(
-            self._core, graph, {CLASSIFIER_INPUT: [1, 3, side, side]}, precision, threads=self.threads,
-            cache_dir=cache, name="the classifier's encoder",
+            self._core, path, {CLASSIFIER_INPUT: [1, 3, side, side]}, precision,
+            outputs=[CLASSIFIER_FEATURES], threads=self.threads, cache_dir=cache,
+            name="the classifier's encoder",
         )  # fmt: skip
 
     def _any_graph(self) -> Path:
@@ -187,15 +185,16 @@ class OpenVinoImageEncoder(nn.Module):
         if self.max_graphs is not None and len(self._compiled) >= self.max_graphs:
             self._compiled.popitem(last=False)  # its weights and activations go (a recompile: ~0.5 s)
             release_freed_memory()
-        self._compiled[side] = compile_graph(
-            self._core, self._segmentation_part(self.graph(side)), _shapes(side), self.precision,
-            threads=self.threads, cache_dir=self.cache_dir, name="the image encoder",
-        )  # fmt: skip
+        self._compiled[side] = self._segmentation_part(self.graph(side), side, self.precision)
         return self._compiled[side]
 
-    def _segmentation_part(self, path: Path) -> Any:
-        """The exported graph without its classifier input and output."""
-        return cut_graph(self._core.read_model(str(path)), list(INPUTS), [ENCODER_OUTPUT, *OUTPUTS])
+    def _segmentation_part(self, path: Path, side: int, precision: str) -> Any:
+        """The exported graph's segmentation part (no classifier input or output), compiled for ``side``."""
+        cache = self.cache_dir if precision == self.precision else None  # the check's fp32 one is not kept
+        return compile_graph(
+            self._core, path, _shapes(side), precision, outputs=[ENCODER_OUTPUT, *OUTPUTS],
+            threads=self.threads, cache_dir=cache, name="the image encoder",
+        )  # fmt: skip
 
     def graph(self, side: int) -> Path:
         """The exported graph that runs inputs of ``side``: the cached one, else a fresh, checked export
@@ -225,8 +224,7 @@ class OpenVinoImageEncoder(nn.Module):
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(2, 3, side, side, generator=generator)
         ids = torch.arange(2) % len(config.modalities)
-        compiled = compile_graph(self._core, self._segmentation_part(path), _shapes(side), "f32",
-                                 name="the image encoder")  # fmt: skip
+        compiled = self._segmentation_part(path, side, "f32")
         with torch.no_grad():
             embeddings = self.torch_encoder(images, ControllerRoute.from_index(ids))
             out = self._source.decode(embeddings, ids, side, images)

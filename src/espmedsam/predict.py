@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from espmedsam.interactive import PromptedMask, PromptPredictor
     from espmedsam.models.unet import UNetBaseline
     from espmedsam.onnx_backend import OnnxBackend
+    from espmedsam.openvino_encoder import OpenVinoImageEncoder
 
 EXAMPLES_DIR = Path(__file__).parent / "assets" / "examples"
 
@@ -409,8 +410,9 @@ class Predictor:
     def _forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 3, S, S) inputs and (B,) ids -> (B, 1, S, S) float32 mask logits and the (B, 1, g, g) SPPG
         patch logits (None for networks without SPPG), on the CPU."""
-        if compiled := self.compiled_segment(x, ids):
-            return compiled[1], compiled[2]
+        if encoder := self._compiled_encoder():  # the masks alone: the embeddings stay as they come
+            _, masks, patches = encoder.segment(x, ids)
+            return masks, patches
         if isinstance(self.model, torch.nn.Module):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
                 out = self.model(x.to(self.device), ids.to(self.device))
@@ -427,12 +429,17 @@ class Predictor:
         encoder gives them under autocast, bfloat16 (under ``bfloat16``) and channels last: the promptable
         decoder after them then runs at the torch backend's speed (float32 embeddings, cast at each
         layer, and a channels-first layout made the quality score's decoder pass twice as slow)."""
-        encoder = getattr(self.model, "image_encoder", None)
-        if not hasattr(encoder, "segment"):
+        encoder = self._compiled_encoder()
+        if encoder is None:
             return None
         embeddings, masks, patches = encoder.segment(x, ids)
         dtype = torch.bfloat16 if self.bfloat16 else embeddings.dtype
         return embeddings.to(dtype, memory_format=torch.channels_last), masks, patches
+
+    def _compiled_encoder(self) -> OpenVinoImageEncoder | None:
+        """The model's OpenVINO-compiled encoder (``openvino_encoder``), or None."""
+        encoder = getattr(self.model, "image_encoder", None)
+        return encoder if hasattr(encoder, "segment") else None
 
     @torch.inference_mode()
     def _self_prompt_pass(
@@ -509,10 +516,10 @@ class Predictor:
         if not isinstance(self.model, torch.nn.Module):
             return torch.from_numpy(self.model.classify(x.numpy())), None
         classifier = self.model.classifier
-        encoder = self.model.image_encoder
+        compiled = self._compiled_encoder()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16):
-            if getattr(encoder, "has_classifier", False):  # compiled: its graph pools the features too
-                features = encoder.classifier_features(x.to(self.device))
+            if compiled is not None and compiled.has_classifier:  # its graph pools the features too
+                features = compiled.classifier_features(x.to(self.device))
             else:
                 features = classifier.pool(self.model.encode(x.to(self.device), None))  # float32
             logits = classifier.head(features)  # what ``model.classify`` computes

@@ -17,6 +17,8 @@ from typing import NamedTuple
 from espmedsam.errors import InputError
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# what OpenVINO needs for a native checkpoint: the exporter of its encoder graph, and OpenVINO itself
+NATIVE_OPENVINO_PACKAGES = ("onnx", "onnxscript", "openvino")
 EXPORTED = (".onnx",)
 
 
@@ -50,7 +52,7 @@ def choose_backend(backend: str, checkpoint: Path | None, *, native_openvino: bo
     exported = is_exported(checkpoint)
     if backend == "auto":
         if not exported and native_openvino:
-            if all(installed(package) for package in ("openvino", "onnx", "onnxscript")):
+            if all(installed(package) for package in NATIVE_OPENVINO_PACKAGES):
                 return BackendChoice("openvino")
             return BackendChoice(
                 "torch", 'openvino is not installed (pip install "espmedsam[openvino]"): torch'

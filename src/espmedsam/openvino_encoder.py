@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from espmedsam.backends import NATIVE_OPENVINO_PACKAGES
 from espmedsam.checkpoints.onnx_export import (
     CLASSIFIER_FEATURES,
     CLASSIFIER_INPUT,
@@ -289,7 +290,7 @@ def use_openvino_encoder(
     Raises:
         MissingDependencyError: openvino, onnx or onnxscript is not installed.
     """
-    require_onnx(("onnx", "onnxscript", "openvino"), "openvino")
+    require_onnx(NATIVE_OPENVINO_PACKAGES, "openvino")
     if not isinstance(model.image_encoder, OpenVinoImageEncoder):
         folder = Path(cache_dir) if cache_dir is not None else CACHE_DIR
         model.image_encoder = OpenVinoImageEncoder(

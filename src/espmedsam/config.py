@@ -165,6 +165,10 @@ class PromptConfig:
     # a click decoder beside it, trained to correct the mask so far (``models/click_decoder.py``); without
     # one, clicks steer the box decoder (``interactive.py``)
     clicks: bool = False
+    # the modalities where, after a foreground click, the clicked object is decoded again from its box by
+    # the box decoder (``models/self_prompt.py``, ``refit_clicked``): where ``espmedsam prompts
+    # calibrate-clicks`` found it raises the validation Dice after one click
+    refit_clicked: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

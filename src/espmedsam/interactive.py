@@ -9,7 +9,9 @@ Two ways a prompt makes a mask:
 - **Clicks alone correct the prompt-free mask, one click after the other.** With a click decoder
   (``models/click_decoder.py``, trained with simulated clicks) each click is one pass of it, with every
   click so far and the mask so far; the masks after each prefix of the clicks are kept with the
-  embedding, so the next click (or an undo) costs one pass at most.
+  embedding, so the next click (or an undo) costs one pass at most. On the modalities the checkpoint
+  chose on validation (``config.prompt.refit_clicked``), the object a foreground click corrected is then
+  decoded again from its bounding box by the box decoder, which redraws a boundary the click grew past.
 - Without one the box decoder (LiteMedSAM's) is used, which was trained with boxes, and point tokens
   alone mislead it, so a click steers boxes:
   - a foreground click inside an object's bounding box grows that box to take the click in; on nothing,
@@ -33,6 +35,7 @@ from scipy import ndimage
 from espmedsam.errors import InputError
 from espmedsam.models.espmedsam import ESPMedSAM, ESPOutput, ModalityLike
 from espmedsam.models.image_io import PreprocessMeta
+from espmedsam.models.self_prompt import refit_clicked
 from espmedsam.prompting import FOREGROUND, PromptPass, Prompts, prompt_passes, to_model_input
 
 if TYPE_CHECKING:
@@ -220,9 +223,19 @@ class PromptPredictor:
                 with torch.inference_mode(), self.predictor.autocast():
                     so_far = points[:, :k].to(device), labels[:, :k].to(device)
                     out = model.decode_clicks(embedded.embeddings, embedded.size, *so_far, logits)
+                    corrected = out.masks.float()
+                    if (
+                        clicks.labels[k - 1] == FOREGROUND
+                        and embedded.modality in model.config.prompt.refit_clicked
+                    ):
+                        x, y = (int(v) for v in points[0, k - 1].round())
+                        decoder = model.box_decoder(embedded.embeddings, embedded.size)
+                        corrected = refit_clicked(corrected, embedded.meta.resized_size, x, y, decoder).to(
+                            device
+                        )
                 if len(embedded.corrections) >= MAX_KEPT_CORRECTIONS:
                     embedded.corrections.clear()
-                embedded.corrections[key] = out.masks.float(), float(out.iou.float()[0])
+                embedded.corrections[key] = corrected, float(out.iou.float()[0])
             logits, iou = embedded.corrections[key]
             ious.append(iou)
         mask = model.postprocess(logits.cpu(), embedded.meta)[0, 0].numpy() > 0

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from espmedsam.config import ModelConfig
 from espmedsam.errors import ConfigError, InputError
 from espmedsam.modalities import check_modality_name
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -66,10 +67,12 @@ def remap_modalities(
     if input_sizes is None and config.inference_sizes:
         input_sizes = [config.image_size if s is None else config.inference_sizes[s] for s in sources]
     sizes = tuple(input_sizes or ())
-    # ``--refine self`` stays on for the kept modalities it was chosen for (a fresh one has no validation)
-    refined = tuple(m for m in config.quality.refine_modalities if m in names)
-    quality = dataclasses.replace(config.quality, refine_modalities=refined)
-    new_config = dataclasses.replace(config, modalities=tuple(names), inference_sizes=sizes, quality=quality)
+    # ``--refine self`` and the clicked object's refit stay on for the kept modalities they were chosen
+    # for (a fresh one has no validation)
+    kept = {name: name for name in names}
+    new_config = dataclasses.replace(
+        _chosen_renamed(config, kept), modalities=tuple(names), inference_sizes=sizes
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = build_model(new_config)
@@ -124,10 +127,21 @@ def rename_modality(model: ESPMedSAM, old: str, new: str) -> ESPMedSAM:
         raise InputError(f"the model has a modality {new!r} already ({', '.join(model.modalities)})")
     names = list(model.modalities)
     names[index] = new
-    refined = tuple(new if m == old else m for m in model.config.quality.refine_modalities)
-    quality = dataclasses.replace(model.config.quality, refine_modalities=refined)
-    model.config = dataclasses.replace(model.config, modalities=tuple(names), quality=quality)
+    mapping = {name: new if name == old else name for name in model.modalities}
+    model.config = dataclasses.replace(_chosen_renamed(model.config, mapping), modalities=tuple(names))
     return model
+
+
+def _chosen_renamed(config: ModelConfig, mapping: dict[str, str]) -> ModelConfig:
+    """``config`` with the modalities chosen on validation (``--refine self``, the clicked object's refit)
+    renamed by ``mapping``; those it does not name are dropped."""
+
+    def renamed(chosen: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(mapping[m] for m in chosen if m in mapping)
+
+    quality = dataclasses.replace(config.quality, refine_modalities=renamed(config.quality.refine_modalities))
+    prompt = dataclasses.replace(config.prompt, refit_clicked=renamed(config.prompt.refit_clicked))
+    return dataclasses.replace(config, quality=quality, prompt=prompt)
 
 
 def modality_parameter_names(model: ESPMedSAM, names: Sequence[str]) -> dict[str, list[int] | None]:

@@ -158,16 +158,19 @@ def test_adding_and_removing_a_modality_keeps_each_ones_score_bias(scored_model)
     assert shrunk.quality.modality_bias.tolist() == [0, 2, 3, 4, 5, 2.5]
 
 
-def test_refined_modalities_follow_removal_and_renaming(scored_model):
+def test_chosen_modalities_follow_removal_and_renaming(scored_model):
     from espmedsam.modality_edits import remove_modality, rename_modality
 
     config = scored_model.config
     quality = dataclasses.replace(config.quality, refine_modalities=("xray", "fundus"))
-    scored_model.config = dataclasses.replace(config, quality=quality)
+    prompt = dataclasses.replace(config.prompt, refit_clicked=("fundus", "xray"))
+    scored_model.config = dataclasses.replace(config, quality=quality, prompt=prompt)
     shrunk = remove_modality(scored_model, "xray")
     assert shrunk.config.quality.refine_modalities == ("fundus",)
+    assert shrunk.config.prompt.refit_clicked == ("fundus",)
     renamed = rename_modality(shrunk, "fundus", "retina")
     assert renamed.config.quality.refine_modalities == ("retina",)
+    assert renamed.config.prompt.refit_clicked == ("retina",)
 
 
 def test_refine_self_changes_only_the_chosen_modality(scored_model):

@@ -16,7 +16,9 @@ from espmedsam.cli import app
 from espmedsam.config import PromptConfig
 from espmedsam.data.dataset import parse_dataset_arg
 from espmedsam.errors import InputError
+from espmedsam.models.prompt_decoder import PromptedMasks
 from espmedsam.models.registry import get_config
+from espmedsam.models.self_prompt import refit_clicked
 from espmedsam.models.summary import parameter_counts
 from espmedsam.predict import Predictor
 from espmedsam.train.clicks import (
@@ -217,3 +219,89 @@ def test_the_embedding_pass_reads_a_cached_frozen_prefix(tiny_config, tmp_path):
         assert np.array_equal(a.truth, b.truth) and a.valid == b.valid
         assert torch.allclose(a.embedding.float(), b.embedding.float(), atol=5e-3)
         assert torch.allclose(a.logits.float(), b.logits.float(), atol=5e-2)
+
+
+def _square_logits(size: int, rows: slice, columns: slice) -> torch.Tensor:
+    logits = torch.full((1, 1, size, size), -5.0)
+    logits[0, 0, rows, columns] = 5.0
+    return logits
+
+
+def test_the_clicked_component_is_redrawn_from_its_box_and_nothing_else():
+    logits = _square_logits(16, slice(2, 6), slice(2, 6))
+    logits[0, 0, 10:13, 10:13] = 5.0  # a second component, not clicked
+    boxes = []
+
+    def decode(box, owners):
+        boxes.append(box.tolist())
+        return _square_logits(16, slice(3, 5), slice(3, 8)), torch.ones(1)  # spills past the box
+
+    refit = refit_clicked(logits, (16, 16), 3, 3, decode)
+    assert boxes == [[[2.0, 2.0, 5.0, 5.0]]]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[3:5, 3:6] = True  # the box's mask, inside the box only
+    expected[10:13, 10:13] = True
+    assert torch.equal(refit[0, 0] > 0, expected)
+    for x, y, valid in ((0, 0, (16, 16)), (11, 11, (8, 8))):  # on nothing; outside the unpadded image
+        assert torch.equal(refit_clicked(logits, valid, x, y, decode), logits)
+    assert len(boxes) == 1
+
+
+def test_a_foreground_click_redraws_its_object_on_the_chosen_modalities_only(prompted_model, monkeypatch):
+    model = with_click_decoder(prompted_model)
+    prompt = dataclasses.replace(model.config.prompt, refit_clicked=("xray",))
+    model.config = dataclasses.replace(model.config, prompt=prompt)
+    size = model.input_size("xray")
+    grown = _square_logits(size, slice(8, 40), slice(8, 40))  # the click decoder's object
+    tight = _square_logits(size, slice(16, 32), slice(16, 32))  # the box decoder's, from its box
+    monkeypatch.setattr(
+        model,
+        "decode_clicks",
+        lambda e, *a: PromptedMasks(grown.expand(len(e), -1, -1, -1), torch.ones(len(e))),
+    )
+    monkeypatch.setattr(
+        model,
+        "decode_prompt",
+        lambda e, *a, **k: PromptedMasks(tight.expand(len(e), -1, -1, -1), torch.ones(len(e))),
+    )
+    predictor = Predictor(model, device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    on_xray = predictor.predict(image, "xray", points=[(20, 20)], labels=[1])
+    assert on_xray.sum() == 16 * 16 and on_xray[16:32, 16:32].all()
+    on_fundus = Predictor(model, device="cpu").predict(image, "fundus", points=[(20, 20)], labels=[1])
+    assert on_fundus.sum() == 32 * 32  # fundus was not chosen: the click decoder's mask as it is
+    background = predictor.predict(image, "xray", points=[(20, 20)], labels=[0])
+    assert background.sum() == 32 * 32  # a background click redraws nothing
+
+
+def test_calibrate_clicks_chooses_on_validation_and_copies_the_weights(prompted_model, datasets, tmp_path):
+    checkpoint = save_model(with_click_decoder(prompted_model), tmp_path / "m.safetensors")
+    out = tmp_path / "calibrated.safetensors"
+    args = [
+        "prompts",
+        "calibrate-clicks",
+        str(checkpoint),
+        "-d",
+        datasets[0],
+        "-d",
+        datasets[1],
+        "-o",
+        str(out),
+    ]
+    result = runner.invoke(app, [*args, "--min-gain", "-1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "refitted from its box" in result.output
+    calibrated = load_model(out)
+    # any gain counts at --min-gain -1: both modalities are chosen
+    assert set(calibrated.config.prompt.refit_clicked) == {"dermoscopy", "fundus"}
+    before = load_model(checkpoint).state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in calibrated.state_dict().items())
+    info = runner.invoke(app, ["info", "--checkpoint", str(out)])
+    assert "a clicked object redrawn from its box on: dermoscopy, fundus" in info.output
+    refused = runner.invoke(app, [*args, "--split", "test"])
+    assert isinstance(refused.exception, InputError) and "validation split" in str(refused.exception)
+    plain = save_model(build_model("tiny"), tmp_path / "plain.safetensors")
+    refused = runner.invoke(
+        app, ["prompts", "calibrate-clicks", str(plain), "-d", datasets[0], "-o", str(out)]
+    )
+    assert isinstance(refused.exception, InputError) and "no click decoder" in str(refused.exception)

@@ -63,6 +63,8 @@ def info(
         out.print("promptable decoder: boxes and clicks (predict --box, --point) with a predicted IoU")
         if cfg.prompt.clicks:
             out.print("  click decoder: clicks alone correct the mask so far (trained with simulated clicks)")
+            refit = ", ".join(cfg.prompt.refit_clicked) or "none (validation found no gain)"
+            out.print(f"  a clicked object redrawn from its box on: {refit}")
     if cfg.quality.enabled:
         quality = net.quality
         state = (

@@ -557,6 +557,7 @@ def prompts_train_clicks(
         typer.Option(help="Keep the weights with the best val Dice after this many clicks (default: all)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the batches and the random clicks.")] = 0,
+    refit_min_gain: RefitMinGainOpt = 0.005,
     fp16: Fp16Opt = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -565,7 +566,7 @@ def prompts_train_clicks(
     the mask. Trained with simulated clicks (the centre of the largest error region) on the train splits;
     the weights with the best validation Dice after --max-clicks clicks (or --select-after) are kept.
     Everything else is copied unchanged, so prompt-free masks, boxes and the quality score stay as they
-    are."""
+    are. At the end it chooses where to refit a clicked object from its box (as calibrate-clicks)."""
 
     from espmedsam.checkpoints.native import load_model
     from espmedsam.data.dataset import parse_dataset_arg
@@ -619,7 +620,87 @@ def prompts_train_clicks(
         f"{first[-1]:.4f} (at the start) -> {result.best.mean[-1]:.4f}"
     )
     record = {"steps": result.steps, "minutes": round(result.seconds / 60, 2), "best_step": result.best_step}
+    record["refit_clicked"] = _choose_refit(model, samples["val"], refit_min_gain)
     _save_with_log(model, out, fp16, ".clicks.json", {**record, "history": result.history})
+
+
+RefitMinGainOpt = Annotated[
+    float,
+    typer.Option(
+        help="Refit the clicked object from its box on a modality when that raised its mean val Dice after "
+        "one click by this."
+    ),
+]
+
+
+@prompts_app.command("calibrate-clicks")
+def prompts_calibrate_clicks(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="ESP-MedSAM .safetensors checkpoint with a click decoder.")
+    ],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with a validation split."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output .safetensors (the checkpoint, recalibrated).")
+    ],
+    split: Annotated[str, typer.Option(help="Split to choose on (never the test split).")] = "val",
+    min_gain: RefitMinGainOpt = 0.005,
+    fp16: Fp16Opt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Choose the modalities where, after a foreground click, the object the click decoder corrected is
+    decoded again from its bounding box by the box decoder (which redraws a boundary a click grew past):
+    those where it raises the mean Dice after the benchmark's first click (the centre of the largest error
+    region) on the validation splits. train-clicks does this at its end; redo it whenever the weights
+    change. The weights are copied unchanged."""
+    import torch
+
+    from espmedsam.checkpoints.native import load_model, save_model
+    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.device import resolve_device
+    from espmedsam.train.clicks import prepare_samples
+
+    if split == "test":
+        raise InputError("calibrate on a validation split; the test split is for measuring")
+    model = load_model(checkpoint).to(resolve_device(device)).eval()
+    if model.click_decoder is None:
+        raise InputError(f"{checkpoint} has no click decoder (espmedsam prompts train-clicks adds one)")
+    sources = [parse_dataset_arg(item) for item in data]
+    with progress_bar() as progress:
+        task = progress.add_task(f"embedding the {split} images", total=None)
+        samples = prepare_samples(model, sources, split, progress=lambda n: progress.advance(task, n))
+    _choose_refit(model, samples, min_gain)
+    path = save_model(model, out, dtype=torch.float16 if fp16 else None)
+    console.print(f"wrote {path}")
+
+
+def _choose_refit(model, samples, min_gain: float) -> list[str]:
+    """Set ``config.prompt.refit_clicked`` to the modalities where refitting the clicked object raised the
+    samples' mean Dice after one click by ``min_gain``; print the table it was chosen by."""
+    import dataclasses
+
+    from espmedsam.train.clicks import refit_gains
+    from espmedsam.train.quality import chosen_for_refinement
+
+    gains = refit_gains(model, samples)
+    chosen = chosen_for_refinement(gains, min_gain)
+    prompt = dataclasses.replace(model.config.prompt, refit_clicked=chosen)
+    model.config = dataclasses.replace(model.config, prompt=prompt)
+    table = Table(title=f"the clicked object refitted from its box (chosen: gain >= {min_gain:g})")
+    for column in ("modality", "images", "Dice after 1 click", "refitted", "gain", "chosen"):
+        table.add_column(column, justify="left" if column == "modality" else "right")
+    for g in gains:
+        cells = (
+            f"{g.clicked:.4f}",
+            f"{g.refit:.4f}",
+            f"{g.gain:+.4f}",
+            "yes" if g.modality in chosen else "no",
+        )
+        table.add_row(g.modality, str(g.images), *cells)
+    console.print(table)
+    return list(chosen)
 
 
 def _samples_by_split(progress, verb: str, train_limit: int | None, val_limit: int | None, prepare) -> dict:

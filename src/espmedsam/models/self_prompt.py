@@ -7,7 +7,9 @@ bounding box of each of the mask's largest components (``max_components``) is de
 - the quality score compares each component with its box's mask (``models/quality.py``);
 - ``refined_logits`` replaces each of those components by its box's mask, inside the box (the rest of the
   mask, smaller components included, stays as it was): ``predict --refine self``, on the modalities
-  where validation said it helps (``config.refine``).
+  where validation said it helps (``config.quality.refine_modalities``);
+- ``refit_clicked`` does the same for the one component a foreground click has just corrected, on the
+  modalities where validation said it helps (``config.prompt.refit_clicked``).
 """
 
 from __future__ import annotations
@@ -82,13 +84,43 @@ def refined_logits(mask_logits: torch.Tensor, prompts: SelfPrompts, images: Sequ
     out = mask_logits.float().cpu().clone()
     for i in images:
         for component, prompted, _ in prompts.of_image(i):
-            x0, y0, x1, y1 = component.box
-            region = out[i, 0, y0 : y1 + 1, x0 : x1 + 1]
-            own = torch.from_numpy(component.pixels)
-            # the component leaves; the box's mask comes in (other components in the box are kept)
-            region[own] = torch.minimum(region[own], torch.tensor(-1.0))
-            out[i, 0, y0 : y1 + 1, x0 : x1 + 1] = torch.maximum(region, prompted[y0 : y1 + 1, x0 : x1 + 1])
+            _replace_component(out[i, 0], component, prompted)
     return out
+
+
+@torch.no_grad()
+def refit_clicked(
+    mask_logits: torch.Tensor, valid_size: tuple[int, int], x: int, y: int, decode_boxes: BoxDecoder
+) -> torch.Tensor:
+    """(1, 1, S, S) logits of a mask just corrected by a foreground click at model-input pixel (x, y) ->
+    the same with the connected component that holds the click replaced by its bounding box's prompted
+    mask inside the box (float32, on the CPU); unchanged when the click is on no component.
+
+    A click on a thin missed rim can grow a mask past its object; the box decoder, given the grown
+    object's box, draws the object's boundary again (``config.prompt.refit_clicked``)."""
+    out = mask_logits.float().cpu().clone()
+    h, w = valid_size
+    labels, _ = ndimage.label((out[0, 0, :h, :w] > 0).numpy())
+    if not (0 <= y < h and 0 <= x < w) or not labels[y, x]:
+        return out
+    rows, columns = ndimage.find_objects(labels)[labels[y, x] - 1]
+    component = Component(
+        (columns.start, rows.start, columns.stop - 1, rows.stop - 1), labels[rows, columns] == labels[y, x]
+    )
+    boxes = torch.tensor([component.box], dtype=torch.float32, device=mask_logits.device)
+    prompted, _ = decode_boxes(boxes, torch.zeros(1, dtype=torch.long, device=mask_logits.device))
+    _replace_component(out[0, 0], component, prompted[0, 0].float().cpu())
+    return out
+
+
+def _replace_component(logits: torch.Tensor, component: Component, prompted: torch.Tensor) -> None:
+    """In (S, S) ``logits``, in place: ``component`` leaves and the (S, S) ``prompted`` mask comes in,
+    inside the component's box (other components in the box are kept)."""
+    x0, y0, x1, y1 = component.box
+    region = logits[y0 : y1 + 1, x0 : x1 + 1]
+    own = torch.from_numpy(component.pixels)
+    region[own] = torch.minimum(region[own], torch.tensor(-1.0))
+    logits[y0 : y1 + 1, x0 : x1 + 1] = torch.maximum(region, prompted[y0 : y1 + 1, x0 : x1 + 1])
 
 
 def largest_components(mask: np.ndarray, limit: int) -> tuple[list[Component], int]:

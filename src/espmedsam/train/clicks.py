@@ -38,6 +38,7 @@ from espmedsam.errors import InputError
 from espmedsam.losses import MaskLoss
 from espmedsam.models.click_decoder import ClickDecoder
 from espmedsam.models.espmedsam import ESPMedSAM
+from espmedsam.models.self_prompt import refit_clicked
 from espmedsam.train.frozen import DEFAULT_CACHE, EncoderCache, encoder_fingerprint, sample_digest
 from espmedsam.train.quality import dice_score
 
@@ -55,6 +56,7 @@ class ClickSample:
     truth: np.ndarray  # (S, S) bool, the ground truth resized as the image was
     valid: tuple[int, int]  # the unpadded region (h, w) at the top left
     dataset: str
+    modality: str = ""
 
     @property
     def size(self) -> int:
@@ -173,7 +175,7 @@ def _embed_batch(
             embeddings = model.encode(images, folder.modality)
         logits = model.decode(embeddings, folder.modality, size, images).masks
     return [
-        ClickSample(e.half().cpu(), m.half().cpu(), t[0].numpy() > 0.5, valid, folder.name)
+        ClickSample(e.half().cpu(), m.half().cpu(), t[0].numpy() > 0.5, valid, folder.name, folder.modality)
         for e, m, (_, t, valid) in zip(embeddings, logits, inputs, strict=True)
     ]
 
@@ -295,6 +297,53 @@ def evaluate_clicks(
         for row, sample in zip(rows, chosen, strict=True):
             dice.setdefault(sample.dataset, []).append(row)
     return ClickScores({name: tuple(np.mean(rows, axis=0).tolist()) for name, rows in dice.items()})
+
+
+@dataclass(frozen=True)
+class RefitGain:
+    """What refitting the clicked object from its box (``models/self_prompt.py``, ``refit_clicked``) did
+    to one modality's validation Dice after one click."""
+
+    modality: str
+    images: int
+    clicked: float  # mean Dice after one click, the click decoder's mask
+    refit: float  # the same with the clicked object decoded again from its box after a foreground click
+
+    @property
+    def gain(self) -> float:
+        return self.refit - self.clicked
+
+
+def refit_gains(
+    model: ESPMedSAM, samples: Sequence[ClickSample], *, batch_size: int = 8, bf16: bool = True
+) -> list[RefitGain]:
+    """Per modality: mean validation Dice after the benchmark's first click (``evaluate_clicks``), with
+    the click decoder's mask as it is and with the clicked object refitted from its box."""
+    device = model.pixel_mean.device
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for indices in _same_size_batches(samples, batch_size):
+        chosen = [samples[i] for i in indices]
+        embeddings, logits = _stack(chosen, device)
+        clicks: list[list[tuple[int, int, int]]] = [[] for _ in chosen]
+        _add_clicks(clicks, valid_masks(logits, chosen), chosen, None)
+        points, labels = clicks_to_tensors(clicks)
+        with torch.inference_mode(), autocast(device, bf16):
+            out = model.decode_clicks(
+                embeddings, chosen[0].size, points.to(device), labels.to(device), logits
+            )
+            for j, sample in enumerate(chosen):
+                corrected = out.masks[j : j + 1].float() if clicks[j] else logits[j : j + 1]
+                clicked = refit = dice_score(valid_masks(corrected, [sample])[0], sample.truth)
+                if clicks[j] and clicks[j][0][2] == 1:
+                    x, y, _ = clicks[j][0]
+                    decoder = model.box_decoder(embeddings[j : j + 1], sample.size)
+                    refitted = refit_clicked(corrected, sample.valid, x, y, decoder)
+                    refit = dice_score(valid_masks(refitted, [sample])[0], sample.truth)
+                rows.setdefault(sample.modality, []).append((clicked, refit))
+    return [
+        RefitGain(name, len(pairs), *(float(v) for v in np.mean(pairs, axis=0)))
+        for name, pairs in rows.items()
+    ]
 
 
 def _indices_by_size(samples: Sequence[ClickSample]) -> dict[int, list[int]]:

@@ -290,7 +290,7 @@ def test_calibrate_clicks_chooses_on_validation_and_copies_the_weights(prompted_
     ]
     result = runner.invoke(app, [*args, "--min-gain", "-1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "refitted from its box" in result.output
+    assert "each clicked object redrawn from its box" in result.output
     calibrated = load_model(out)
     # any gain counts at --min-gain -1: both modalities are chosen
     assert set(calibrated.config.prompt.refit_clicked) == {"dermoscopy", "fundus"}

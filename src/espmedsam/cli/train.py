@@ -627,8 +627,8 @@ def prompts_train_clicks(
 RefitMinGainOpt = Annotated[
     float,
     typer.Option(
-        help="Refit the clicked object from its box on a modality when that raised its mean val Dice after "
-        "one click by this."
+        help="Redraw each clicked object from its box on a modality when that raised its mean val Dice "
+        "after 1, 2 and 3 clicks by this, on average."
     ),
 ]
 
@@ -652,9 +652,9 @@ def prompts_calibrate_clicks(
 ) -> None:
     """Choose the modalities where, after a foreground click, the object the click decoder corrected is
     decoded again from its bounding box by the box decoder (which redraws a boundary a click grew past):
-    those where it raises the mean Dice after the benchmark's first click (the centre of the largest error
-    region) on the validation splits. train-clicks does this at its end; redo it whenever the weights
-    change. The weights are copied unchanged."""
+    those where it raises the mean Dice after the benchmark's clicks (1, 2 and 3 clicks, each at the centre
+    of the largest error region, averaged) on the validation splits. train-clicks does this at its end;
+    redo it whenever the weights change. The weights are copied unchanged."""
     import torch
 
     from espmedsam.checkpoints.native import load_model, save_model
@@ -688,17 +688,17 @@ def _choose_refit(model, samples, min_gain: float) -> list[str]:
     chosen = chosen_for_refinement(gains, min_gain)
     prompt = dataclasses.replace(model.config.prompt, refit_clicked=chosen)
     model.config = dataclasses.replace(model.config, prompt=prompt)
-    table = Table(title=f"the clicked object refitted from its box (chosen: gain >= {min_gain:g})")
-    for column in ("modality", "images", "Dice after 1 click", "refitted", "gain", "chosen"):
+    table = Table(
+        title=f"each clicked object redrawn from its box: Dice after 1 / 2 / 3 clicks (chosen: mean gain >= "
+        f"{min_gain:g})"
+    )
+    for column in ("modality", "images", "click decoder", "redrawn", "mean gain", "chosen"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for g in gains:
-        cells = (
-            f"{g.clicked:.4f}",
-            f"{g.refit:.4f}",
-            f"{g.gain:+.4f}",
-            "yes" if g.modality in chosen else "no",
+        plain, refit = (" / ".join(f"{v:.4f}" for v in values) for values in (g.clicked, g.refit))
+        table.add_row(
+            g.modality, str(g.images), plain, refit, f"{g.gain:+.4f}", "yes" if g.modality in chosen else "no"
         )
-        table.add_row(g.modality, str(g.images), *cells)
     console.print(table)
     return list(chosen)
 

@@ -272,77 +272,107 @@ def evaluate_clicks(
 ) -> ClickScores:
     """Mean Dice per dataset after 0..``max_clicks`` centre clicks (the benchmark's protocol: an image
     with no error left gets no further click and keeps its mask), in model-input pixels."""
-    device = model.pixel_mean.device
     dice: dict[str, list[list[float]]] = {}
+    rows = click_dice(model, samples, max_clicks, batch_size=batch_size, bf16=bf16)
+    for sample, row in zip(samples, rows, strict=True):
+        dice.setdefault(sample.dataset, []).append(row)
+    return ClickScores({name: tuple(np.mean(rows, axis=0).tolist()) for name, rows in dice.items()})
+
+
+def click_dice(
+    model: ESPMedSAM,
+    samples: Sequence[ClickSample],
+    max_clicks: int = 3,
+    *,
+    refit: bool = False,
+    batch_size: int = 8,
+    bf16: bool = True,
+) -> list[list[float]]:
+    """Per sample, its Dice after 0..``max_clicks`` centre clicks (``evaluate_clicks``' protocol); with
+    ``refit``, each foreground click's object is redrawn from its box after the click decoder's pass (as
+    ``Predictor.predict`` does on the modalities in ``config.prompt.refit_clicked``)."""
+    device = model.pixel_mean.device
+    rows: dict[int, list[float]] = {}
     for indices in _same_size_batches(samples, batch_size):
         chosen = [samples[i] for i in indices]
         embeddings, logits = _stack(chosen, device)
         clicks: list[list[tuple[int, int, int]]] = [[] for _ in chosen]
         masks = valid_masks(logits, chosen)
-        rows = [[dice_score(m, s.truth)] for m, s in zip(masks, chosen, strict=True)]
+        batch_rows = [[dice_score(m, s.truth)] for m, s in zip(masks, chosen, strict=True)]
         for _ in range(max_clicks):
             before = [len(c) for c in clicks]
             _add_clicks(clicks, masks, chosen, None)
-            clicked = torch.tensor([len(c) > b for c, b in zip(clicks, before, strict=True)], device=device)
-            if bool(clicked.any()):
+            clicked = [len(c) > b for c, b in zip(clicks, before, strict=True)]
+            if any(clicked):
                 points, labels = clicks_to_tensors(clicks)
                 with torch.inference_mode(), autocast(device, bf16):
                     out = model.decode_clicks(
                         embeddings, chosen[0].size, points.to(device), labels.to(device), logits
                     )
-                logits = torch.where(clicked[:, None, None, None], out.masks.float(), logits)
+                    corrected = out.masks.float()
+                    if refit:
+                        corrected = _refit_foreground(model, embeddings, corrected, chosen, clicks, clicked)
+                taken = torch.tensor(clicked, device=device)[:, None, None, None]
+                logits = torch.where(taken, corrected, logits)
                 masks = valid_masks(logits, chosen)
-            for row, mask, sample in zip(rows, masks, chosen, strict=True):
+            for row, mask, sample in zip(batch_rows, masks, chosen, strict=True):
                 row.append(dice_score(mask, sample.truth))
-        for row, sample in zip(rows, chosen, strict=True):
-            dice.setdefault(sample.dataset, []).append(row)
-    return ClickScores({name: tuple(np.mean(rows, axis=0).tolist()) for name, rows in dice.items()})
+        rows.update(zip(indices, batch_rows, strict=True))
+    return [rows[i] for i in range(len(samples))]
+
+
+def _refit_foreground(
+    model: ESPMedSAM,
+    embeddings: torch.Tensor,
+    corrected: torch.Tensor,
+    chosen: Sequence[ClickSample],
+    clicks: list[list[tuple[int, int, int]]],
+    clicked: list[bool],
+) -> torch.Tensor:
+    """(B, 1, S, S) ``corrected`` with the object of each image's new foreground click redrawn."""
+    out = corrected.clone()
+    for j, sample in enumerate(chosen):
+        if clicked[j] and clicks[j][-1][2] == 1:
+            x, y, _ = clicks[j][-1]
+            decoder = model.box_decoder(embeddings[j : j + 1], sample.size)
+            out[j : j + 1] = refit_clicked(corrected[j : j + 1], sample.valid, x, y, decoder).to(out.device)
+    return out
 
 
 @dataclass(frozen=True)
 class RefitGain:
-    """What refitting the clicked object from its box (``models/self_prompt.py``, ``refit_clicked``) did
-    to one modality's validation Dice after one click."""
+    """What redrawing each clicked object from its box (``models/self_prompt.py``, ``refit_clicked``)
+    did to one modality's validation Dice after 1..N clicks."""
 
     modality: str
     images: int
-    clicked: float  # mean Dice after one click, the click decoder's mask
-    refit: float  # the same with the clicked object decoded again from its box after a foreground click
+    clicked: tuple[float, ...]  # mean Dice after 1..N clicks, the click decoder's masks as they are
+    refit: tuple[float, ...]  # the same with each foreground click's object redrawn from its box
 
     @property
     def gain(self) -> float:
-        return self.refit - self.clicked
+        """The Dice it added, averaged over 1..N clicks: it acts after every foreground click."""
+        return float(np.mean(np.subtract(self.refit, self.clicked)))
 
 
 def refit_gains(
-    model: ESPMedSAM, samples: Sequence[ClickSample], *, batch_size: int = 8, bf16: bool = True
+    model: ESPMedSAM, samples: Sequence[ClickSample], max_clicks: int = 3, *, bf16: bool = True
 ) -> list[RefitGain]:
-    """Per modality: mean validation Dice after the benchmark's first click (``evaluate_clicks``), with
-    the click decoder's mask as it is and with the clicked object refitted from its box."""
-    device = model.pixel_mean.device
-    rows: dict[str, list[tuple[float, float]]] = {}
-    for indices in _same_size_batches(samples, batch_size):
-        chosen = [samples[i] for i in indices]
-        embeddings, logits = _stack(chosen, device)
-        clicks: list[list[tuple[int, int, int]]] = [[] for _ in chosen]
-        _add_clicks(clicks, valid_masks(logits, chosen), chosen, None)
-        points, labels = clicks_to_tensors(clicks)
-        with torch.inference_mode(), autocast(device, bf16):
-            out = model.decode_clicks(
-                embeddings, chosen[0].size, points.to(device), labels.to(device), logits
-            )
-            for j, sample in enumerate(chosen):
-                corrected = out.masks[j : j + 1].float() if clicks[j] else logits[j : j + 1]
-                clicked = refit = dice_score(valid_masks(corrected, [sample])[0], sample.truth)
-                if clicks[j] and clicks[j][0][2] == 1:
-                    x, y, _ = clicks[j][0]
-                    decoder = model.box_decoder(embeddings[j : j + 1], sample.size)
-                    refitted = refit_clicked(corrected, sample.valid, x, y, decoder)
-                    refit = dice_score(valid_masks(refitted, [sample])[0], sample.truth)
-                rows.setdefault(sample.modality, []).append((clicked, refit))
+    """Per modality: mean validation Dice after 1..``max_clicks`` of the benchmark's clicks, with the
+    click decoder's masks as they are and with each foreground click's object redrawn from its box."""
+    plain = click_dice(model, samples, max_clicks, bf16=bf16)
+    refitted = click_dice(model, samples, max_clicks, refit=True, bf16=bf16)
+    by_modality: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_modality.setdefault(sample.modality, []).append(i)
     return [
-        RefitGain(name, len(pairs), *(float(v) for v in np.mean(pairs, axis=0)))
-        for name, pairs in rows.items()
+        RefitGain(
+            name,
+            len(indices),
+            tuple(np.mean([plain[i][1:] for i in indices], axis=0).tolist()),
+            tuple(np.mean([refitted[i][1:] for i in indices], axis=0).tolist()),
+        )
+        for name, indices in by_modality.items()
     ]
 
 

@@ -22,11 +22,14 @@ from espmedsam.models.self_prompt import refit_clicked
 from espmedsam.models.summary import parameter_counts
 from espmedsam.predict import Predictor
 from espmedsam.train.clicks import (
+    ClickSample,
+    click_dice,
     clicks_to_tensors,
     evaluate_clicks,
     largest_error_region,
     next_click,
     prepare_samples,
+    refit_gains,
     train_clicks,
     with_click_decoder,
 )
@@ -290,7 +293,7 @@ def test_calibrate_clicks_chooses_on_validation_and_copies_the_weights(prompted_
     ]
     result = runner.invoke(app, [*args, "--min-gain", "-1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "each clicked object redrawn from its box" in result.output
+    assert "each clicked object redrawn from its box" in result.output and "3 clicks" in result.output
     calibrated = load_model(out)
     # any gain counts at --min-gain -1: both modalities are chosen
     assert set(calibrated.config.prompt.refit_clicked) == {"dermoscopy", "fundus"}
@@ -305,3 +308,34 @@ def test_calibrate_clicks_chooses_on_validation_and_copies_the_weights(prompted_
         app, ["prompts", "calibrate-clicks", str(plain), "-d", datasets[0], "-o", str(out)]
     )
     assert isinstance(refused.exception, InputError) and "no click decoder" in str(refused.exception)
+
+
+def test_the_refit_choice_sees_a_box_decoder_that_draws_the_object_better(prompted_model, monkeypatch):
+    """A click decoder that grows every object past the truth and a box decoder that draws it exactly: the
+    redraw takes each image to Dice 1 after its first click, and the modality is chosen."""
+    model = with_click_decoder(prompted_model)
+    size = model.input_size("xray")
+    grown = _square_logits(size, slice(8, 40), slice(8, 40))
+    tight = _square_logits(size, slice(16, 32), slice(16, 32))
+    monkeypatch.setattr(
+        model,
+        "decode_clicks",
+        lambda e, *a: PromptedMasks(grown.expand(len(e), -1, -1, -1), torch.ones(len(e))),
+    )
+    monkeypatch.setattr(
+        model,
+        "decode_prompt",
+        lambda e, *a, **k: PromptedMasks(tight.expand(len(e), -1, -1, -1), torch.ones(len(e))),
+    )
+    embedding = model.encode(torch.zeros(1, 3, size, size), "xray")[0].half()
+    truth = (tight[0, 0] > 0).numpy()
+    empty = torch.full((1, size, size), -5.0).half()  # the prompt-free mask found nothing
+    samples = [ClickSample(embedding, empty, truth, (size, size), f"set{i}", "xray") for i in range(3)]
+    plain = click_dice(model, samples, 2, bf16=False)
+    refit = click_dice(model, samples, 2, refit=True, bf16=False)
+    grown_dice = 2 * 16 * 16 / (16 * 16 + 32 * 32)
+    assert plain[0][0] == 0 and plain[0][1] == pytest.approx(grown_dice)
+    assert refit[0][:2] == [0.0, 1.0] and refit[0][2] == 1.0  # no error left: no second click
+    (gain,) = refit_gains(model, samples, 2, bf16=False)
+    assert (gain.modality, gain.images) == ("xray", 3)
+    assert gain.gain == pytest.approx(1.0 - np.mean(gain.clicked)) and gain.gain > 0.2

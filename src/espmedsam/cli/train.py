@@ -689,15 +689,17 @@ def _choose_refit(model, samples, min_gain: float) -> list[str]:
     prompt = dataclasses.replace(model.config.prompt, refit_clicked=chosen)
     model.config = dataclasses.replace(model.config, prompt=prompt)
     table = Table(
-        title=f"each clicked object redrawn from its box: Dice after 1 / 2 / 3 clicks (chosen: mean gain >= "
-        f"{min_gain:g})"
+        title=f"each clicked object redrawn from its box: the val Dice it adds after 1..N clicks (chosen: "
+        f"mean >= {min_gain:g})"
     )
-    for column in ("modality", "images", "click decoder", "redrawn", "mean gain", "chosen"):
+    clicks = len(gains[0].clicked) if gains else 0
+    after = [f"{k} click{'s' * (k > 1)}" for k in range(1, clicks + 1)]
+    for column in ("modality", "images", *after, "mean", "on"):
         table.add_column(column, justify="left" if column == "modality" else "right")
     for g in gains:
-        plain, refit = (" / ".join(f"{v:.4f}" for v in values) for values in (g.clicked, g.refit))
+        cells = [f"{b - a:+.4f}" for a, b in zip(g.clicked, g.refit, strict=True)]
         table.add_row(
-            g.modality, str(g.images), plain, refit, f"{g.gain:+.4f}", "yes" if g.modality in chosen else "no"
+            g.modality, str(g.images), *cells, f"{g.gain:+.4f}", "yes" if g.modality in chosen else "no"
         )
     console.print(table)
     return list(chosen)

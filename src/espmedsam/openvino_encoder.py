@@ -47,7 +47,7 @@ from espmedsam.openvino_backend import compile_graph, cpu_has_bf16
 
 CACHE_DIR = COMPILED_CACHE / "encoders"  # beside the compiled graphs
 # part of the cache key: change it when the graph does
-GRAPH_VERSION = "encoder+prompt-free-decoding+classifier-features 2"
+GRAPH_VERSION = "encoder+prompt-free-decoding+classifier-features 3"  # 3: channel LayerNorm as reductions
 _CHECK_TOLERANCE = 2e-3  # max abs difference to the eager fp32 encoder, relative to max(1, |reference|)
 
 

@@ -7,16 +7,11 @@ import dataclasses
 import pytest
 import torch
 
+from espmedsam.models.common import LayerNorm2d
 from espmedsam.models.controller import gathered_routing
+from espmedsam.models.graph_layout import _GRAPH_LAYOUT, channels_first, channels_last, graph_layout
 from espmedsam.models.registry import build_model, tiny_config
-from espmedsam.models.tinyvit import (
-    _GRAPH_LAYOUT,
-    TinyViTBlock,
-    WindowAttention,
-    channels_first,
-    channels_last,
-    graph_layout,
-)
+from espmedsam.models.tinyvit import TinyViTBlock, WindowAttention
 
 
 def _pointwise_tiny():
@@ -93,3 +88,16 @@ def test_channels_last_is_a_view_outside_the_graph_layout():
     assert channels_last(x).data_ptr() == x.data_ptr() and channels_last(x).shape == (2, 3, 4, 5)
     with graph_layout():
         torch.testing.assert_close(channels_last(x), x.permute(0, 2, 3, 1))
+
+
+def test_the_channel_layernorm_in_the_graph_layout_is_the_eager_one():
+    torch.manual_seed(0)
+    norm = LayerNorm2d(12)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 12, 5, 7) * 3 + 1
+    eager = norm(x)
+    with graph_layout():
+        traced = norm(x)
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)

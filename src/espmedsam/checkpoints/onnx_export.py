@@ -36,7 +36,7 @@ from espmedsam.errors import CheckpointError, InputError, MissingDependencyError
 from espmedsam.files import atomic_write
 from espmedsam.models.controller import gathered_routing
 from espmedsam.models.espmedsam import ESPMedSAM
-from espmedsam.models.tinyvit import graph_layout
+from espmedsam.models.graph_layout import graph_layout
 
 FORMAT = "espmedsam-onnx"
 FORMAT_VERSION = "1"

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from espmedsam.models.graph_layout import in_graph_layout
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels of a (B, C, H, W) map, eps 1e-6 as in SAM."""
@@ -18,6 +20,12 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
+        if in_graph_layout():
+            # reductions over the channels, which OpenVINO fuses into one normalisation, where the
+            # permutations below cost it two generic transposes
+            centred = x - x.mean(1, keepdim=True)
+            y = centred / torch.sqrt(centred.pow(2).mean(1, keepdim=True) + self.eps)
+            return y * self.weight[:, None, None] + self.bias[:, None, None]
         # B C H W -> B H W C so that layer_norm normalises the channels in one fused kernel
         y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
         return y.permute(0, 3, 1, 2)

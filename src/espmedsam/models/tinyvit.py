@@ -7,9 +7,7 @@ Feature maps between blocks are (B, H, W, C) tensors; convolutions see them as (
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from torch import nn
 from espmedsam.config import STEMS, ControllerConfig, EncoderConfig
 from espmedsam.models.common import Conv2dBN, LayerNorm2d, NormMLP
 from espmedsam.models.controller import ControllerBank, ControllerRoute
+from espmedsam.models.graph_layout import channels_first, channels_last, in_graph_layout
 
 
 class PatchEmbed(nn.Module):
@@ -117,7 +116,7 @@ class WindowAttention(nn.Module):
         Returns:
             (B·nW, N, C).
         """
-        if _GRAPH_LAYOUT[0]:
+        if in_graph_layout():
             return self._graph_forward(x, window, prompts, windows_per_image)
         bw, n, c = x.shape
         qkv = self.qkv(self.norm(x)).view(bw, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
@@ -264,7 +263,7 @@ class TinyViTBlock(nn.Module):
         prompts = self.controllers.prompts(route) if route is not None else None
         out = self.attn(windows, (wh, ww), prompts, nh * nw)
         out = out.reshape(b * nh, nw, wh, ww * c).transpose(1, 2).reshape(b, h + pad_h, w + pad_w, c)
-        if (pad_h or pad_w) and _GRAPH_LAYOUT[0]:
+        if (pad_h or pad_w) and in_graph_layout():
             x = self._local_conv_padded(padded + out, h, w)
         else:
             x = x + out[:, :h, :w]
@@ -283,43 +282,6 @@ class TinyViTBlock(nn.Module):
         inside = (rows[:, None] & columns[None, :])[None, :, :, None].to(summed.dtype)
         conv = self.local_conv(channels_first(summed * inside))
         return channels_last(conv)[:, :h, :w]
-
-
-_GRAPH_LAYOUT = [False]
-
-
-@contextlib.contextmanager
-def graph_layout() -> Iterator[None]:
-    """Trace the encoder for an exported graph: the same values (up to float rounding), laid out for a
-    graph compiler rather than for eager PyTorch. Eager oneDNN takes a (B, C, H, W) view of a
-    (B, H, W, C) tensor for free; a compiled graph copies it, and OpenVINO's generic 4-D transpose for
-    that copy took about a quarter of a 512² forward. Here the copy is a batched matrix transpose, the
-    local conv runs before the padding is cut (``TinyViTBlock._local_conv_padded``), and the window
-    attention is written as the pattern OpenVINO fuses (``WindowAttention._graph_forward``)."""
-    previous, _GRAPH_LAYOUT[0] = _GRAPH_LAYOUT[0], True
-    try:
-        yield
-    finally:
-        _GRAPH_LAYOUT[0] = previous
-
-
-def channels_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) -> (B, C, H, W): a view in eager mode; under ``graph_layout`` a transpose of
-    (B, H·W, C) matrices, which OpenVINO runs several times faster than the 4-D permutation."""
-    if not _GRAPH_LAYOUT[0]:
-        return x.permute(0, 3, 1, 2)
-    b, h, w, c = x.shape
-    return x.reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
-
-
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H, W, C): a view in eager mode; under ``graph_layout`` a transpose of
-    (B, C, H·W) matrices. OpenVINO otherwise carries the convolution's channels-last memory layout into
-    the (B, H, W, C) tensors after it and converts back and forth around every elementwise operation."""
-    if not _GRAPH_LAYOUT[0]:
-        return x.permute(0, 2, 3, 1)
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h * w).transpose(1, 2).reshape(b, h, w, c)
 
 
 class ConvLayer(nn.Module):

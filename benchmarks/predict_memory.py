@@ -48,7 +48,7 @@ def main() -> None:
     if args.onnx:
         from espmedsam.openvino_backend import OpenVinoBackend
 
-        model = OpenVinoBackend(args.onnx, threads=args.threads)
+        model = OpenVinoBackend(args.onnx, threads=args.threads, max_graphs=args.max_graphs)
     else:
         model = load_model(args.checkpoint or default_checkpoint())
     if args.openvino and not args.onnx:
@@ -81,7 +81,7 @@ def main() -> None:
     lines = [
         f"{args.images} images (the {len(sources)} in-domain test images, cycled), "
         f"{_backend_name(args)}"
-        f"{f', at most {args.max_graphs} compiled sides' if args.openvino and args.max_graphs else ''}, "
+        f"{f', at most {args.max_graphs} compiled sides' if args.max_graphs else ''}, "
         f"--modality auto, {args.threads} threads",
         f"RSS before loading the model {start_rss:.0f} MB, after {loaded_rss:.0f} MB",
         "",

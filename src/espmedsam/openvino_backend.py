@@ -12,6 +12,8 @@ the first run on a machine pays the compilation (5-15 s per side); later process
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from espmedsam.checkpoints.onnx_export import (
     require_onnx,
 )
 from espmedsam.errors import CheckpointError
+from espmedsam.memory import release_freed_memory
 from espmedsam.onnx_backend import OnnxBackend
 
 DEVICE = "CPU"
@@ -47,6 +50,8 @@ class OpenVinoBackend(OnnxBackend):
         bfloat16: run in bf16 where the CPU has it (``precision`` says what runs); False: fp32.
         cache_dir: where compiled graphs are kept between processes (the CLI's: ``CACHE_DIR``); None: not
             kept.
+        max_graphs: input sides whose segmentation graph is kept compiled at once (``kept_graph``); None:
+            all (a server's).
     Raises:
         MissingDependencyError: onnx or openvino is not installed.
         CheckpointError: the file is missing, not an espmedsam export, or OpenVINO cannot compile it.
@@ -62,11 +67,16 @@ class OpenVinoBackend(OnnxBackend):
         threads: int | None = None,
         bfloat16: bool = True,
         cache_dir: Path | None = None,
+        max_graphs: int | None = None,
     ) -> None:
         require_onnx(self.packages, self.extra)  # a one-line error, not an ImportError, without openvino
         import openvino as ov
 
         self.cache_dir = cache_dir
+        self.max_graphs = max_graphs
+        self._segments: OrderedDict[tuple[int, ...], Any] = (
+            OrderedDict()
+        )  # side's shape -> graph, last used last
         self._core = ov.Core()  # one runtime for every graph this backend compiles
         self.precision = (
             "bf16" if bfloat16 and cpu_has_bf16(self._core) else "f32"
@@ -93,18 +103,41 @@ class OpenVinoBackend(OnnxBackend):
         return np.concatenate(logits) if logits else np.zeros((0, len(self.modalities)), np.float32)
 
     def _compiled(self, graph: str, shape: tuple[int, ...]) -> Any:
-        """The graph ("segment" or "classify") compiled for images of ``shape``, compiled once."""
+        """The graph ("segment" or "classify") compiled for images of ``shape``, compiled once; at most
+        ``max_graphs`` segmentation sides kept (``kept_graph``)."""
+        if graph == "segment":
+            return kept_graph(
+                self._segments, tuple(shape), self.max_graphs, lambda: self._compile(graph, shape)
+            )
         key = (graph, tuple(shape))
         if key not in self._sessions:
-            inputs, output = (
-                (list(INPUTS), OUTPUTS[0]) if graph == "segment" else ([CLASSIFIER_INPUT], CLASSIFIER_OUTPUT)
-            )
-            shapes = {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
-            self._sessions[key] = compile_graph(
-                self._core, self.path, shapes, self.precision, outputs=[output], threads=self.threads,
-                cache_dir=self.cache_dir, name=str(self.path),
-            )  # fmt: skip
+            self._sessions[key] = self._compile(graph, shape)
         return self._sessions[key]
+
+    def _compile(self, graph: str, shape: tuple[int, ...]) -> Any:
+        inputs, output = (
+            (list(INPUTS), OUTPUTS[0]) if graph == "segment" else ([CLASSIFIER_INPUT], CLASSIFIER_OUTPUT)
+        )
+        shapes = {inputs[0]: list(shape), **({inputs[1]: [shape[0]]} if len(inputs) > 1 else {})}
+        return compile_graph(
+            self._core, self.path, shapes, self.precision, outputs=[output], threads=self.threads,
+            cache_dir=self.cache_dir, name=str(self.path),
+        )  # fmt: skip
+
+
+def kept_graph(graphs: OrderedDict[Any, Any], key: Any, limit: int | None, compile: Callable[[], Any]) -> Any:
+    """``graphs[key]``, made by ``compile`` the first time it is asked for; with ``limit``, at most that
+    many kept: the least recently used one is dropped first, and its copy of the weights and its activation
+    arena handed back to the system (OpenVINO shares neither between static graphs; compiling it again
+    from the compiled-graph cache takes about half a second)."""
+    if key in graphs:
+        graphs.move_to_end(key)
+        return graphs[key]
+    if limit is not None and len(graphs) >= limit:
+        graphs.popitem(last=False)
+        release_freed_memory()
+    graphs[key] = compile()
+    return graphs[key]
 
 
 def compile_graph(

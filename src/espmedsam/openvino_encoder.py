@@ -39,11 +39,10 @@ from espmedsam.checkpoints.onnx_export import (
     require_onnx,
 )
 from espmedsam.errors import CheckpointError
-from espmedsam.memory import release_freed_memory
 from espmedsam.models.controller import ControllerRoute
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.openvino_backend import CACHE_DIR as COMPILED_CACHE
-from espmedsam.openvino_backend import compile_graph, cpu_has_bf16
+from espmedsam.openvino_backend import compile_graph, cpu_has_bf16, kept_graph
 
 CACHE_DIR = COMPILED_CACHE / "encoders"  # beside the compiled graphs
 # part of the cache key: change it when the graph does
@@ -180,14 +179,10 @@ class OpenVinoImageEncoder(nn.Module):
 
     def compiled(self, side: int) -> Any:
         """The graph compiled for one image of ``side`` (its segmentation part)."""
-        if side in self._compiled:
-            self._compiled.move_to_end(side)
-            return self._compiled[side]
-        if self.max_graphs is not None and len(self._compiled) >= self.max_graphs:
-            self._compiled.popitem(last=False)  # its weights and activations go (a recompile: ~0.5 s)
-            release_freed_memory()
-        self._compiled[side] = self._segmentation_part(self.graph(side), side, self.precision)
-        return self._compiled[side]
+        return kept_graph(
+            self._compiled, side, self.max_graphs,
+            lambda: self._segmentation_part(self.graph(side), side, self.precision),
+        )  # fmt: skip
 
     def _segmentation_part(self, path: Path, side: int, precision: str) -> Any:
         """The exported graph's segmentation part (no classifier input or output), compiled for ``side``."""

@@ -46,7 +46,27 @@ def test_fp32_masks_equal_torch_on_a_mixed_batch(fp32, model):  # noqa: F811
 def test_any_batch_runs_on_the_one_graph_of_its_side(fp32, model, batch):  # noqa: F811
     images, ids = _inputs(batch, seed=batch)
     assert np.abs(fp32.segment(images.numpy(), ids.numpy()) - _eager_masks(model, images, ids)).max() <= 1e-3
-    assert [key for key in fp32._sessions if key[0] == "segment"] == [("segment", (1, 3, SIZE, SIZE))]
+    assert list(fp32._segments) == [(1, 3, SIZE, SIZE)]
+
+
+def test_kept_graphs_drop_the_least_recently_used_beyond_their_limit():
+    from collections import OrderedDict
+
+    from espmedsam.openvino_backend import kept_graph
+
+    compiled = []
+
+    def compile_for(side):
+        return lambda: compiled.append(side) or f"graph {side}"
+
+    graphs = OrderedDict()
+    for side in (64, 96, 64, 128, 96):  # 64 used again before 128 comes: 96 goes, then 64
+        assert kept_graph(graphs, side, 2, compile_for(side)) == f"graph {side}"
+    assert compiled == [64, 96, 128, 96] and list(graphs) == [128, 96]
+    unlimited = OrderedDict()
+    for side in (64, 96, 128, 64):
+        kept_graph(unlimited, side, None, compile_for(side))
+    assert list(unlimited) == [96, 128, 64]
 
 
 def test_bf16_masks_agree_with_fp32_within_the_dice_tolerance(exported, model):  # noqa: F811

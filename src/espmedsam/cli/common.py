@@ -237,9 +237,9 @@ def make_predictor(
     max_graphs: int | None = 2,
 ):
     """The Predictor of a CLI verb; ``native_openvino``: ``auto`` may choose OpenVINO for a native
-    checkpoint (``backends.choose_backend``); ``max_graphs``: its compiled input sides kept at once (a
-    folder's run: two, 2.0 GB at most over 1,000 images of six modalities instead of 2.4 GB with all four;
-    a server: all, None)."""
+    checkpoint (``backends.choose_backend``); ``max_graphs``: OpenVINO's compiled input sides kept at
+    once, for a native checkpoint or an exported file (a folder's run: two, which bounds its memory over
+    many images of several sizes; a server: all, None)."""
     from espmedsam.models.espmedsam import ESPMedSAM
     from espmedsam.predict import Predictor
 
@@ -266,8 +266,9 @@ def make_predictor(
         from espmedsam import openvino_backend
 
         model = openvino_backend.OpenVinoBackend(
-            checkpoint, threads=threads, bfloat16=bfloat16, cache_dir=openvino_backend.CACHE_DIR
-        )
+            checkpoint, threads=threads, bfloat16=bfloat16, cache_dir=openvino_backend.CACHE_DIR,
+            max_graphs=max_graphs,
+        )  # fmt: skip
     elif choice.name == "onnxruntime":
         from espmedsam.onnx_backend import OnnxBackend
 

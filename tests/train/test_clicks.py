@@ -250,23 +250,26 @@ def test_the_clicked_component_is_redrawn_from_its_box_and_nothing_else():
     assert len(boxes) == 1
 
 
+def _growing_click_decoder(model, monkeypatch) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``model``'s click decoder made to return a 32-px square at every click and its box decoder a 16-px
+    square inside it, at the X-ray input side: (side, the grown logits, the tight logits)."""
+    size = model.input_size("xray")
+    grown = _square_logits(size, slice(8, 40), slice(8, 40))  # the click decoder's object
+    tight = _square_logits(size, slice(16, 32), slice(16, 32))  # the box decoder's, from its box
+
+    def decoded(logits: torch.Tensor, count: int) -> PromptedMasks:
+        return PromptedMasks(logits.expand(count, -1, -1, -1), torch.ones(count))
+
+    monkeypatch.setattr(model, "decode_clicks", lambda e, *a: decoded(grown, len(e)))
+    monkeypatch.setattr(model, "decode_prompt", lambda e, *a, **k: decoded(tight, len(e)))
+    return size, grown, tight
+
+
 def test_a_foreground_click_redraws_its_object_on_the_chosen_modalities_only(prompted_model, monkeypatch):
     model = with_click_decoder(prompted_model)
     prompt = dataclasses.replace(model.config.prompt, refit_clicked=("xray",))
     model.config = dataclasses.replace(model.config, prompt=prompt)
-    size = model.input_size("xray")
-    grown = _square_logits(size, slice(8, 40), slice(8, 40))  # the click decoder's object
-    tight = _square_logits(size, slice(16, 32), slice(16, 32))  # the box decoder's, from its box
-    monkeypatch.setattr(
-        model,
-        "decode_clicks",
-        lambda e, *a: PromptedMasks(grown.expand(len(e), -1, -1, -1), torch.ones(len(e))),
-    )
-    monkeypatch.setattr(
-        model,
-        "decode_prompt",
-        lambda e, *a, **k: PromptedMasks(tight.expand(len(e), -1, -1, -1), torch.ones(len(e))),
-    )
+    size, _, _ = _growing_click_decoder(model, monkeypatch)
     predictor = Predictor(model, device="cpu")
     image = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     on_xray = predictor.predict(image, "xray", points=[(20, 20)], labels=[1])
@@ -314,19 +317,7 @@ def test_the_refit_choice_sees_a_box_decoder_that_draws_the_object_better(prompt
     """A click decoder that grows every object past the truth and a box decoder that draws it exactly: the
     redraw takes each image to Dice 1 after its first click, and the modality is chosen."""
     model = with_click_decoder(prompted_model)
-    size = model.input_size("xray")
-    grown = _square_logits(size, slice(8, 40), slice(8, 40))
-    tight = _square_logits(size, slice(16, 32), slice(16, 32))
-    monkeypatch.setattr(
-        model,
-        "decode_clicks",
-        lambda e, *a: PromptedMasks(grown.expand(len(e), -1, -1, -1), torch.ones(len(e))),
-    )
-    monkeypatch.setattr(
-        model,
-        "decode_prompt",
-        lambda e, *a, **k: PromptedMasks(tight.expand(len(e), -1, -1, -1), torch.ones(len(e))),
-    )
+    size, _, tight = _growing_click_decoder(model, monkeypatch)
     embedding = model.encode(torch.zeros(1, 3, size, size), "xray")[0].half()
     truth = (tight[0, 0] > 0).numpy()
     empty = torch.full((1, size, size), -5.0).half()  # the prompt-free mask found nothing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ console = Console(stderr=True)
 
 
 _state = {"debug": False}
+SILENT_RANK_GRACE_SECONDS = 30.0  # how long a rank that does not report a config error waits for rank 0
 
 
 class _App(typer.Typer):
@@ -39,6 +41,10 @@ class _App(typer.Typer):
             # under torchrun every rank reads the same config: rank 0 alone reports its errors
             if is_main_process() or not isinstance(error, ConfigError):
                 _print_error(str(error))
+            else:
+                # torchrun stops every rank as soon as one exits: the others wait, so that rank 0 is
+                # not stopped before it has said what is wrong
+                time.sleep(SILENT_RANK_GRACE_SECONDS)
             sys.exit(error.exit_code)
         except OSError as error:  # a failed read or write that no library code named: still one line
             if _state["debug"]:

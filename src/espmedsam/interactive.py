@@ -228,11 +228,7 @@ class PromptPredictor:
                         clicks.labels[k - 1] == FOREGROUND
                         and embedded.modality in model.config.prompt.refit_clicked
                     ):
-                        x, y = (int(v) for v in points[0, k - 1].round())
-                        decoder = model.box_decoder(embedded.embeddings, embedded.size)
-                        corrected = refit_clicked(corrected, embedded.meta.resized_size, x, y, decoder).to(
-                            device
-                        )
+                        corrected = self._redrawn(embedded, corrected, points[0, k - 1])
                 if len(embedded.corrections) >= MAX_KEPT_CORRECTIONS:
                     embedded.corrections.clear()
                 embedded.corrections[key] = corrected, float(out.iou.float()[0])
@@ -240,6 +236,13 @@ class PromptPredictor:
             ious.append(iou)
         mask = model.postprocess(logits.cpu(), embedded.meta)[0, 0].numpy() > 0
         return PromptedMask(mask, tuple(ious))
+
+    def _redrawn(self, embedded: ImageEmbedding, logits: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        """(1, 1, S, S) ``logits`` with the object under a foreground click at model-input ``point`` (x, y)
+        decoded again from its bounding box (``models/self_prompt.py``, ``refit_clicked``)."""
+        x, y = (int(v) for v in point.round())
+        decoder = self.model.box_decoder(embedded.embeddings, embedded.size)
+        return refit_clicked(logits, embedded.meta.resized_size, x, y, decoder).to(logits.device)
 
     def _best_containing(
         self, embedded: ImageEmbedding, boxes: list, row: int, column: int, ious: list[float]

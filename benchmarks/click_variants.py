@@ -38,6 +38,7 @@ from scipy import ndimage
 from espmedsam.checkpoints.native import load_model
 from espmedsam.data.dataset import parse_dataset_arg
 from espmedsam.device import autocast
+from espmedsam.models.self_prompt import refit_clicked
 from espmedsam.train.clicks import ClickSample, clicks_to_tensors, next_click, prepare_samples, valid_masks
 from espmedsam.train.quality import dice_score
 
@@ -58,24 +59,21 @@ def clicked_region_only(new: np.ndarray, old: np.ndarray, x: int, y: int) -> np.
     return np.where(taken, new, old)
 
 
-def with_clicked_box(model, sample: ClickSample, mask: np.ndarray, click: tuple[int, int, int], union: bool):
-    """``mask`` with the component that holds a foreground click decoded again from its bounding box
-    (replacing the component inside the box, or added with ``union``); unchanged for a background click
-    or a click on no component."""
+def with_clicked_box(
+    model, sample: ClickSample, corrected: torch.Tensor, click: tuple[int, int, int], union: bool
+) -> np.ndarray:
+    """The click decoder's (1, 1, S, S) ``corrected`` logits as a mask, with the component that holds a
+    foreground click decoded again from its bounding box (``refit_clicked``, as the click path does on
+    the modalities it was chosen for: replacing the component inside the box), or with ``union`` that
+    redrawn mask added to it; unchanged for a background click or a click on no component."""
     x, y, label = click
-    components, _ = ndimage.label(mask)
-    if label != 1 or not components[y, x]:
-        return mask
-    own = components == components[y, x]
-    rows, columns = np.nonzero(own)
-    x0, y0, x1, y1 = columns.min(), rows.min(), columns.max(), rows.max()
-    box = torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32)
+    whole = valid_masks(corrected, [sample])[0]
+    if label != 1:
+        return whole
+    decoder = model.box_decoder(sample.embedding[None].float(), sample.size)
     with torch.inference_mode(), autocast(torch.device("cpu"), True):
-        out = model.decode_prompt(sample.embedding[None].float(), sample.size, boxes=box)
-    boxed = valid_masks(out.masks.float(), [sample])[0]
-    inside = np.zeros_like(mask)
-    inside[y0 : y1 + 1, x0 : x1 + 1] = True
-    return mask | (boxed & inside) if union else np.where(inside, (mask & ~own) | boxed, mask)
+        redrawn = valid_masks(refit_clicked(corrected, sample.valid, x, y, decoder), [sample])[0]
+    return whole | redrawn if union else redrawn
 
 
 def with_like_objects(
@@ -125,7 +123,7 @@ def one_click_dice(model, sample: ClickSample) -> dict[str, float]:
         row[f"t{t}"] = dice_score(valid_masks(corrected - t, [sample])[0], sample.truth)
     for union in (False, True):
         row[f"box{'+' if union else ''}"] = dice_score(
-            with_clicked_box(model, sample, whole, click, union), sample.truth
+            with_clicked_box(model, sample, corrected, click, union), sample.truth
         )
     free_logits = logits[0, 0].numpy().copy()
     h, w = sample.valid

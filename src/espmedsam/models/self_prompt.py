@@ -103,10 +103,7 @@ def refit_clicked(
     labels, _ = ndimage.label((out[0, 0, :h, :w] > 0).numpy())
     if not (0 <= y < h and 0 <= x < w) or not labels[y, x]:
         return out
-    rows, columns = ndimage.find_objects(labels)[labels[y, x] - 1]
-    component = Component(
-        (columns.start, rows.start, columns.stop - 1, rows.stop - 1), labels[rows, columns] == labels[y, x]
-    )
+    component = _component(labels, int(labels[y, x]), ndimage.find_objects(labels)[labels[y, x] - 1])
     boxes = torch.tensor([component.box], dtype=torch.float32, device=mask_logits.device)
     prompted, _ = decode_boxes(boxes, torch.zeros(1, dtype=torch.long, device=mask_logits.device))
     _replace_component(out[0, 0], component, prompted[0, 0].float().cpu())
@@ -132,7 +129,13 @@ def largest_components(mask: np.ndarray, limit: int) -> tuple[list[Component], i
     slices = ndimage.find_objects(labels)
     found = []
     for index in np.argsort(-sizes, kind="stable")[:limit]:
-        rows, columns = slices[index]
-        box = (columns.start, rows.start, columns.stop - 1, rows.stop - 1)
-        found.append(Component(box, labels[rows, columns] == index + 1))
+        found.append(_component(labels, index + 1, slices[index]))
     return found, count
+
+
+def _component(labels: np.ndarray, label: int, found: tuple[slice, slice]) -> Component:
+    """The component ``label`` of an ``ndimage.label`` map, from its ``find_objects`` slices."""
+    rows, columns = found
+    return Component(
+        (columns.start, rows.start, columns.stop - 1, rows.stop - 1), labels[rows, columns] == label
+    )

@@ -74,9 +74,8 @@ class OpenVinoBackend(OnnxBackend):
 
         self.cache_dir = cache_dir
         self.max_graphs = max_graphs
-        self._segments: OrderedDict[tuple[int, ...], Any] = (
-            OrderedDict()
-        )  # side's shape -> graph, last used last
+        # each side's input shape -> its segmentation graph, the last used last
+        self._segments: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._core = ov.Core()  # one runtime for every graph this backend compiles
         self.precision = (
             "bf16" if bfloat16 and cpu_has_bf16(self._core) else "f32"

@@ -56,7 +56,7 @@ class ClickSample:
     truth: np.ndarray  # (S, S) bool, the ground truth resized as the image was
     valid: tuple[int, int]  # the unpadded region (h, w) at the top left
     dataset: str
-    modality: str = ""
+    modality: str
 
     @property
     def size(self) -> int:

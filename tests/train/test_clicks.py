@@ -23,6 +23,7 @@ from espmedsam.models.summary import parameter_counts
 from espmedsam.predict import Predictor
 from espmedsam.train.clicks import (
     ClickSample,
+    ClickShift,
     click_dice,
     clicks_to_tensors,
     evaluate_clicks,
@@ -30,6 +31,7 @@ from espmedsam.train.clicks import (
     next_click,
     prepare_samples,
     refit_gains,
+    shift_logits,
     train_clicks,
     with_click_decoder,
 )
@@ -169,7 +171,8 @@ def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(prompted_mo
     assert Path(out.with_suffix(".clicks.json")).exists()
     bad = runner.invoke(app, [*args, "--steps", "0"])
     assert isinstance(bad.exception, InputError) and "--steps" in str(bad.exception)
-    for option, value in (("--random-clicks", "1.5"), ("--select-after", "4")):
+    for option, value in (("--random-clicks", "1.5"), ("--select-after", "4"), ("--shifted-masks", "-0.1"),
+                          ("--max-shift", "-1")):  # fmt: skip
         bad = runner.invoke(app, [*args, option, value])
         assert isinstance(bad.exception, InputError) and option in str(bad.exception)
 
@@ -330,3 +333,35 @@ def test_the_refit_choice_sees_a_box_decoder_that_draws_the_object_better(prompt
     (gain,) = refit_gains(model, samples, 2, bf16=False)
     assert (gain.modality, gain.images) == ("xray", 3)
     assert gain.gain == pytest.approx(1.0 - np.mean(gain.clicked)) and gain.gain > 0.2
+
+
+def test_shifted_logits_move_each_image_by_its_offset_and_draws_keep_the_share():
+    logits = torch.zeros(3, 1, 4, 4)
+    shifted = shift_logits(logits, np.array([-2.0, 0.0, 1.5]))
+    assert torch.equal(shifted[:, 0, 0, 0], torch.tensor([-2.0, 0.0, 1.5]))
+    assert torch.equal(shifted[0], torch.full((1, 4, 4), -2.0))
+    offsets = ClickShift(0.5, 3.0, np.random.default_rng(0)).draw(4000)
+    assert np.all(np.abs(offsets) <= 3.0)
+    assert 0.45 < np.mean(offsets != 0) < 0.55
+    assert not ClickShift(0.0, 3.0, np.random.default_rng(0)).draw(100).any()
+
+
+def test_a_correction_from_shifted_logits_starts_from_the_shifted_mask(prompted_model, datasets):
+    """The untrained click decoder returns the mask it is given: from logits shifted by 6 its mask, and so
+    its loss, is the shifted mask's; the stored samples stay as they were."""
+    from espmedsam.losses import MaskLoss
+    from espmedsam.train.clicks import _step
+
+    model = with_click_decoder(prompted_model)
+    samples = prepare_samples(model, [parse_dataset_arg(datasets[0])], "train", bf16=False)
+    stored = [s.logits.clone() for s in samples]
+
+    def loss(shift: ClickShift | None) -> float:
+        rng = np.random.default_rng(0)
+        with torch.no_grad():
+            return _step(model, samples, 1, rng, MaskLoss(), False, 0.0, shift).item()
+
+    plain = loss(None)
+    assert loss(ClickShift(0.0, 6.0, np.random.default_rng(1))) == plain
+    assert loss(ClickShift(1.0, 6.0, np.random.default_rng(1))) != plain
+    assert all(torch.equal(s.logits, old) for s, old in zip(samples, stored, strict=True))

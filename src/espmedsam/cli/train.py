@@ -556,6 +556,14 @@ def prompts_train_clicks(
         int | None,
         typer.Option(help="Keep the weights with the best val Dice after this many clicks (default: all)."),
     ] = None,
+    shifted_masks: Annotated[
+        float,
+        typer.Option(
+            help="Share of training corrections whose prompt-free logits are first shifted by a random "
+            "offset (masks that miss or spill over more than on the training images)."
+        ),
+    ] = 0.0,
+    max_shift: Annotated[float, typer.Option(help="Largest logit offset of --shifted-masks.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Seed of the batches and the random clicks.")] = 0,
     refit_min_gain: RefitMinGainOpt = 0.005,
     fp16: Fp16Opt = False,
@@ -577,8 +585,11 @@ def prompts_train_clicks(
                         ("--val-every", val_every)):  # fmt: skip
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
-    if not 0 <= random_clicks <= 1:
-        raise InputError(f"--random-clicks must lie in [0, 1], got {random_clicks}")
+    for name, share in (("--random-clicks", random_clicks), ("--shifted-masks", shifted_masks)):
+        if not 0 <= share <= 1:
+            raise InputError(f"{name} must lie in [0, 1], got {share}")
+    if max_shift < 0:
+        raise InputError(f"--max-shift must be at least 0, got {max_shift}")
     if select_after is not None and not 1 <= select_after <= max_clicks:
         raise InputError(f"--select-after must lie in 1..{max_clicks}, got {select_after}")
     sources = [parse_dataset_arg(item) for item in data]
@@ -601,7 +612,8 @@ def prompts_train_clicks(
         result = train_clicks(
             model, samples["train"], samples["val"], steps=steps, minutes=minutes, batch_size=batch_size,
             lr=lr, max_clicks=max_clicks, val_every=val_every, seed=seed, progress=show,
-            random_share=random_clicks, select_after=select_after,
+            random_share=random_clicks, select_after=select_after, shifted_share=shifted_masks,
+            max_shift=max_shift,
         )  # fmt: skip
     first = result.history[0]["dice"]
     table = Table(

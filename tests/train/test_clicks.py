@@ -14,7 +14,7 @@ from espmedsam import build_model
 from espmedsam.checkpoints.native import load_model, save_model
 from espmedsam.cli import app
 from espmedsam.config import PromptConfig
-from espmedsam.data.dataset import parse_dataset_arg
+from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.errors import InputError
 from espmedsam.models.prompt_decoder import PromptedMasks
 from espmedsam.models.registry import get_config
@@ -23,6 +23,7 @@ from espmedsam.models.summary import parameter_counts
 from espmedsam.predict import Predictor
 from espmedsam.train.clicks import (
     ClickSample,
+    ClickSampleCache,
     ClickShift,
     click_dice,
     clicks_to_tensors,
@@ -43,6 +44,14 @@ runner = CliRunner()
 def prompted_model():
     torch.manual_seed(0)
     return build_model(dataclasses.replace(get_config("tiny"), prompt=PromptConfig(enabled=True)))
+
+
+@pytest.fixture(autouse=True)
+def sample_cache_in_tmp(tmp_path, monkeypatch):
+    """The CLI keeps its click samples under the test's own folder, never the user's cache."""
+    root = tmp_path / "click-samples"
+    monkeypatch.setattr("espmedsam.train.clicks.CLICK_SAMPLE_CACHE", root)
+    return root
 
 
 def test_a_missed_square_gets_a_foreground_click_at_its_centre():
@@ -159,7 +168,34 @@ def test_training_on_a_few_images_makes_one_click_help(prompted_model, datasets)
     assert changed and all(k.startswith("click_decoder.") for k in changed)
 
 
-def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(prompted_model, datasets, tmp_path):
+def test_kept_samples_are_read_back_without_the_encoder(prompted_model, datasets, tmp_path, monkeypatch):
+    """The second preparation on the same weights reads every sample from the cache (no encoder call)
+    and gets the same samples; other weights get another fingerprint, so nothing stale is read."""
+    model = with_click_decoder(prompted_model)
+    cache = ClickSampleCache.for_model(model, tmp_path / "samples")
+    sources = [parse_dataset_arg(datasets[0])]
+    first = prepare_samples(model, sources, "train", bf16=False, cache=cache)
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    again = prepare_samples(model, sources, "train", bf16=False, cache=cache)
+    assert not calls and len(again) == len(first) == 4
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.embedding, b.embedding) and torch.equal(a.logits, b.logits)
+        assert np.array_equal(a.truth, b.truth) and a.valid == b.valid
+        assert (a.dataset, a.modality) == (b.dataset, b.modality)
+    other = ClickSampleCache.for_model(with_click_decoder(build_model(prompted_model.config)))
+    assert other.dir.name != cache.dir.name
+    for parameter in model.click_decoder.parameters():  # the click decoder's own weights do not count
+        parameter.data.add_(1.0)
+    assert ClickSampleCache.for_model(model, tmp_path / "samples").dir == cache.dir
+    prepare_samples(model, sources, "train", bf16=False)  # without a cache: the encoder runs
+    assert calls
+
+
+def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(
+    prompted_model, datasets, tmp_path, sample_cache_in_tmp
+):
     checkpoint = save_model(prompted_model, tmp_path / "m.safetensors")
     out = tmp_path / "clicks.safetensors"
     args = ["prompts", "train-clicks", str(checkpoint), "-d", datasets[0], "-d", datasets[1], "-o", str(out)]
@@ -169,6 +205,12 @@ def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(prompted_mo
     model = load_model(out)
     assert model.click_decoder is not None
     assert Path(out.with_suffix(".clicks.json")).exists()
+    images = sum(
+        len(SegmentationFolder(parse_dataset_arg(d), split))
+        for d in datasets[:2]
+        for split in ("train", "val")
+    )
+    assert len(list(sample_cache_in_tmp.rglob("*.npz"))) == images  # every image kept, once
     bad = runner.invoke(app, [*args, "--steps", "0"])
     assert isinstance(bad.exception, InputError) and "--steps" in str(bad.exception)
     for option, value in (("--random-clicks", "1.5"), ("--select-after", "4"), ("--shifted-masks", "-0.1"),

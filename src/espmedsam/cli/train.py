@@ -566,6 +566,7 @@ def prompts_train_clicks(
     max_shift: Annotated[float, typer.Option(help="Largest logit offset of --shifted-masks.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Seed of the batches and the random clicks.")] = 0,
     refit_min_gain: RefitMinGainOpt = 0.005,
+    keep_samples: KeepSamplesOpt = True,
     fp16: Fp16Opt = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -579,7 +580,7 @@ def prompts_train_clicks(
     from espmedsam.checkpoints.native import load_model
     from espmedsam.data.dataset import parse_dataset_arg
     from espmedsam.device import resolve_device
-    from espmedsam.train.clicks import prepare_samples, train_clicks, with_click_decoder
+    from espmedsam.train.clicks import train_clicks, with_click_decoder
 
     for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--max-clicks", max_clicks),
                         ("--val-every", val_every)):  # fmt: skip
@@ -600,9 +601,7 @@ def prompts_train_clicks(
     with progress_bar() as progress:
         samples = _samples_by_split(
             progress, "embedding", max_per_dataset, None,
-            lambda split, limit, advance: prepare_samples(
-                model, sources, split, max_per_dataset=limit, progress=advance
-            ),
+            lambda split, limit, advance: _click_samples(model, sources, split, keep_samples, limit, advance),
         )  # fmt: skip
         task = progress.add_task("training", total=steps)
 
@@ -636,6 +635,28 @@ def prompts_train_clicks(
     _save_with_log(model, out, fp16, ".clicks.json", {**record, "history": result.history})
 
 
+KeepSamplesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-samples/--no-keep-samples",
+        help="Keep each embedded image with its prompt-free mask under ~/.cache/espmedsam/click-samples "
+        "(about 2 MB an image), so later runs on the same weights skip the embedding pass.",
+    ),
+]
+
+
+def _click_samples(model, sources, split: str, keep: bool, limit: int | None, advance) -> list:
+    """The click samples of ``split``: read from the sample cache where kept, else embedded (from the
+    frozen prefix's cached features where ``espmedsam train`` left them)."""
+    from espmedsam.train.clicks import ClickSampleCache, find_prefix_cache, prepare_samples
+
+    cache = ClickSampleCache.for_model(model) if keep else None
+    return prepare_samples(
+        model, sources, split, max_per_dataset=limit, prefix=find_prefix_cache(model), cache=cache,
+        progress=advance,
+    )  # fmt: skip
+
+
 RefitMinGainOpt = Annotated[
     float,
     typer.Option(
@@ -659,6 +680,7 @@ def prompts_calibrate_clicks(
     ],
     split: Annotated[str, typer.Option(help="Split to choose on (never the test split).")] = "val",
     min_gain: RefitMinGainOpt = 0.005,
+    keep_samples: KeepSamplesOpt = True,
     fp16: Fp16Opt = False,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -672,7 +694,6 @@ def prompts_calibrate_clicks(
     from espmedsam.checkpoints.native import load_model, save_model
     from espmedsam.data.dataset import parse_dataset_arg
     from espmedsam.device import resolve_device
-    from espmedsam.train.clicks import prepare_samples
 
     if split == "test":
         raise InputError("calibrate on a validation split; the test split is for measuring")
@@ -682,7 +703,9 @@ def prompts_calibrate_clicks(
     sources = [parse_dataset_arg(item) for item in data]
     with progress_bar() as progress:
         task = progress.add_task(f"embedding the {split} images", total=None)
-        samples = prepare_samples(model, sources, split, progress=lambda n: progress.advance(task, n))
+        samples = _click_samples(
+            model, sources, split, keep_samples, None, lambda n: progress.advance(task, n)
+        )
     _choose_refit(model, samples, min_gain)
     path = save_model(model, out, dtype=torch.float16 if fp16 else None)
     console.print(f"wrote {path}")

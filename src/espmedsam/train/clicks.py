@@ -18,6 +18,8 @@ the embedding pass reads them and runs only the later stages.
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import logging
 import math
 import time
@@ -33,8 +35,9 @@ from scipy import ndimage
 from espmedsam.data.dataset import DatasetSource, SegmentationFolder
 from espmedsam.data.transforms import to_model_input
 from espmedsam.device import autocast
-from espmedsam.distill.cache import CacheKey
+from espmedsam.distill.cache import CacheKey, EmbeddingCache
 from espmedsam.errors import InputError
+from espmedsam.files import atomic_write
 from espmedsam.losses import MaskLoss
 from espmedsam.models.click_decoder import ClickDecoder
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -116,6 +119,48 @@ def find_prefix_cache(model: ESPMedSAM, root: str | Path = DEFAULT_CACHE) -> Pre
     return None
 
 
+CLICK_SAMPLE_CACHE = DEFAULT_CACHE.parent / "click-samples"
+
+
+class ClickSampleCache(EmbeddingCache):
+    """The click samples (embedding, prompt-free logits, truth, valid region) of one model's prompt-free
+    path under ``root/<fingerprint>``, one ``.npz`` per (image content, input size), so that training the
+    click decoder again on the same weights skips the embedding pass."""
+
+    suffix = ".npz"
+
+    @classmethod
+    def for_model(cls, model: ESPMedSAM, root: str | Path | None = None) -> ClickSampleCache:
+        """The cache of ``model``'s samples under ``root`` (default ``CLICK_SAMPLE_CACHE``)."""
+        return cls(CLICK_SAMPLE_CACHE if root is None else root, prompt_free_fingerprint(model))
+
+    def get(self, key: CacheKey) -> dict[str, np.ndarray]:  # type: ignore[override]
+        with np.load(self.path(key)) as entry:
+            return {name: entry[name] for name in ("embedding", "logits", "truth", "valid")}
+
+    def put(self, key: CacheKey, sample: ClickSample) -> Path:  # type: ignore[override]
+        buffer = io.BytesIO()
+        np.savez(
+            buffer, embedding=sample.embedding.numpy(), logits=sample.logits.numpy(), truth=sample.truth,
+            valid=np.array(sample.valid),
+        )  # fmt: skip
+        return atomic_write(self.path(key), lambda file: file.write(buffer.getvalue()))
+
+
+def prompt_free_fingerprint(model: ESPMedSAM) -> str:
+    """16 hex digits over every weight but the click decoder's, the input normalisation and the modalities'
+    order: what a click sample's embedding and prompt-free logits depend on beside its input size (in the
+    cache key)."""
+    config = model.config
+    described = (config.input_normalisation, config.pixel_mean, config.pixel_std, config.modalities)
+    digest = hashlib.sha256(repr(described).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith("click_decoder."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def prepare_samples(
     model: ESPMedSAM,
     sources: Sequence[DatasetSource],
@@ -125,11 +170,13 @@ def prepare_samples(
     batch_size: int = 8,
     bf16: bool = True,
     prefix: PrefixCache | None = None,
+    cache: ClickSampleCache | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[ClickSample]:
     """Embed and segment (prompt-free) the images of ``split`` in each dataset, at each modality's input
     size; at most ``max_per_dataset`` per dataset (the first ones: the splits are shuffled already).
-    Batches whose images are all in ``prefix`` start from its features. ``progress`` is called with the
+    Batches whose images are all in ``cache`` are read from it, the others are made and stored there;
+    those whose images are all in ``prefix`` start from its features. ``progress`` is called with the
     number of images done after each batch."""
     samples: list[ClickSample] = []
     for source in sources:
@@ -138,7 +185,7 @@ def prepare_samples(
         count = len(folder) if max_per_dataset is None else min(len(folder), max_per_dataset)
         for start in range(0, count, batch_size):
             indices = range(start, min(count, start + batch_size))
-            samples += _embed_batch(model, folder, indices, size, bf16, prefix)
+            samples += _cached_batch(model, folder, indices, size, bf16, prefix, cache)
             if progress is not None:
                 progress(min(count, start + batch_size) - start)
     if not samples:
@@ -146,16 +193,41 @@ def prepare_samples(
     return samples
 
 
-def _embed_batch(
+def _cached_batch(
     model: ESPMedSAM,
     folder: SegmentationFolder,
     indices: range,
     size: int,
     bf16: bool,
     prefix: PrefixCache | None,
+    cache: ClickSampleCache | None,
 ) -> list[ClickSample]:
     pairs = [folder[i] for i in indices]
     keys = [CacheKey(sample_digest(s.image, s.mask), size, 0) for s in pairs]
+    if cache is not None and not cache.missing(keys):
+        return [_read_sample(cache.get(key), folder) for key in keys]
+    samples = _embed_batch(model, folder, pairs, keys, size, bf16, prefix)
+    if cache is not None:
+        for key, sample in zip(keys, samples, strict=True):
+            cache.put(key, sample)
+    return samples
+
+
+def _read_sample(entry: dict, folder: SegmentationFolder) -> ClickSample:
+    valid = (int(entry["valid"][0]), int(entry["valid"][1]))
+    embedding, logits = torch.from_numpy(entry["embedding"]), torch.from_numpy(entry["logits"])
+    return ClickSample(embedding, logits, entry["truth"], valid, folder.name, folder.modality)
+
+
+def _embed_batch(
+    model: ESPMedSAM,
+    folder: SegmentationFolder,
+    pairs: list,
+    keys: list[CacheKey],
+    size: int,
+    bf16: bool,
+    prefix: PrefixCache | None,
+) -> list[ClickSample]:
     device = model.pixel_mean.device
     entries = None
     if prefix is not None and all(key in prefix.cache for key in keys):
@@ -561,6 +633,7 @@ def with_click_decoder(model: ESPMedSAM) -> ESPMedSAM:
 __all__ = [
     "ClickSample",
     "ClickScores",
+    "ClickSampleCache",
     "ClickShift",
     "ClickTraining",
     "evaluate_clicks",

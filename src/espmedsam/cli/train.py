@@ -601,7 +601,7 @@ def prompts_train_clicks(
     with progress_bar() as progress:
         samples = _samples_by_split(
             progress, "embedding", max_per_dataset, None,
-            lambda split, limit, advance: _click_samples(model, sources, split, keep_samples, limit, advance),
+            _click_sample_reader(model, sources, keep_samples),
         )  # fmt: skip
         task = progress.add_task("training", total=steps)
 
@@ -645,16 +645,17 @@ KeepSamplesOpt = Annotated[
 ]
 
 
-def _click_samples(model, sources, split: str, keep: bool, limit: int | None, advance) -> list:
-    """The click samples of ``split``: read from the sample cache where kept, else embedded (from the
-    frozen prefix's cached features where ``espmedsam train`` left them)."""
+def _click_sample_reader(model, sources, keep: bool):
+    """``read(split, limit, advance)`` -> the click samples of ``split``: read from the sample cache where
+    kept, else embedded (from the frozen prefix's cached features where ``espmedsam train`` left them).
+    The weights are fingerprinted and the prefix cache looked up once, for every split."""
     from espmedsam.train.clicks import ClickSampleCache, find_prefix_cache, prepare_samples
 
     cache = ClickSampleCache.for_model(model) if keep else None
-    return prepare_samples(
-        model, sources, split, max_per_dataset=limit, prefix=find_prefix_cache(model), cache=cache,
-        progress=advance,
-    )  # fmt: skip
+    prefix = find_prefix_cache(model)
+    return lambda split, limit, advance: prepare_samples(
+        model, sources, split, max_per_dataset=limit, prefix=prefix, cache=cache, progress=advance
+    )
 
 
 RefitMinGainOpt = Annotated[
@@ -703,9 +704,8 @@ def prompts_calibrate_clicks(
     sources = [parse_dataset_arg(item) for item in data]
     with progress_bar() as progress:
         task = progress.add_task(f"embedding the {split} images", total=None)
-        samples = _click_samples(
-            model, sources, split, keep_samples, None, lambda n: progress.advance(task, n)
-        )
+        read = _click_sample_reader(model, sources, keep_samples)
+        samples = read(split, None, lambda n: progress.advance(task, n))
     _choose_refit(model, samples, min_gain)
     path = save_model(model, out, dtype=torch.float16 if fp16 else None)
     console.print(f"wrote {path}")

@@ -9,9 +9,10 @@ safetensors shards: one small file per entry is what makes the build resumable w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,16 @@ import numpy as np
 import torch
 
 from espmedsam.files import atomic_write, write_text
+
+
+def weights_fingerprint(described: object, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """16 hex digits of SHA-256 over ``repr(described)`` and the named ``tensors`` in the order given
+    (names and float32 bytes): the key of a cache whose entries those weights made."""
+    digest = hashlib.sha256(repr(described).encode())
+    for name, tensor in tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ cache folder, so embeddings of different teachers never mix.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from espmedsam.checkpoints.importers import MOBILESAM_UNUSED
 from espmedsam.checkpoints.sam import load_sam_encoder, sam_encoder_from_state
 from espmedsam.checkpoints.torch_io import load_strict, read_torch_state_dict
 from espmedsam.config import EncoderConfig
+from espmedsam.distill.cache import weights_fingerprint
 from espmedsam.errors import CheckpointError
 from espmedsam.models.tinyvit import TinyViT
 
@@ -86,8 +86,4 @@ def tinyvit_teacher(state: dict[str, torch.Tensor], source: str) -> TinyViTTeach
 
 def fingerprint(teacher: nn.Module) -> str:
     """16 hex digits of SHA-256 over the teacher's config and weights (names, shapes, float32 bytes)."""
-    digest = hashlib.sha256(repr(dataclasses.asdict(teacher.config)).encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_fingerprint(dataclasses.asdict(teacher.config), sorted(teacher.state_dict().items()))

@@ -18,7 +18,6 @@ the embedding pass reads them and runs only the later stages.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import logging
 import math
@@ -35,7 +34,7 @@ from scipy import ndimage
 from espmedsam.data.dataset import DatasetSource, SegmentationFolder
 from espmedsam.data.transforms import to_model_input
 from espmedsam.device import autocast
-from espmedsam.distill.cache import CacheKey, EmbeddingCache
+from espmedsam.distill.cache import CacheKey, EmbeddingCache, weights_fingerprint
 from espmedsam.errors import InputError
 from espmedsam.files import atomic_write
 from espmedsam.losses import MaskLoss
@@ -153,12 +152,8 @@ def prompt_free_fingerprint(model: ESPMedSAM) -> str:
     cache key)."""
     config = model.config
     described = (config.input_normalisation, config.pixel_mean, config.pixel_std, config.modalities)
-    digest = hashlib.sha256(repr(described).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if not name.startswith("click_decoder."):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    tensors = [(k, v) for k, v in sorted(model.state_dict().items()) if not k.startswith("click_decoder.")]
+    return weights_fingerprint(described, tensors)
 
 
 def prepare_samples(

@@ -33,7 +33,7 @@ from espmedsam.data.dataset import SegmentationFolder
 from espmedsam.data.training_set import FolderEpochs
 from espmedsam.data.transforms import appearance_augmentation, reseed, to_model_input
 from espmedsam.device import autocast
-from espmedsam.distill.cache import CacheKey, EmbeddingCache
+from espmedsam.distill.cache import CacheKey, EmbeddingCache, weights_fingerprint
 from espmedsam.files import atomic_write
 from espmedsam.modalities import MODALITIES
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -50,14 +50,13 @@ def encoder_fingerprint(model: ESPMedSAM, depth: int | None = None) -> str:
     described: tuple = (config.encoder, config.input_normalisation, RECIPE_VERSION)
     if depth is not None:
         described += ("prefix", depth)
-    digest = hashlib.sha256(repr(described).encode())
-    for name, tensor in sorted(model.image_encoder.state_dict().items()):
-        if depth is not None and not _in_prefix(name, depth):
-            continue
-        if ".controllers." not in name:  # the cache holds controller-free embeddings
-            digest.update(name.encode())
-            digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    tensors = [
+        (name, tensor)
+        for name, tensor in sorted(model.image_encoder.state_dict().items())
+        # the cache holds controller-free embeddings
+        if (depth is None or _in_prefix(name, depth)) and ".controllers." not in name
+    ]
+    return weights_fingerprint(described, tensors)
 
 
 def _in_prefix(name: str, depth: int) -> bool:

@@ -205,12 +205,21 @@ class OpenVinoImageEncoder(nn.Module):
                 "exporting the image encoder for OpenVINO (once per checkpoint, about two minutes; "
                 "--backend torch starts at once)"
             )
-        try:
-            path, check_side = export_encoder_onnx(self._source, dynamic), None
-        except CheckpointError:  # windows that follow the input side: one graph per side
-            path, check_side = export_encoder_onnx(self._source, fixed, size=side), side
+        path, check_side = self._export(dynamic, fixed, side)
         self._check(path, check_side)
         return path
+
+    def _export(self, dynamic: Path, fixed: Path, side: int) -> tuple[Path, int | None]:
+        """Export the graph of any side to ``dynamic`` (checked at no side in particular: None), else
+        the graph of ``side`` to ``fixed`` (checked there). Where a per-side graph of these weights is
+        kept already, their encoder gave no dynamic-side graph before, and the attempt, which fails only
+        after tracing most of the encoder, is not made again."""
+        if not any(self.folder.glob(f"encoder-{self.key}-*.onnx")):
+            try:
+                return export_encoder_onnx(self._source, dynamic), None
+            except CheckpointError:  # windows that follow the input side: one graph per side
+                pass
+        return export_encoder_onnx(self._source, fixed, size=side), side
 
     def _check(self, path: Path, side: int | None) -> None:
         """Compare the fp32 graph with the eager encoder on two images of two modalities (at ``side``,

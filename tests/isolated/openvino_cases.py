@@ -271,7 +271,25 @@ def test_at_most_max_graphs_sides_stay_compiled(hybrid, model):  # noqa: F811
         assert list(small.image_encoder._compiled) == [size]
 
 
-def test_an_encoder_graph_that_differs_is_refused_in_one_line(model, monkeypatch, tmp_path):  # noqa: F811
+def _exports_copying(graphs: dict, calls: list):
+    """A stand-in for ``export_encoder_onnx`` (an export of the tiny model takes half a minute): records
+    each call's ``size`` and writes a copy of ``graphs[size]``, or fails as the exporter does for an
+    encoder whose windows follow the side where ``graphs`` has no such size."""
+    import shutil
+
+    from espmedsam.errors import CheckpointError
+
+    def export(source, path, *, size=None, **kwargs):
+        calls.append(size)
+        if size not in graphs:
+            raise CheckpointError("torch.export failed: a stand-in")
+        shutil.copy(graphs[size], path)
+        return Path(path)
+
+    return export
+
+
+def test_an_encoder_graph_that_differs_is_refused_in_one_line(hybrid, model, monkeypatch, tmp_path):  # noqa: F811
     import copy
 
     from espmedsam import openvino_encoder
@@ -281,24 +299,44 @@ def test_an_encoder_graph_that_differs_is_refused_in_one_line(model, monkeypatch
     with torch.no_grad():
         for parameter in other.image_encoder.parameters():
             parameter.add_(0.5)
-    real_export = openvino_encoder.export_encoder_onnx
-    monkeypatch.setattr(
-        openvino_encoder, "export_encoder_onnx", lambda _, path, **kwargs: real_export(other, path, **kwargs)
-    )
-    hybrid = openvino_encoder.use_openvino_encoder(copy.deepcopy(model), threads=1, cache_dir=tmp_path)
+    # the graph written for ``other`` is ``model``'s
+    graphs = {SIZE: hybrid[0].image_encoder.graph(SIZE)}
+    monkeypatch.setattr(openvino_encoder, "export_encoder_onnx", _exports_copying(graphs, []))
+    compiled = openvino_encoder.use_openvino_encoder(other, threads=1, cache_dir=tmp_path)
     images, ids = _inputs(1)
     with pytest.raises(CheckpointError, match="differs from the eager one") as raised, torch.no_grad():
-        hybrid(images, ids)
+        compiled(images, ids)
     assert "\n" not in str(raised.value) and not list(tmp_path.glob("encoder-*.onnx"))
 
 
-def test_predict_with_backend_openvino_on_a_native_checkpoint(model, monkeypatch, tmp_path):  # noqa: F811
+def test_a_kept_per_side_graph_spares_the_attempt_at_any_side(hybrid, model, monkeypatch, tmp_path):  # noqa: F811
+    """Weights whose encoder gave no graph of any side are exported per side; once one per-side graph is
+    kept, a new side is exported for that side alone, without the failing attempt at any side first."""
+    import copy
+
+    from espmedsam import openvino_encoder
+
+    encoder = hybrid[0].image_encoder
+    graphs = {SIZE: encoder.graph(SIZE), 96: encoder.graph(96)}
+    calls: list = []
+    monkeypatch.setattr(openvino_encoder, "export_encoder_onnx", _exports_copying(graphs, calls))
+    fresh = openvino_encoder.use_openvino_encoder(copy.deepcopy(model), threads=1, cache_dir=tmp_path)
+    assert fresh.image_encoder.graph(SIZE).name.endswith(f"-{SIZE}.onnx")
+    assert calls == [None, SIZE]
+    assert fresh.image_encoder.graph(96).name.endswith("-96.onnx")
+    assert calls == [None, SIZE, 96]
+    fresh.image_encoder.graph(SIZE)  # kept: no export
+    assert calls == [None, SIZE, 96]
+
+
+def test_predict_with_backend_openvino_on_a_native_checkpoint(hybrid, model, monkeypatch, tmp_path):  # noqa: F811
     from PIL import Image
 
     from espmedsam import openvino_encoder
     from espmedsam.checkpoints.native import save_model
 
-    monkeypatch.setattr(openvino_encoder, "CACHE_DIR", tmp_path / "encoders")
+    hybrid[0].image_encoder.graph(SIZE)  # the checkpoint's graph, exported once for these tests
+    monkeypatch.setattr(openvino_encoder, "CACHE_DIR", hybrid[1])
     checkpoint = save_model(model, tmp_path / "tiny.safetensors")
     image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
     Image.fromarray(image).save(tmp_path / "a.png")

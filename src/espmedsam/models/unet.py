@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 
 import torch
-from monai.networks.nets import BasicUNet
 from torch import nn
 
 from espmedsam.config import IMAGENET_MEAN, IMAGENET_STD, check_inference_sizes, to_dict
@@ -59,6 +58,10 @@ class UNetBaseline(RawImageIO, nn.Module):
         if len(config.features) != 6:
             raise InputError(f"BasicUNet needs 6 features, got {list(config.features)}")
         self.config = config
+        # imported here: MONAI's package import (about 2 s and 100 MB with what it pulls in) is paid by
+        # the baseline alone, not by every command that can load a checkpoint
+        from monai.networks.nets import BasicUNet
+
         self.unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=1, features=config.features)
         self.register_pixel_statistics(config.pixel_mean, config.pixel_std)
 

@@ -3,9 +3,10 @@
 Usage: python benchmarks/openvino_profile.py --onnx FILE.onnx [--side 512] [--modality 3] [--rounds 4]
        [--threads 2] [--top 12] [--out FILE]
 
-The graph is cut to the images-to-masks path, compiled in bf16 with the latency hint and ``PERF_COUNT``,
-run once to warm up and then ``--rounds`` times; each compiled node's time (``get_profiling_info``) is
-averaged over the rounds and summed by (operator type, kernel), and the slowest single nodes are listed.
+The graph is cut to the images-to-masks path and compiled by ``compile_graph`` (bf16, f32 without bf16
+units; the latency hint; ``PERF_COUNT``), run once to warm up and then ``--rounds`` times; each compiled
+node's time (``get_profiling_info``) is averaged over the rounds and summed by (operator type, kernel),
+and the slowest single nodes are listed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from _report import cpu_description, report
 
-from espmedsam.openvino_backend import cut_graph
+from espmedsam.openvino_backend import compile_graph, cpu_has_bf16
 
 
 def main() -> None:
@@ -34,13 +35,14 @@ def main() -> None:
     args = parser.parse_args()
     import openvino as ov
 
-    core = ov.Core()
-    graph = cut_graph(core.read_model(str(args.onnx)), ["images", "modality"], ["masks"])
-    graph.reshape({"images": [1, 3, args.side, args.side], "modality": [1]})
-    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True,
-              "INFERENCE_NUM_THREADS": args.threads}  # fmt: skip
-    request = core.compile_model(graph, "CPU", config).create_infer_request()
-    inputs = {"images": np.random.default_rng(0).standard_normal((1, 3, args.side, args.side), np.float32),
+    side = args.side
+    shapes = {"images": [1, 3, side, side], "modality": [1]}
+    precision = "bf16" if cpu_has_bf16() else "f32"
+    compiled = compile_graph(
+        ov.Core(), args.onnx, shapes, precision, outputs=["masks"], threads=args.threads, profile=True
+    )
+    request = compiled.create_infer_request()
+    inputs = {"images": np.random.default_rng(0).standard_normal((1, 3, side, side), np.float32),
               "modality": np.array([args.modality])}  # fmt: skip
     request.infer(inputs)
     by_kind: collections.Counter[str] = collections.Counter()
@@ -54,7 +56,7 @@ def main() -> None:
     total = sum(by_kind.values())
     lines = [
         f"`python benchmarks/openvino_profile.py --onnx {args.onnx.name} --side {args.side} --modality "
-        f"{args.modality}`; {cpu_description()}, {args.threads} threads, OpenVINO bf16; "
+        f"{args.modality}`; {cpu_description()}, {args.threads} threads, OpenVINO {precision}; "
         f"mean of {args.rounds} forwards, summed node times {total:.1f} ms",
         "",
         "| operator (kernel) | ms | share |",

@@ -193,6 +193,23 @@ def test_kept_samples_are_read_back_without_the_encoder(prompted_model, datasets
     assert calls
 
 
+def test_a_batch_with_one_sample_lost_writes_that_one_alone(prompted_model, datasets, tmp_path, monkeypatch):
+    model = with_click_decoder(prompted_model)
+    cache = ClickSampleCache.for_model(model, tmp_path / "samples")
+    sources = [parse_dataset_arg(datasets[0])]
+    first = prepare_samples(model, sources, "train", bf16=False, cache=cache)
+    kept = sorted(cache.dir.rglob("*.npz"))
+    assert len(kept) == len(first)
+    kept[0].unlink()
+    written = []
+    put = cache.put
+    monkeypatch.setattr(cache, "put", lambda key, sample: written.append(key) or put(key, sample))
+    again = prepare_samples(model, sources, "train", bf16=False, cache=cache)
+    assert [cache.path(key) for key in written] == [kept[0]] and kept[0].is_file()
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.logits, b.logits)
+
+
 def test_the_cli_trains_and_writes_a_checkpoint_with_a_click_decoder(
     prompted_model, datasets, tmp_path, sample_cache_in_tmp
 ):

@@ -199,12 +199,14 @@ def _cached_batch(
 ) -> list[ClickSample]:
     pairs = [folder[i] for i in indices]
     keys = [CacheKey(sample_digest(s.image, s.mask), size, 0) for s in pairs]
-    if cache is not None and not cache.missing(keys):
+    missing = set(keys) if cache is None else set(cache.missing(keys))
+    if not missing:
         return [_read_sample(cache.get(key), folder) for key in keys]
     samples = _embed_batch(model, folder, pairs, keys, size, bf16, prefix)
-    if cache is not None:
+    if cache is not None:  # only the new entries: those kept already hold the same sample
         for key, sample in zip(keys, samples, strict=True):
-            cache.put(key, sample)
+            if key in missing:
+                cache.put(key, sample)
     return samples
 
 

@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, default=None)
     parser.add_argument("--openvino", action="store_true", help="Also run the --onnx file in OpenVINO.")
     parser.add_argument("--native-openvino", action="store_true", help="Also the native file in OpenVINO.")
+    parser.add_argument(
+        "--max-graphs", type=int, nargs="*", default=[0],
+        help="The native file in OpenVINO with at most N compiled sides kept (0: all), one row each.",
+    )  # fmt: skip
     parser.add_argument("--backends", nargs="*", default=None, help="Only these, e.g. 'torch bf16'.")
     parser.add_argument("--limit", type=int, default=None, help="At most N images per dataset.")
     parser.add_argument("--threads", type=int, default=2)
@@ -88,9 +92,12 @@ def main() -> None:
 
         from espmedsam.openvino_encoder import use_openvino_encoder
 
-        hybrid = use_openvino_encoder(copy.deepcopy(model), threads=args.threads)
-        backends["openvino native"] = predictor = Predictor(hybrid, device="cpu")
-        run(predictor, [next(f for f in files if f[1] == m) for m in {m for _, m in files}])  # compile
+        for limit in args.max_graphs:
+            copied = copy.deepcopy(model)
+            hybrid = use_openvino_encoder(copied, threads=args.threads, max_graphs=limit or None)
+            name = "openvino native" + (f", {limit} side{'s' * (limit > 1)} kept" if limit else "")
+            backends[name] = predictor = Predictor(hybrid, device="cpu")
+            run(predictor, [next(f for f in files if f[1] == m) for m in {m for _, m in files}])  # compile
     backends = {name: p for name, p in backends.items() if not args.backends or name in args.backends}
     official = official_forward_seconds(3)
     lines = [

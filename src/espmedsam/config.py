@@ -75,6 +75,10 @@ class EncoderConfig:
     balanced_windows: bool = True  # split each axis into equal windows <= w; official: fixed w + padding
     stem: str = "strided"  # strided: MobileSAM's two 3x3 stride-2 convs; pointwise: LiteMedSAM's 1x1 ones;
     # patch2: a 2x2 stride-2 conv, then a 1x1 one
+    # hidden widths of a pruned encoder (``distill.prune``), empty for the ratios above: one per MBConv of
+    # stage 0, and one per attention block's MLP, stage by stage
+    mbconv_hidden_dims: tuple[int, ...] = ()
+    mlp_hidden_dims: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         stages = len(self.embed_dims)
@@ -96,6 +100,25 @@ class EncoderConfig:
                 raise ConfigError(f"encoder: num_heads {heads} does not divide embed_dim {dim}")
         if self.stem not in STEMS:
             raise ConfigError(f"encoder: stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
+        for name, blocks in (
+            ("mbconv_hidden_dims", self.depths[0]),
+            ("mlp_hidden_dims", sum(self.depths[1:])),
+        ):
+            widths = getattr(self, name)
+            if widths and (len(widths) != blocks or min(widths) < 1):
+                raise ConfigError(f"encoder: {name} needs {blocks} positive widths (or none), got {widths}")
+
+    def mbconv_hidden(self) -> list[int]:
+        """Hidden width of each MBConv in stage 0."""
+        ratio_width = int(self.embed_dims[0] * self.mbconv_expand_ratio)
+        return list(self.mbconv_hidden_dims) or [ratio_width] * self.depths[0]
+
+    def mlp_hidden(self, stage: int) -> list[int]:
+        """Hidden width of each attention block's MLP in ``stage`` (1 onwards)."""
+        if not self.mlp_hidden_dims:
+            return [int(self.embed_dims[stage] * self.mlp_ratio)] * self.depths[stage]
+        start = sum(self.depths[1:stage])
+        return list(self.mlp_hidden_dims[start : start + self.depths[stage]])
 
     @property
     def output_stride(self) -> int:

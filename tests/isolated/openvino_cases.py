@@ -126,6 +126,18 @@ def test_openvino_refuses_a_unet_in_one_line_and_auto_keeps_it_in_torch(tmp_path
     assert isinstance(predictor.model, torch.nn.Module)
 
 
+def test_a_native_checkpoint_keeps_one_compiled_side_fewer_than_an_exported_file(model, tmp_path):  # noqa: F811
+    """Its torch model and the quality score's decoder pass sit beside the graphs (1.5 GB over a folder)."""
+    from espmedsam.checkpoints.native import save_model
+    from espmedsam.cli.common import make_predictor
+
+    checkpoint = save_model(model, tmp_path / "tiny.safetensors")
+    folder_run = make_predictor(checkpoint, "openvino", "cpu", None, False, 1, 1, max_graphs=2)
+    served = make_predictor(checkpoint, "openvino", "cpu", None, False, 1, 1, max_graphs=None)
+    assert folder_run.model.image_encoder.max_graphs == 1
+    assert served.model.image_encoder.max_graphs is None
+
+
 @pytest.mark.parametrize(
     ("backend", "checkpoint", "message"),
     [

@@ -165,3 +165,26 @@ def test_preprocess_rejects_bad_arrays(tiny_model, image):
 def test_preprocess_rejects_bad_size(tiny_model):
     with pytest.raises(InputError, match="multiple of 32"):
         tiny_model.preprocess(np.zeros((10, 10), np.uint8), size=100)
+
+
+def test_boxes_decoded_in_several_passes_equal_one_pass(monkeypatch):
+    """Large inputs decode their boxes a few at a time (``BOX_PASS_PIXELS``): the same masks."""
+    import dataclasses
+
+    from espmedsam.models import espmedsam as espmedsam_module
+    from espmedsam.models.registry import tiny_config
+
+    config = tiny_config()
+    model = build_model(dataclasses.replace(config, prompt=dataclasses.replace(config.prompt, enabled=True)))
+    model.eval()
+    with torch.no_grad():
+        embeddings = model.encode(torch.randn(2, 3, 64, 64), [0, 1])
+        boxes = torch.tensor([[4.0, 4, 40, 40], [10, 8, 60, 50], [0, 0, 63, 63]])
+        owners = torch.tensor([0, 1, 1])
+        one_pass = model.box_decoder(embeddings, 64)(boxes, owners)
+        monkeypatch.setattr(espmedsam_module, "BOX_PASS_PIXELS", 64 * 64)  # one box per pass
+        passes = model.box_decoder(embeddings, 64)(boxes, owners)
+    assert passes[0].shape == (3, 1, 64, 64) and passes[1].shape == (3,)
+    assert torch.allclose(passes[0], one_pass[0], atol=1e-5) and torch.allclose(
+        passes[1], one_pass[1], atol=1e-5
+    )

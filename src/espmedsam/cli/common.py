@@ -244,8 +244,9 @@ def make_predictor(
 ):
     """The Predictor of a CLI verb; ``native_openvino``: ``auto`` may choose OpenVINO for a native
     checkpoint (``backends.choose_backend``); ``max_graphs``: OpenVINO's compiled input sides kept at
-    once, for a native checkpoint or an exported file (a folder's run: two, which bounds its memory over
-    many images of several sizes; a server: all, None)."""
+    once for an exported file, one fewer for a native checkpoint, whose torch model and quality score's
+    decoder pass sit beside the graphs (a folder's run: two, which bounds its memory over many images of
+    several sizes to 1.5 GB; a server: all, None)."""
     from espmedsam.models.espmedsam import ESPMedSAM
     from espmedsam.predict import Predictor
 
@@ -263,8 +264,9 @@ def make_predictor(
 
         model = load_or_build(checkpoint, "default")
         if isinstance(model, ESPMedSAM):
+            native_graphs = None if max_graphs is None else max(1, max_graphs - 1)
             model = use_openvino_encoder(
-                model, threads=threads, bfloat16=bfloat16, progress=_say, max_graphs=max_graphs
+                model, threads=threads, bfloat16=bfloat16, progress=_say, max_graphs=native_graphs
             )
         elif backend != "auto":
             raise InputError(f"--backend openvino runs ESP-MedSAM checkpoints, not a {type(model).__name__}")

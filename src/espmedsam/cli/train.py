@@ -3,6 +3,7 @@ train-clicks."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -219,35 +220,43 @@ def distill_modality(
     _distill(load_model(path), teacher, found, "modality", config, overrides, out)
 
 
+DistillDataOpt = Annotated[
+    list[str], typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with train and val splits.")
+]
+SpeedUpOpt = Annotated[
+    Path | None, typer.Argument(help="Checkpoint to speed up (default: the bundled weights).")
+]
+StepsOpt = Annotated[int, typer.Option(help="Most training steps (the cosine schedule's length).")]
+BatchOpt = Annotated[int, typer.Option(help="Crops per step, modalities drawn equally often.")]
+CropOpt = Annotated[int, typer.Option(help="Side of the random training crops (input pixels).")]
+MaskWeightOpt = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="Weight of the masks' agreement with the original's (KL divergence of the per-pixel mask "
+        "probabilities, through the frozen decoders) beside the embedding error; 0 leaves the masks out.",
+    ),
+]
+EvalEveryOpt = Annotated[int, typer.Option(help="Measure the held-out error every N steps.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the batches and crops.")]
+
+
 @distill_app.command("prefix")
 def distill_prefix_command(
-    data: Annotated[
-        list[str],
-        typer.Option("--data", "-d", help="DIR[:MODALITY] dataset folder with train and val splits."),
-    ],
+    data: DistillDataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the faster checkpoint).")],
-    checkpoint: Annotated[
-        Path | None, typer.Argument(help="Checkpoint to speed up (default: the bundled weights).")
-    ] = None,
+    checkpoint: SpeedUpOpt = None,
     minutes: Annotated[float, typer.Option(help="Training time budget.")] = 60.0,
-    steps: Annotated[int, typer.Option(help="Most training steps (the cosine schedule's length).")] = 2000,
-    batch_size: Annotated[int, typer.Option(help="Crops per step, modalities drawn equally often.")] = 8,
-    crop: Annotated[int, typer.Option(help="Side of the random training crops (input pixels).")] = 192,
+    steps: StepsOpt = 2000,
+    batch_size: BatchOpt = 8,
+    crop: CropOpt = 192,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 5e-4,
-    mask_weight: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            help="Weight of the masks' agreement with the original's (KL divergence of the per-pixel "
-            "mask probabilities, through the frozen decoders) beside the embedding error; 0 leaves "
-            "the masks out.",
-        ),
-    ] = 0.0,
+    mask_weight: MaskWeightOpt = 0.0,
     max_per_dataset: Annotated[
         int | None, typer.Option(help="At most this many training images per dataset (the first ones).")
     ] = None,
-    eval_every: Annotated[int, typer.Option(help="Measure the held-out error every N steps.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed of the batches and crops.")] = 0,
+    eval_every: EvalEveryOpt = 50,
+    seed: SeedOpt = 0,
     student: Annotated[
         Path | None,
         typer.Option(
@@ -263,29 +272,17 @@ def distill_prefix_command(
     --mask-weight its masks) on the train splits; the weights with the lowest error on the val splits
     are kept, and written to --out at each new low. Everything else is copied, so recalibrate the
     quality score (``quality calibrate``) on the result."""
-
-    import torch
-
-    from espmedsam.checkpoints.native import default_checkpoint, load_model, save_model
-    from espmedsam.data.dataset import parse_dataset_arg
+    from espmedsam.checkpoints.native import load_model
     from espmedsam.distill.prefix import (
         cheaper_prefix_config,
-        distill_prefix,
         is_prefix_file,
         load_prefix,
-        prepare_prefix_samples,
         save_prefix,
         student_from,
     )
 
-    for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--eval-every", eval_every)):
-        if value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    path = checkpoint or default_checkpoint()
-    if path is None:
-        raise InputError("no bundled weights; pass a CHECKPOINT")
-    sources = [parse_dataset_arg(item) for item in data]
-    teacher = load_model(path)
+    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    path, teacher, sources = _teacher_and_sources(checkpoint, data)
     if student is None:
         fast = student_from(teacher)
     elif is_prefix_file(student):
@@ -295,43 +292,158 @@ def distill_prefix_command(
     if fast.config != cheaper_prefix_config(teacher.config):
         raise InputError(f"{student}: not a cheaper-prefix student of {path}")
     with progress_bar() as progress:
-        samples = _samples_by_split(
-            progress, "reading", max_per_dataset, 8,
-            lambda split, limit, advance: prepare_prefix_samples(
-                teacher, sources, split, max_per_dataset=limit, progress=advance
-            ),
+        samples = _distill_samples(progress, teacher, sources, max_per_dataset)
+        record = _distil_student(
+            progress, fast, teacher, samples, out, fp16, None, steps=steps, minutes=minutes,
+            batch_size=batch_size, crop=crop, lr=lr, mask_weight=mask_weight, eval_every=eval_every,
+            seed=seed,
         )  # fmt: skip
+    record = {"teacher": str(path), "continued_from": str(student) if student else None, **record}
+    _save_with_log(fast, out, fp16, ".prefix.json", record)
+    console.print(
+        f"wrote {save_prefix(fast, out.with_suffix('.prefix.safetensors')).name} (stem and stage 0)"
+    )
+
+
+@distill_app.command("prune")
+def distill_prune_command(
+    data: DistillDataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors (the pruned checkpoint).")],
+    checkpoint: SpeedUpOpt = None,
+    mbconv_keep: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of stage 0's MBConv hidden channels kept.")
+    ] = 0.5,
+    mlp_keep: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of each attention block's MLP hidden channels.")
+    ] = 0.75,
+    calibration_per_dataset: Annotated[
+        int, typer.Option(help="Training images per dataset whose activations the refit reproduces.")
+    ] = 8,
+    minutes: Annotated[float, typer.Option(help="Distillation time budget after pruning (0: none).")] = 0.0,
+    steps: StepsOpt = 300,
+    batch_size: BatchOpt = 8,
+    crop: CropOpt = 192,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (low: the pruned model starts close).")] = (
+        5e-5
+    ),
+    mask_weight: MaskWeightOpt = 1.0,
+    eval_every: EvalEveryOpt = 20,
+    seed: SeedOpt = 0,
+    fp16: Fp16Opt = False,
+) -> None:
+    """A faster checkpoint: stage 0's MBConvs and every attention block's MLP keep a fraction of their
+    hidden channels, chosen by Optimal Brain Surgeon on the activations of a few training images per
+    dataset, the output layers refitted by least squares to give the full layers' outputs. No gradient
+    step is needed; with --minutes the pruned layers are then distilled from the checkpoint (embedding,
+    stage-0 tokens and, with --mask-weight, masks), keeping the weights with the lowest error on the val
+    splits. Recalibrate the quality score (``quality calibrate``) on the result."""
+    from espmedsam.distill.prune import (
+        PruneWidths,
+        calibration_batches,
+        collect_grams,
+        pruned_model,
+        pruned_parameters,
+    )
+
+    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    _check_positive(calibration_per_dataset=calibration_per_dataset)
+    path, teacher, sources = _teacher_and_sources(checkpoint, data)
+    widths = PruneWidths(mbconv_keep, (mlp_keep,) * (len(teacher.config.encoder.embed_dims) - 1))
+    with progress_bar() as progress:
+        calibration = _prepared(progress, "reading the calibration images", teacher, sources, "train",
+                                calibration_per_dataset)  # fmt: skip
+        task = progress.add_task("calibrating", total=len(calibration))
+        grams = collect_grams(
+            teacher, calibration_batches(calibration), progress=lambda n: progress.advance(task, n)
+        )
+        fast = pruned_model(teacher, grams, widths)
+        if minutes > 0:
+            samples = _distill_samples(progress, teacher, sources, None)
+        else:  # the pruned model as it is: its held-out error alone
+            val = _prepared(progress, "reading the val images", teacher, sources, "val", 8)
+            samples = {"train": [], "val": val}
+        record = _distil_student(
+            progress, fast, teacher, samples, out, fp16, pruned_parameters(fast),
+            steps=steps if minutes > 0 else 0, minutes=minutes, batch_size=batch_size, crop=crop, lr=lr,
+            mask_weight=mask_weight, eval_every=eval_every, seed=seed,
+        )  # fmt: skip
+    record = {"teacher": str(path), "widths": dataclasses.asdict(widths), **record}
+    _save_with_log(fast, out, fp16, ".prune.json", record)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _teacher_and_sources(checkpoint: Path | None, data: list[str]) -> tuple:
+    """The checkpoint to speed up (the bundled one by default), loaded, and the dataset sources."""
+    from espmedsam.checkpoints.native import default_checkpoint, load_model
+    from espmedsam.data.dataset import parse_dataset_arg
+
+    path = checkpoint or default_checkpoint()
+    if path is None:
+        raise InputError("no bundled weights; pass a CHECKPOINT")
+    return path, load_model(path), [parse_dataset_arg(item) for item in data]
+
+
+def _prepared(progress, description: str, teacher, sources, split: str, limit: int | None) -> list:
+    """``prepare_prefix_samples`` of one split, with its bar."""
+    from espmedsam.distill.prefix import prepare_prefix_samples
+
+    task = progress.add_task(description, total=None)
+    return prepare_prefix_samples(
+        teacher, sources, split, max_per_dataset=limit, progress=lambda n: progress.advance(task, n)
+    )
+
+
+def _distill_samples(progress, teacher, sources, max_per_dataset: int | None) -> dict:
+    """The train split (at most ``max_per_dataset`` per dataset) and eight val images per dataset."""
+    from espmedsam.distill.prefix import prepare_prefix_samples
+
+    return _samples_by_split(
+        progress, "reading", max_per_dataset, 8,
+        lambda split, limit, advance: prepare_prefix_samples(
+            teacher, sources, split, max_per_dataset=limit, progress=advance
+        ),
+    )  # fmt: skip
+
+
+def _distil_student(progress, fast, teacher, samples: dict, out: Path, fp16: bool, params, **options) -> dict:
+    """Distil ``fast`` from ``teacher`` (``distill_prefix``; ``params``: what learns, None: the prefix),
+    writing it to ``out`` at each new held-out low; print the errors; the run's record. With
+    ``steps`` 0, only the held-out error is measured."""
+    import torch
+
+    from espmedsam.checkpoints.native import save_model
+    from espmedsam.distill.prefix import distill_prefix, held_out_error
+
+    steps = options["steps"]
+    if steps == 0:
+        errors = held_out_error(fast, teacher, samples["val"], options["crop"])
+        held_out, seconds, losses, best = [(0, *errors)], 0.0, [], (0, *errors)
+    else:
         task = progress.add_task("distilling", total=steps)
 
         def show(row) -> None:
             progress.update(task, completed=row.step, description=f"distilling, loss {row.loss:.4f}")
 
         history = distill_prefix(
-            fast, teacher, samples["train"], samples["val"], steps=steps, minutes=minutes,
-            batch_size=batch_size, crop=crop, lr=lr, mask_weight=mask_weight, eval_every=eval_every,
-            seed=seed, progress=show,
-            on_best=lambda best: save_model(best, out, dtype=torch.float16 if fp16 else None),
+            fast, teacher, samples["train"], samples["val"], progress=show, params=params,
+            on_best=lambda best: save_model(best, out, dtype=torch.float16 if fp16 else None), **options,
         )  # fmt: skip
-    first, best = history.held_out[0], history.best
-    assert best is not None  # distill_prefix measures the start before any step
+        held_out, seconds, losses, best = history.held_out, history.seconds, history.losses, history.best
+    first = held_out[0]
     console.print(
         f"{len(samples['train'])} train and {len(samples['val'])} held-out images; "
-        f"{len(history.losses)} steps in {history.seconds / 60:.1f} min; held-out embedding error "
+        f"{len(losses)} steps in {seconds / 60:.1f} min; held-out embedding error "
         f"(MSE / variance) {first[2]:.4f} at the start -> {best[2]:.4f} (step {best[0]}); "
         f"stage-0 tokens {first[1]:.4f} -> {best[1]:.4f}; mask divergence {first[3]:.4f} -> {best[3]:.4f}"
     )
-    record = {
-        "teacher": str(path),
-        "continued_from": str(student) if student else None,
-        "steps": len(history.losses),
-        "minutes": round(history.seconds / 60, 2),
-        "mask_weight": mask_weight,
-    }
-    rows = [{"step": s, "tokens": t, "embedding": e, "masks": m} for s, t, e, m in history.held_out]
-    _save_with_log(fast, out, fp16, ".prefix.json", {**record, "held_out": rows, "losses": history.losses})
-    console.print(
-        f"wrote {save_prefix(fast, out.with_suffix('.prefix.safetensors')).name} (stem and stage 0)"
-    )
+    rows = [{"step": s, "tokens": t, "embedding": e, "masks": m} for s, t, e, m in held_out]
+    return {"steps": len(losses), "minutes": round(seconds / 60, 2), "mask_weight": options["mask_weight"],
+            "held_out": rows, "losses": losses}  # fmt: skip
 
 
 @classifier_app.command("train")

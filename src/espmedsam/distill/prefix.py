@@ -184,8 +184,10 @@ def distill_prefix(
     seed: int = 0,
     progress: Callable[[PrefixProgress], None] | None = None,
     on_best: Callable[[ESPMedSAM], None] | None = None,
+    params: Sequence[torch.nn.Parameter] | None = None,
 ) -> PrefixHistory:
-    """Train the student's stem and stage 0 in place; the rest of both models stays bitwise as it was.
+    """Train the student's stem and stage 0 (or ``params``) in place; the rest of both models stays
+    bitwise as it was.
 
     The loss is the token error plus the embedding error plus ``mask_weight`` times the mask divergence
     (``prefix_errors``). The learning rate follows a cosine over ``steps``; ``minutes`` stops earlier.
@@ -202,9 +204,10 @@ def distill_prefix(
     for model in (student, teacher):
         model.eval()  # batch norms keep the teacher's statistics; only weights move
         model.requires_grad_(False)
-    params = prefix_parameters(student)
+    params = list(params) if params is not None else prefix_parameters(student)
     for param in params:
         param.requires_grad_(True)
+    trained = {name for name, param in student.named_parameters() if param.requires_grad}
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
@@ -218,7 +221,7 @@ def distill_prefix(
     def chosen_on(errors: tuple[float, float, float]) -> float:
         return errors[1] + mask_weight * errors[2]
 
-    best = (held_out_error(student, teacher, held_out, crop, bf16), _prefix_state(student))
+    best = (held_out_error(student, teacher, held_out, crop, bf16), _trained_state(student, trained))
     history.held_out.append((0, *best[0]))
     history.best = history.held_out[-1]
     start = time.monotonic()
@@ -249,7 +252,7 @@ def distill_prefix(
                 step, *errors, history.losses[-1],
             )  # fmt: skip
             if measured < chosen_on(best[0]):
-                best = (errors, _prefix_state(student))
+                best = (errors, _trained_state(student, trained))
                 history.best = history.held_out[-1]
                 if on_best:
                     on_best(student)
@@ -306,6 +309,11 @@ def prepare_prefix_samples(
             if progress:
                 progress(1)
     return samples
+
+
+def _trained_state(model: ESPMedSAM, names: set[str]) -> dict[str, torch.Tensor]:
+    """A copy of the named parameters' values."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
 
 
 def _prefix_state(model: ESPMedSAM) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ from espmedsam.models.self_prompt import BoxDecoder
 from espmedsam.models.sppg import SelfPatchPromptGenerator
 from espmedsam.models.tinyvit import TinyViT
 
+BOX_PASS_PIXELS = 4 * 224 * 224  # output pixels of one promptable-decoder pass over several boxes
+
 ModalityLike = torch.Tensor | Sequence[str | int] | str | int
 
 
@@ -165,11 +167,17 @@ class ESPMedSAM(RawImageIO, nn.Module):
 
     def box_decoder(self, embeddings: torch.Tensor, size: int) -> BoxDecoder:
         """Boxes on the (B, C, h, w) ``encode`` embeddings of S = ``size`` inputs, each with the index of
-        its image, -> their (N, 1, S, S) mask logits and (N,) predicted IoU, in one decoder pass."""
+        its image, -> their (N, 1, S, S) mask logits and (N,) predicted IoU, in decoder passes of at most
+        ``BOX_PASS_PIXELS`` output pixels (each box's upscaled features and mask are S x S: at 512² three
+        boxes in one pass held 270 MB more at once than one)."""
+        chunk = max(1, BOX_PASS_PIXELS // (size * size))
 
         def decode(boxes: torch.Tensor, owners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.decode_prompt(embeddings[owners], size, boxes=boxes)
-            return out.masks, out.iou
+            passes = [
+                self.decode_prompt(embeddings[owners[i : i + chunk]], size, boxes=boxes[i : i + chunk])
+                for i in range(0, max(len(boxes), 1), chunk)
+            ]
+            return torch.cat([out.masks for out in passes]), torch.cat([out.iou for out in passes])
 
         return decode
 

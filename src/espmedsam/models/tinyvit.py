@@ -39,9 +39,8 @@ class PatchEmbed(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual block; the activation comes after the residual add, as in TinyViT."""
 
-    def __init__(self, dim: int, expand_ratio: float) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        hidden = int(dim * expand_ratio)
         self.conv1 = Conv2dBN(dim, hidden, 1)
         self.conv2 = Conv2dBN(hidden, hidden, 3, 1, 1, groups=hidden)
         self.conv3 = Conv2dBN(hidden, dim, 1, bn_weight_init=0.0)
@@ -217,7 +216,7 @@ class TinyViTBlock(nn.Module):
         num_heads: int,
         window_size: int,
         *,
-        mlp_ratio: float = 4.0,
+        mlp_hidden: int | None = None,
         num_controllers: int = 6,
         controller: ControllerConfig = ControllerConfig(),
         balanced_windows: bool = True,
@@ -227,7 +226,7 @@ class TinyViTBlock(nn.Module):
         self.balanced_windows = balanced_windows
         self.attn = WindowAttention(dim, num_heads, window_size)
         self.local_conv = Conv2dBN(dim, dim, 3, 1, 1, groups=dim)
-        self.mlp = NormMLP(dim, int(dim * mlp_ratio))
+        self.mlp = NormMLP(dim, mlp_hidden or 4 * dim)
         self.controllers = ControllerBank(
             dim,
             num_heads,
@@ -287,9 +286,9 @@ class TinyViTBlock(nn.Module):
 class ConvLayer(nn.Module):
     """First stage: MBConv blocks on (B, C, H, W), then patch merging to (B, H/2, W/2, C_out)."""
 
-    def __init__(self, dim: int, out_dim: int, depth: int, expand_ratio: float, stride: int) -> None:
+    def __init__(self, dim: int, out_dim: int, hidden: list[int], stride: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(MBConv(dim, width) for width in hidden)
         self.downsample = PatchMerging(dim, out_dim, stride)
 
     def forward(self, x: torch.Tensor, route: ControllerRoute | None = None) -> torch.Tensor:
@@ -333,7 +332,7 @@ class TinyViT(nn.Module):
         self.frozen_batchnorm = False  # True: batch norms keep their running statistics in train mode
         self.patch_embed = PatchEmbed(3, dims[0], config.stem)
         layers: list[nn.Module] = [
-            ConvLayer(dims[0], dims[1], config.depths[0], config.mbconv_expand_ratio, config.merge_strides[0])
+            ConvLayer(dims[0], dims[1], config.mbconv_hidden(), config.merge_strides[0])
         ]
         for i in range(1, len(dims)):
             blocks = [
@@ -341,13 +340,13 @@ class TinyViT(nn.Module):
                     dims[i],
                     config.num_heads[i],
                     config.window_sizes[i],
-                    mlp_ratio=config.mlp_ratio,
+                    mlp_hidden=width,
                     # stages before ``first_stage`` carry no controllers (a frozen, cached prefix)
                     num_controllers=num_controllers if i >= controller.first_stage else 0,
                     controller=controller,
                     balanced_windows=config.balanced_windows,
                 )
-                for _ in range(config.depths[i])
+                for width in config.mlp_hidden(i)
             ]
             last = i == len(dims) - 1
             merge = None if last else PatchMerging(dims[i], dims[i + 1], config.merge_strides[i])

@@ -89,9 +89,9 @@ def collect_grams(
 ) -> dict[str, HiddenGram]:
     """The hidden-activation Gram of every prunable layer over ``batches`` of (images, modality ids)."""
     layers = prunable_layers(model)
-    grams = {name: HiddenGram(_output_layer(layer).in_features_) for name, layer in layers.items()}
+    grams = {name: HiddenGram(_hidden_width(layer)) for name, layer in layers.items()}
     hooks = [
-        _output_layer(layer).module.register_forward_pre_hook(_gram_hook(grams[name], layer))
+        _reader(layer).register_forward_pre_hook(_gram_hook(grams[name], layer))
         for name, layer in layers.items()
     ]
     try:
@@ -113,7 +113,7 @@ def pruned_model(model: ESPMedSAM, grams: dict[str, HiddenGram], widths: PruneWi
     kept: dict[str, int] = {}
     for name, layer in layers.items():
         fraction = widths.mbconv if isinstance(layer, MBConv) else widths.mlp[_stage(name) - 1]
-        channels = _output_layer(layer).in_features_
+        channels = _hidden_width(layer)
         keep = max(1, round(channels * fraction))
         kept[name] = keep
         if keep < channels:
@@ -135,17 +135,13 @@ def _stage(name: str) -> int:
     return int(name.split(".")[2])
 
 
-@dataclasses.dataclass(frozen=True)
-class _OutputLayer:
-    module: nn.Module
-    in_features_: int
-
-
-def _output_layer(layer: nn.Module) -> _OutputLayer:
+def _reader(layer: nn.Module) -> nn.Module:
     """The layer that reads the hidden channels: an MLP's fc2, an MBConv's last 1x1 conv."""
-    if isinstance(layer, NormMLP):
-        return _OutputLayer(layer.fc2, layer.fc2.in_features)
-    return _OutputLayer(layer.conv3, layer.conv3.c.in_channels)
+    return layer.fc2 if isinstance(layer, NormMLP) else layer.conv3
+
+
+def _hidden_width(layer: nn.Module) -> int:
+    return layer.fc2.in_features if isinstance(layer, NormMLP) else layer.conv3.c.in_channels
 
 
 def _gram_hook(gram: HiddenGram, layer: nn.Module) -> Callable:

@@ -83,3 +83,14 @@ def test_batches_through_data_loader(make_dataset):
     batch = next(iter(DataLoader(dataset, batch_size=4, sampler=sampler)))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["modality"].shape == (4,)
     assert batch["mask"].shape == (4, 1, 32, 32)
+
+
+def test_same_size_batches_hold_one_size_each_and_cover_every_item_once():
+    from espmedsam.data.sampler import indices_by_size, same_size_batches
+
+    sizes = [192, 512, 192, 256, 192, 512, 192]
+    batches = same_size_batches(sizes, batch_size=3)
+    assert batches == [[0, 2, 4], [6], [1, 5], [3]]  # sizes in order of first appearance
+    assert all(len({sizes[i] for i in batch}) == 1 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
+    assert indices_by_size(sizes) == {192: [0, 2, 4, 6], 512: [1, 5], 256: [3]}

@@ -345,8 +345,12 @@ def distill_prune_command(
         pruned_parameters,
     )
 
-    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
-    _check_positive(calibration_per_dataset=calibration_per_dataset)
+    _check_positive(
+        steps=steps,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        calibration_per_dataset=calibration_per_dataset,
+    )
     path, teacher, sources = _teacher_and_sources(checkpoint, data)
     widths = PruneWidths(mbconv_keep, (mlp_keep,) * (len(teacher.config.encoder.embed_dims) - 1))
     with progress_bar() as progress:
@@ -360,8 +364,10 @@ def distill_prune_command(
         if minutes > 0:
             samples = _distill_samples(progress, teacher, sources, None)
         else:  # the pruned model as it is: its held-out error alone
-            val = _prepared(progress, "reading the val images", teacher, sources, "val", 8)
-            samples = {"train": [], "val": val}
+            samples = {
+                "train": [],
+                "val": _prepared(progress, "reading the val images", teacher, sources, "val", 8),
+            }
         record = _distil_student(
             progress, fast, teacher, samples, out, fp16, pruned_parameters(fast),
             steps=steps if minutes > 0 else 0, minutes=minutes, batch_size=batch_size, crop=crop, lr=lr,
@@ -400,14 +406,10 @@ def _prepared(progress, description: str, teacher, sources, split: str, limit: i
 
 def _distill_samples(progress, teacher, sources, max_per_dataset: int | None) -> dict:
     """The train split (at most ``max_per_dataset`` per dataset) and eight val images per dataset."""
-    from espmedsam.distill.prefix import prepare_prefix_samples
-
-    return _samples_by_split(
-        progress, "reading", max_per_dataset, 8,
-        lambda split, limit, advance: prepare_prefix_samples(
-            teacher, sources, split, max_per_dataset=limit, progress=advance
-        ),
-    )  # fmt: skip
+    return {
+        "train": _prepared(progress, "reading the train images", teacher, sources, "train", max_per_dataset),
+        "val": _prepared(progress, "reading the val images", teacher, sources, "val", 8),
+    }
 
 
 def _distil_student(progress, fast, teacher, samples: dict, out: Path, fp16: bool, params, **options) -> dict:

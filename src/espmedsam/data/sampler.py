@@ -64,3 +64,20 @@ class BalancedSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+
+
+def indices_by_size(sizes: Sequence[int]) -> dict[int, list[int]]:
+    """Item indices grouped by each item's input size, sizes in order of first appearance."""
+    by_size: dict[int, list[int]] = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    return by_size
+
+
+def same_size_batches(sizes: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Item indices in batches of at most ``batch_size`` items of one input size (a batch is one tensor)."""
+    return [
+        group[start : start + batch_size]
+        for group in indices_by_size(sizes).values()
+        for start in range(0, len(group), batch_size)
+    ]

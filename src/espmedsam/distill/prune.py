@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from espmedsam.config import ModelConfig
+from espmedsam.data.sampler import same_size_batches
 from espmedsam.errors import InputError
 from espmedsam.models.common import NormMLP
 from espmedsam.models.espmedsam import ESPMedSAM
@@ -240,13 +241,9 @@ def calibration_batches(
     samples: Sequence, batch_size: int = 4
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Samples (``distill.prefix.PrefixSample``) of one input size at a time, in batches."""
-    by_size: dict[int, list] = {}
-    for sample in samples:
-        by_size.setdefault(sample.image.shape[-1], []).append(sample)
-    for group in by_size.values():
-        for first in range(0, len(group), batch_size):
-            chunk = group[first : first + batch_size]
-            yield torch.stack([s.image for s in chunk]), torch.tensor([s.modality for s in chunk])
+    for batch in same_size_batches([sample.image.shape[-1] for sample in samples], batch_size):
+        chunk = [samples[i] for i in batch]
+        yield torch.stack([s.image for s in chunk]), torch.tensor([s.modality for s in chunk])
 
 
 def pruned_parameters(model: ESPMedSAM) -> list[nn.Parameter]:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from espmedsam.data.dataset import DatasetSource, SegmentationFolder
+from espmedsam.data.sampler import indices_by_size, same_size_batches
 from espmedsam.data.transforms import to_model_input
 from espmedsam.device import autocast
 from espmedsam.distill.cache import CacheKey, EmbeddingCache, weights_fingerprint
@@ -276,7 +277,7 @@ class _Batches:
     """Random same-size batches of the training samples, a size drawn in proportion to its images."""
 
     def __init__(self, samples: Sequence[ClickSample], batch_size: int, rng: np.random.Generator) -> None:
-        self.by_size = _indices_by_size(samples)
+        self.by_size = indices_by_size([s.size for s in samples])
         self.sizes = sorted(self.by_size)
         counts = np.array([len(self.by_size[s]) for s in self.sizes], dtype=np.float64)
         self.weights = counts / counts.sum()
@@ -362,7 +363,7 @@ def click_dice(
     ``Predictor.predict`` does on the modalities in ``config.prompt.refit_clicked``)."""
     device = model.pixel_mean.device
     rows: dict[int, list[float]] = {}
-    for indices in _same_size_batches(samples, batch_size):
+    for indices in same_size_batches([s.size for s in samples], batch_size):
         chosen = [samples[i] for i in indices]
         embeddings, logits = _stack(chosen, device)
         clicks: list[list[tuple[int, int, int]]] = [[] for _ in chosen]
@@ -442,22 +443,6 @@ def refit_gains(
             tuple(np.mean([refitted[i][1:] for i in indices], axis=0).tolist()),
         )
         for name, indices in by_modality.items()
-    ]
-
-
-def _indices_by_size(samples: Sequence[ClickSample]) -> dict[int, list[int]]:
-    """The samples' indices grouped by input size (a batch holds one size)."""
-    by_size: dict[int, list[int]] = {}
-    for index, sample in enumerate(samples):
-        by_size.setdefault(sample.size, []).append(index)
-    return by_size
-
-
-def _same_size_batches(samples: Sequence[ClickSample], batch_size: int) -> list[list[int]]:
-    return [
-        group[start : start + batch_size]
-        for group in _indices_by_size(samples).values()
-        for start in range(0, len(group), batch_size)
     ]
 
 

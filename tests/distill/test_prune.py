@@ -9,12 +9,14 @@ import torch
 
 from espmedsam.checkpoints.native import load_model, save_model
 from espmedsam.config import EncoderConfig
-from espmedsam.distill.prefix import PrefixSample
+from espmedsam.distill.prefix import PrefixSample, prefix_errors
 from espmedsam.distill.prune import (
     HiddenGram,
     PruneWidths,
     calibration_batches,
     collect_grams,
+    decoding_parameters,
+    is_pruned_from,
     prunable_layers,
     pruned_model,
     pruned_parameters,
@@ -150,6 +152,39 @@ def test_the_pruned_layers_are_what_distillation_trains(teacher):
     assert params and all(id(p) in encoder_params for p in params)
     controller_params = {id(p) for name, p in teacher.named_parameters() if ".controllers." in name}
     assert not controller_params & {id(p) for p in params}
+
+
+def test_the_decoding_side_is_the_controllers_refiner_sppg_and_qdmd(teacher):
+    names = {id(p): name for name, p in teacher.named_parameters()}
+    chosen = [names[id(p)] for p in decoding_parameters(teacher)]
+    assert len(set(chosen)) == len(chosen)
+    decoding = [name for name in names.values() if name.startswith(("refiner.", "sppg.", "decoder."))]
+    controllers = [name for name in names.values() if ".controllers." in name]
+    assert controllers and sorted(chosen) == sorted(decoding + controllers)
+    # the promptable and click decoders read the embedding but are not what the prompt-free masks use
+    assert not {id(p) for p in pruned_parameters(teacher)} & {id(p) for p in decoding_parameters(teacher)}
+
+
+def test_the_mask_divergence_reaches_the_decoding_side(teacher, grams):
+    student = pruned_model(teacher, grams, PruneWidths(mbconv=0.5))
+    student.requires_grad_(False)
+    params = decoding_parameters(student)
+    for param in params:
+        param.requires_grad_(True)
+    images, modality = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    *_, masks = prefix_errors(student, teacher, images, modality)
+    masks.backward()
+    assert all(p.grad is not None for p in student.decoder.output_upscaling.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.sppg.parameters())
+    controllers = [p for name, p in student.named_parameters() if ".controllers." in name]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in controllers)
+
+
+def test_a_pruned_model_is_recognised_as_pruned_from_its_teacher(teacher, grams):
+    student = pruned_model(teacher, grams, PruneWidths(mbconv=0.5, mlp=(0.5, 1.0, 1.0)))
+    assert is_pruned_from(student, teacher) and is_pruned_from(teacher, teacher)
+    other = dataclasses.replace(teacher.config.encoder, embed_dims=(16, 32, 48, 64))
+    assert not is_pruned_from(build_model(dataclasses.replace(teacher.config, encoder=other)), teacher)
 
 
 def test_a_kept_fraction_outside_zero_to_one_is_refused():

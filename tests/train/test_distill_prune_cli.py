@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -11,6 +12,7 @@ from espmedsam import build_model
 from espmedsam.checkpoints.native import load_model, save_model
 from espmedsam.cli import app
 from espmedsam.errors import InputError
+from espmedsam.models.registry import tiny_config
 
 runner = CliRunner()
 
@@ -51,3 +53,40 @@ def test_no_calibration_images_is_refused_in_one_line(datasets, tmp_path):
     result = runner.invoke(app, args)
     assert isinstance(result.exception, InputError)
     assert "--calibration-per-dataset must be at least 1" in str(result.exception)
+
+
+def test_a_pruned_student_continues_with_its_decoders_learning_the_masks(datasets, tmp_path):
+    pruned = tmp_path / "pruned.safetensors"
+    args = [*_base(datasets, tmp_path), "--calibration-per-dataset", "1"]
+    assert runner.invoke(app, [*args, "-o", str(pruned)]).exit_code == 0
+    out = tmp_path / "continued.safetensors"
+    result = runner.invoke(
+        app,
+        [*args, "-o", str(out), "--student", str(pruned), "--decoders", "--minutes", "5", "--steps", "2",
+         "--eval-every", "1", "--batch-size", "2", "--lr", "1e-2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.with_suffix(".prune.json").read_text())
+    assert record["decoders"] and record["continued_from"] == str(pruned) and record["widths"] is None
+    before, after = load_model(pruned), load_model(out)
+    assert after.config == before.config
+    pairs = zip(before.decoder.parameters(), after.decoder.parameters(), strict=True)
+    # the weights kept are those of the lowest held-out error: step 0's are the student's own
+    assert any(not torch.equal(a, b) for a, b in pairs) == (record["best_step"] > 0)
+
+
+def test_decoders_without_training_or_masks_are_refused_in_one_line(datasets, tmp_path):
+    args = [*_base(datasets, tmp_path), "-o", str(tmp_path / "o"), "--decoders"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, InputError) and "--minutes" in str(result.exception)
+    result = runner.invoke(app, [*args, "--minutes", "1", "--mask-weight", "0"])
+    assert isinstance(result.exception, InputError) and "--mask-weight" in str(result.exception)
+
+
+def test_a_student_of_another_network_is_refused_in_one_line(datasets, tmp_path):
+    config = tiny_config()
+    wider = dataclasses.replace(config.encoder, embed_dims=tuple(2 * d for d in config.encoder.embed_dims))
+    other = save_model(build_model(dataclasses.replace(config, encoder=wider)), tmp_path / "x.safetensors")
+    args = [*_base(datasets, tmp_path), "-o", str(tmp_path / "o"), "--student", str(other), "--minutes", "1"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, InputError) and "not a pruned copy" in str(result.exception)

@@ -329,6 +329,21 @@ def distill_prune_command(
     mask_weight: MaskWeightOpt = 1.0,
     eval_every: EvalEveryOpt = 20,
     seed: SeedOpt = 0,
+    student: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue from this pruned checkpoint (an earlier --out of CKPT) instead of pruning CKPT "
+            "again; needs --minutes."
+        ),
+    ] = None,
+    decoders: Annotated[
+        bool,
+        typer.Option(
+            "--decoders",
+            help="The controllers, refiner, SPPG and QDMD learn too, so the masks follow the original's "
+            "(needs --minutes and --mask-weight above 0).",
+        ),
+    ] = False,
     fp16: Fp16Opt = False,
 ) -> None:
     """A faster checkpoint: stage 0's MBConvs and every attention block's MLP keep a fraction of their
@@ -337,13 +352,7 @@ def distill_prune_command(
     step is needed; with --minutes the pruned layers are then distilled from the checkpoint (embedding,
     stage-0 tokens and, with --mask-weight, masks), keeping the weights with the lowest error on the val
     splits. Recalibrate the quality score (``quality calibrate``) on the result."""
-    from espmedsam.distill.prune import (
-        PruneWidths,
-        calibration_batches,
-        collect_grams,
-        pruned_model,
-        pruned_parameters,
-    )
+    from espmedsam.distill.prune import PruneWidths, decoding_parameters, pruned_parameters
 
     _check_positive(
         steps=steps,
@@ -351,16 +360,15 @@ def distill_prune_command(
         eval_every=eval_every,
         calibration_per_dataset=calibration_per_dataset,
     )
+    if (student or decoders) and minutes <= 0:
+        raise InputError("--student and --decoders train, so they need --minutes above 0")
+    if decoders and mask_weight <= 0:
+        raise InputError("--decoders learns the masks, so it needs --mask-weight above 0")
     path, teacher, sources = _teacher_and_sources(checkpoint, data)
     widths = PruneWidths(mbconv_keep, (mlp_keep,) * (len(teacher.config.encoder.embed_dims) - 1))
     with progress_bar() as progress:
-        calibration = _prepared(progress, "reading the calibration images", teacher, sources, "train",
-                                calibration_per_dataset)  # fmt: skip
-        task = progress.add_task("calibrating", total=len(calibration))
-        grams = collect_grams(
-            teacher, calibration_batches(calibration), progress=lambda n: progress.advance(task, n)
-        )
-        fast = pruned_model(teacher, grams, widths)
+        fast = _pruned_student(progress, teacher, sources, widths, calibration_per_dataset, student, path)
+        params = pruned_parameters(fast) + (decoding_parameters(fast) if decoders else [])
         if minutes > 0:
             samples = _distill_samples(progress, teacher, sources, None)
         else:  # the pruned model as it is: its held-out error alone
@@ -369,12 +377,34 @@ def distill_prune_command(
                 "val": _prepared(progress, "reading the val images", teacher, sources, "val", 8),
             }
         record = _distil_student(
-            progress, fast, teacher, samples, out, fp16, pruned_parameters(fast),
-            steps=steps if minutes > 0 else 0, minutes=minutes, batch_size=batch_size, crop=crop, lr=lr,
-            mask_weight=mask_weight, eval_every=eval_every, seed=seed,
+            progress, fast, teacher, samples, out, fp16, params, steps=steps if minutes > 0 else 0,
+            minutes=minutes, batch_size=batch_size, crop=crop, lr=lr, mask_weight=mask_weight,
+            eval_every=eval_every, seed=seed,
         )  # fmt: skip
-    record = {"teacher": str(path), "widths": dataclasses.asdict(widths), **record}
+    widths_record = dataclasses.asdict(widths) if student is None else None
+    record = {"teacher": str(path), "continued_from": str(student) if student else None,
+              "widths": widths_record, "decoders": decoders, **record}  # fmt: skip
     _save_with_log(fast, out, fp16, ".prune.json", record)
+
+
+def _pruned_student(progress, teacher, sources, widths, calibration_per_dataset: int, student, path):
+    """``student`` loaded (it must be a pruned copy of the teacher), or the teacher pruned to ``widths``
+    on the calibration images."""
+    from espmedsam.checkpoints.native import load_model
+    from espmedsam.distill.prune import calibration_batches, collect_grams, is_pruned_from, pruned_model
+
+    if student is not None:
+        fast = load_model(student)
+        if not is_pruned_from(fast, teacher):
+            raise InputError(f"{student}: not a pruned copy of {path}")
+        return fast
+    calibration = _prepared(progress, "reading the calibration images", teacher, sources, "train",
+                            calibration_per_dataset)  # fmt: skip
+    task = progress.add_task("calibrating", total=len(calibration))
+    grams = collect_grams(
+        teacher, calibration_batches(calibration), progress=lambda n: progress.advance(task, n)
+    )
+    return pruned_model(teacher, grams, widths)
 
 
 def _check_positive(**values: int) -> None:
@@ -445,7 +475,7 @@ def _distil_student(progress, fast, teacher, samples: dict, out: Path, fp16: boo
     )
     rows = [{"step": s, "tokens": t, "embedding": e, "masks": m} for s, t, e, m in held_out]
     return {"steps": len(losses), "minutes": round(seconds / 60, 2), "mask_weight": options["mask_weight"],
-            "held_out": rows, "losses": losses}  # fmt: skip
+            "best_step": best[0], "held_out": rows, "losses": losses}  # fmt: skip
 
 
 @classifier_app.command("train")

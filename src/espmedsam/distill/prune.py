@@ -249,3 +249,23 @@ def calibration_batches(
 def pruned_parameters(model: ESPMedSAM) -> list[nn.Parameter]:
     """The parameters of every prunable layer: what the distillation after pruning trains."""
     return [param for layer in prunable_layers(model).values() for param in layer.parameters()]
+
+
+def decoding_parameters(model: ESPMedSAM) -> list[nn.Parameter]:
+    """What turns the embedding into the prompt-free masks: the modality controllers, the embedding
+    refiner, SPPG and QDMD (with its detail branch). Trained beside the pruned layers, they can follow
+    the pruned embedding to the original's masks, where the pruned layers alone only approach its
+    embedding."""
+    controllers = [param for name, param in model.image_encoder.named_parameters() if ".controllers." in name]
+    decoding = [model.refiner, model.sppg, model.decoder]
+    return controllers + [p for module in decoding if module is not None for p in module.parameters()]
+
+
+def is_pruned_from(student: ESPMedSAM, teacher: ESPMedSAM) -> bool:
+    """Whether ``student`` is ``teacher``'s network with (possibly) narrower hidden widths."""
+    return _full_widths(student.config) == _full_widths(teacher.config)
+
+
+def _full_widths(config: ModelConfig) -> ModelConfig:
+    encoder = dataclasses.replace(config.encoder, mbconv_hidden_dims=(), mlp_hidden_dims=())
+    return dataclasses.replace(config, encoder=encoder)

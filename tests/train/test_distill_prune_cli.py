@@ -62,12 +62,13 @@ def test_a_pruned_student_continues_with_its_decoders_learning_the_masks(dataset
     out = tmp_path / "continued.safetensors"
     result = runner.invoke(
         app,
-        [*args, "-o", str(out), "--student", str(pruned), "--decoders", "--minutes", "5", "--steps", "2",
+        [*args, "-o", str(out), "--student", str(pruned), "--learn", "both", "--minutes", "5", "--steps", "2",
          "--eval-every", "1", "--batch-size", "2", "--lr", "1e-2"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     record = json.loads(out.with_suffix(".prune.json").read_text())
-    assert record["decoders"] and record["continued_from"] == str(pruned) and record["widths"] is None
+    assert record["learned"] == "both" and record["continued_from"] == str(pruned)
+    assert record["widths"] is None  # nothing was pruned this time
     before, after = load_model(pruned), load_model(out)
     assert after.config == before.config
     pairs = zip(before.decoder.parameters(), after.decoder.parameters(), strict=True)
@@ -75,12 +76,19 @@ def test_a_pruned_student_continues_with_its_decoders_learning_the_masks(dataset
     assert any(not torch.equal(a, b) for a, b in pairs) == (record["best_step"] > 0)
 
 
-def test_decoders_without_training_or_masks_are_refused_in_one_line(datasets, tmp_path):
-    args = [*_base(datasets, tmp_path), "-o", str(tmp_path / "o"), "--decoders"]
+def test_learning_the_decoders_without_masks_is_refused_in_one_line(datasets, tmp_path):
+    args = [*_base(datasets, tmp_path), "-o", str(tmp_path / "o"), "--minutes", "1", "--mask-weight", "0"]
+    result = runner.invoke(app, [*args, "--learn", "decoders"])
+    assert isinstance(result.exception, InputError) and "--mask-weight" in str(result.exception)
+    result = runner.invoke(app, [*args, "--learn", "everything"])
+    assert isinstance(result.exception, InputError) and "--learn must be one of" in str(result.exception)
+
+
+def test_continuing_a_student_without_minutes_is_refused_in_one_line(datasets, tmp_path):
+    student = str(tmp_path / "m.safetensors")
+    args = [*_base(datasets, tmp_path), "-o", str(tmp_path / "o"), "--student", student]
     result = runner.invoke(app, args)
     assert isinstance(result.exception, InputError) and "--minutes" in str(result.exception)
-    result = runner.invoke(app, [*args, "--minutes", "1", "--mask-weight", "0"])
-    assert isinstance(result.exception, InputError) and "--mask-weight" in str(result.exception)
 
 
 def test_a_student_of_another_network_is_refused_in_one_line(datasets, tmp_path):

@@ -305,6 +305,9 @@ def distill_prefix_command(
     )
 
 
+LEARNED = ("pruned", "decoders", "both")
+
+
 @distill_app.command("prune")
 def distill_prune_command(
     data: DistillDataOpt,
@@ -336,14 +339,14 @@ def distill_prune_command(
             "again; needs --minutes."
         ),
     ] = None,
-    decoders: Annotated[
-        bool,
+    learn: Annotated[
+        str,
         typer.Option(
-            "--decoders",
-            help="The controllers, refiner, SPPG and QDMD learn too, so the masks follow the original's "
-            "(needs --minutes and --mask-weight above 0).",
+            help="What learns with --minutes: pruned (the pruned layers), decoders (the controllers, "
+            "refiner, SPPG and QDMD, so the masks follow CKPT's from the pruned embedding; needs "
+            "--mask-weight above 0), or both.",
         ),
-    ] = False,
+    ] = "pruned",
     fp16: Fp16Opt = False,
 ) -> None:
     """A faster checkpoint: stage 0's MBConvs and every attention block's MLP keep a fraction of their
@@ -360,15 +363,19 @@ def distill_prune_command(
         eval_every=eval_every,
         calibration_per_dataset=calibration_per_dataset,
     )
-    if (student or decoders) and minutes <= 0:
-        raise InputError("--student and --decoders train, so they need --minutes above 0")
-    if decoders and mask_weight <= 0:
-        raise InputError("--decoders learns the masks, so it needs --mask-weight above 0")
+    if learn not in LEARNED:
+        raise InputError(f"--learn must be one of {', '.join(LEARNED)}, got {learn!r}")
+    if student and minutes <= 0:
+        raise InputError("--student continues training, so it needs --minutes above 0")
+    if learn != "pruned" and mask_weight <= 0:
+        raise InputError("the decoders learn the masks, so --learn decoders|both needs --mask-weight above 0")
     path, teacher, sources = _teacher_and_sources(checkpoint, data)
     widths = PruneWidths(mbconv_keep, (mlp_keep,) * (len(teacher.config.encoder.embed_dims) - 1))
     with progress_bar() as progress:
         fast = _pruned_student(progress, teacher, sources, widths, calibration_per_dataset, student, path)
-        params = pruned_parameters(fast) + (decoding_parameters(fast) if decoders else [])
+        params = (pruned_parameters(fast) if learn != "decoders" else []) + (
+            decoding_parameters(fast) if learn != "pruned" else []
+        )
         if minutes > 0:
             samples = _distill_samples(progress, teacher, sources, None)
         else:  # the pruned model as it is: its held-out error alone
@@ -383,7 +390,7 @@ def distill_prune_command(
         )  # fmt: skip
     widths_record = dataclasses.asdict(widths) if student is None else None
     record = {"teacher": str(path), "continued_from": str(student) if student else None,
-              "widths": widths_record, "decoders": decoders, **record}  # fmt: skip
+              "widths": widths_record, "learned": learn, **record}  # fmt: skip
     _save_with_log(fast, out, fp16, ".prune.json", record)
 
 

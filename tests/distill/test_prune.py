@@ -160,8 +160,8 @@ def test_the_decoding_side_is_the_controllers_refiner_sppg_and_qdmd(teacher):
     assert len(set(chosen)) == len(chosen)
     decoding = [name for name in names.values() if name.startswith(("refiner.", "sppg.", "decoder."))]
     controllers = [name for name in names.values() if ".controllers." in name]
+    # the promptable and click decoders read the embedding too, but the prompt-free masks never use them
     assert controllers and sorted(chosen) == sorted(decoding + controllers)
-    # the promptable and click decoders read the embedding but are not what the prompt-free masks use
     assert not {id(p) for p in pruned_parameters(teacher)} & {id(p) for p in decoding_parameters(teacher)}
 
 

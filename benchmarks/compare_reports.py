@@ -1,12 +1,19 @@
 """Side-by-side table of `espmedsam evaluate` reports: one column per report, one row per dataset.
 
-Usage: python benchmarks/compare_reports.py LABEL=REPORT_DIR ... [--metric dice] [--out FILE]
+With ``--paired`` each later report is shown as its difference from the first, image by image
+(``per_image.csv``): the mean difference and its standard error, so that a change of a few hard images
+can be told from a change of the whole set.
+
+Usage: python benchmarks/compare_reports.py LABEL=REPORT_DIR ... [--metric dice] [--paired] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import statistics
 from pathlib import Path
 
 from _report import report
@@ -16,13 +23,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", help="LABEL=REPORT_DIR (a folder holding summary.json)")
     parser.add_argument("--metric", default="dice", choices=("dice", "iou", "hd95", "nsd"))
+    parser.add_argument("--paired", action="store_true", help="later reports as differences from the first")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    labels, summaries = [], []
-    for item in args.reports:
-        label, _, folder = item.partition("=")
-        labels.append(label)
-        summaries.append(json.loads((Path(folder) / "summary.json").read_text()))
+    labels, folders = map(list, zip(*(item.partition("=")[::2] for item in args.reports), strict=True))
+    if args.paired:
+        report(paired_table(labels, [Path(f) for f in folders], args.metric), args.out)
+        return
+    summaries = [json.loads((Path(folder) / "summary.json").read_text()) for folder in folders]
     rows = [f"| dataset | {' | '.join(labels)} |", "|---|" + "---:|" * len(labels)]
     for name, entry in summaries[0]["datasets"].items():
         cells = [_cell(s["datasets"].get(name, {}).get(args.metric)) for s in summaries]
@@ -30,6 +38,37 @@ def main() -> None:
     overall = [_cell(s["overall"][args.metric]) for s in summaries]
     rows.append(f"| **mean of dataset means** | {' | '.join(f'**{c}**' for c in overall)} |")
     report("\n".join(rows), args.out)
+
+
+def paired_table(labels: list[str], folders: list[Path], metric: str) -> str:
+    """Per dataset: the first report's mean, then each other's mean difference from it ± standard error,
+    over the images both reports scored."""
+    scores = [_per_image(folder, metric) for folder in folders]
+    rows = [f"| dataset | {labels[0]} | {' | '.join(f'{label} − {labels[0]}' for label in labels[1:])} |"]
+    rows.append("|---|" + "---:|" * len(labels))
+    for dataset, base in scores[0].items():
+        cells = [f"{statistics.fmean(base.values()):.3f} (n={len(base)})"]
+        cells += [_difference(base, other.get(dataset, {})) for other in scores[1:]]
+        rows.append(f"| {dataset} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def _per_image(folder: Path, metric: str) -> dict[str, dict[str, float]]:
+    """dataset -> image stem -> score, the images whose score is defined."""
+    scores: dict[str, dict[str, float]] = {}
+    with (folder / "per_image.csv").open() as handle:
+        for row in csv.DictReader(handle):
+            if row[metric] not in ("", "nan"):
+                scores.setdefault(row["dataset"], {})[row["stem"]] = float(row[metric])
+    return scores
+
+
+def _difference(base: dict[str, float], other: dict[str, float]) -> str:
+    differences = [other[stem] - base[stem] for stem in base if stem in other]
+    if len(differences) < 2:
+        return "-"
+    error = statistics.stdev(differences) / math.sqrt(len(differences))
+    return f"{statistics.fmean(differences):+.4f} ± {error:.4f}"
 
 
 def _cell(block: dict | None) -> str:

@@ -21,7 +21,7 @@ from _report import report
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reports", nargs="+", help="LABEL=REPORT_DIR (a folder holding summary.json)")
+    parser.add_argument("reports", nargs="+", help="LABEL=REPORT_DIR (an evaluate report folder)")
     parser.add_argument("--metric", default="dice", choices=("dice", "iou", "hd95", "nsd"))
     parser.add_argument("--paired", action="store_true", help="later reports as differences from the first")
     parser.add_argument("--out", type=Path, default=None)

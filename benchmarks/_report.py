@@ -1,7 +1,9 @@
-"""Shared parts of the benchmark scripts: a timer, and the ending (print, and with --out write to a file)."""
+"""Shared parts of the benchmark scripts: a timer, the ending (print, and with --out write to a file), and
+reading `espmedsam evaluate` reports."""
 
 from __future__ import annotations
 
+import csv
 import platform
 import statistics
 import time
@@ -24,6 +26,17 @@ def report(text: str, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+
+
+def per_image_scores(folder: Path, metric: str = "dice") -> dict[str, list[tuple[str, float]]]:
+    """Dataset -> (image stem, score) of each image of an evaluate report (``per_image.csv``) whose
+    ``metric`` is defined."""
+    scores: dict[str, list[tuple[str, float]]] = {}
+    with (folder / "per_image.csv").open() as handle:
+        for row in csv.DictReader(handle):
+            if row[metric] not in ("", "nan"):
+                scores.setdefault(row["dataset"], []).append((row["stem"], float(row[metric])))
+    return scores
 
 
 def cpu_description() -> str:

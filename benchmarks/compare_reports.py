@@ -10,13 +10,12 @@ Usage: python benchmarks/compare_reports.py LABEL=REPORT_DIR ... [--metric dice]
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
 from pathlib import Path
 
-from _report import report
+from _report import per_image_scores, report
 
 
 def main() -> None:
@@ -43,7 +42,9 @@ def main() -> None:
 def paired_table(labels: list[str], folders: list[Path], metric: str) -> str:
     """Per dataset: the first report's mean, then each other's mean difference from it ± standard error,
     over the images both reports scored."""
-    scores = [_per_image(folder, metric) for folder in folders]
+    scores = [
+        {name: dict(rows) for name, rows in per_image_scores(folder, metric).items()} for folder in folders
+    ]
     rows = [f"| dataset | {labels[0]} | {' | '.join(f'{label} − {labels[0]}' for label in labels[1:])} |"]
     rows.append("|---|" + "---:|" * len(labels))
     for dataset, base in scores[0].items():
@@ -51,16 +52,6 @@ def paired_table(labels: list[str], folders: list[Path], metric: str) -> str:
         cells += [_difference(base, other.get(dataset, {})) for other in scores[1:]]
         rows.append(f"| {dataset} | {' | '.join(cells)} |")
     return "\n".join(rows)
-
-
-def _per_image(folder: Path, metric: str) -> dict[str, dict[str, float]]:
-    """dataset -> image stem -> score, the images whose score is defined."""
-    scores: dict[str, dict[str, float]] = {}
-    with (folder / "per_image.csv").open() as handle:
-        for row in csv.DictReader(handle):
-            if row[metric] not in ("", "nan"):
-                scores.setdefault(row["dataset"], {})[row["stem"]] = float(row[metric])
-    return scores
 
 
 def _difference(base: dict[str, float], other: dict[str, float]) -> str:

@@ -7,21 +7,14 @@ Usage: python benchmarks/dice_distribution.py LABEL=REPORT_DIR ... [--out FILE]
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
-from _report import report
+from _report import per_image_scores, report
 
 
 def per_set_dice(folder: Path) -> dict[str, np.ndarray]:
-    with (folder / "per_image.csv").open() as file:
-        rows = list(csv.DictReader(file))
-    sets: dict[str, list[float]] = {}
-    for row in rows:
-        if row["dice"] not in ("", "nan"):
-            sets.setdefault(row["dataset"], []).append(float(row["dice"]))
-    return {name: np.array(values) for name, values in sets.items()}
+    return {name: np.array([dice for _, dice in rows]) for name, rows in per_image_scores(folder).items()}
 
 
 def main() -> None:

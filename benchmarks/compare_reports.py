@@ -26,6 +26,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     labels, folders = map(list, zip(*(item.partition("=")[::2] for item in args.reports), strict=True))
+    needed = "per_image.csv" if args.paired else "summary.json"
+    for item, folder in zip(args.reports, folders, strict=True):
+        if not (Path(folder) / needed).is_file():
+            parser.error(f"{item!r} is not LABEL=REPORT_DIR with a {needed} (an espmedsam evaluate report)")
     if args.paired:
         report(paired_table(labels, [Path(f) for f in folders], args.metric), args.out)
         return

@@ -354,6 +354,12 @@ class TrainConfig(SerialisableConfig):
     # under torchrun: batch norm statistics over the whole global batch (as one process), or per process
     # (faster: no collective in every batch norm layer; the usual DDP behaviour)
     sync_batchnorm: bool = True
+    # a native checkpoint (or ``bundled``) whose masks the model also learns, each step, on the same
+    # samples: ``teacher_weight`` times the per-pixel KL divergence of the model's mask probabilities from
+    # the teacher's joins the loss. A student of the teacher (a pruned copy) then keeps its masks close
+    # to the teacher's where the labels alone would let it drift.
+    teacher: str | None = None
+    teacher_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)
@@ -382,6 +388,15 @@ class TrainConfig(SerialisableConfig):
             raise ConfigError("frozen_prefix and min_cached_samples must not be negative")
         if self.train_modalities and self.arch != "espmedsam":
             raise ConfigError("train_modalities needs arch: espmedsam")
+        self._check_teacher()
+
+    def _check_teacher(self) -> None:
+        if self.teacher_weight < 0:
+            raise ConfigError(f"teacher_weight must not be negative, got {self.teacher_weight}")
+        if bool(self.teacher) != (self.teacher_weight > 0):
+            raise ConfigError("teacher and teacher_weight come together: set both, or neither")
+        if self.teacher and (self.arch != "espmedsam" or self.frozen_encoder):
+            raise ConfigError("teacher needs arch: espmedsam, trained on images or on a frozen_prefix")
 
     @property
     def run_dir(self) -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 
 from espmedsam.errors import InputError
 
-__all__ = ["LossParts", "MaskLoss", "PatchLoss", "SegmentationLoss"]
+__all__ = ["LossParts", "MaskLoss", "PatchLoss", "SegmentationLoss", "mask_divergence"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,14 @@ class SegmentationLoss(nn.Module):
             patch = self.patch(patch_logits, masks)
             total = total + self.patch_weight * patch
         return LossParts(total=total, dice=dice, focal=focal, patch=patch)
+
+
+def mask_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel KL(teacher || student) of two (B, 1, S, S) mask-logit maps: zero when they agree."""
+    target = torch.sigmoid(teacher_logits)
+    cross = F.binary_cross_entropy_with_logits(student_logits, target)
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target)
+    return cross - entropy
 
 
 def _check_pair(logits: torch.Tensor, targets: torch.Tensor, what: str, *, same_size: bool = True) -> None:

@@ -96,7 +96,7 @@ def test_distillation_moves_only_the_prefix_and_lowers_the_error(teacher):
 
 
 def test_the_mask_divergence_is_zero_only_where_the_masks_agree():
-    from espmedsam.distill.prefix import mask_divergence
+    from espmedsam.losses import mask_divergence
 
     logits = torch.randn(2, 1, 16, 16) * 4
     assert abs(float(mask_divergence(logits, logits))) < 1e-6

@@ -9,6 +9,9 @@ from PIL import Image
 
 from espmedsam.config import TrainConfig
 
+# the bundled layout grown from a controller-free start: controllers in the last stage, a detail branch
+GROWN = ("controller.enabled=true", "controller.first_stage=3", "detail.enabled=true")
+
 
 def make_dataset(
     root: Path,
@@ -72,3 +75,44 @@ def dental(tmp_path_factory) -> str:
     unlike the others."""
     root = tmp_path_factory.mktemp("new") / "dental"
     return f"{make_dataset(root, seed=3, tint=(0.2, 0.4, 1.0))}:dental"
+
+
+@pytest.fixture
+def start(tmp_path):
+    """A tiny checkpoint without controllers, as the bundled weights were shipped."""
+    import dataclasses
+
+    import torch
+
+    from espmedsam.checkpoints.native import save_model
+    from espmedsam.models.registry import build_model, get_config
+
+    config = dataclasses.replace(
+        get_config("tiny"), controller=dataclasses.replace(get_config("tiny").controller, enabled=False)
+    )
+    torch.manual_seed(1)
+    return save_model(build_model(config), tmp_path / "start.safetensors")
+
+
+@pytest.fixture
+def prefix_config(tiny_config, tmp_path):
+    """``prefix_config(init, **changes)``: ``tiny_config`` grown from ``init`` and trained on a frozen,
+    cached prefix of three stages, as the bundled recipe does."""
+    import dataclasses
+
+    def make(init, **changes) -> TrainConfig:
+        return dataclasses.replace(
+            tiny_config,
+            init=str(init),
+            model_overrides=GROWN,
+            frozen_prefix=3,
+            train_shared_suffix=False,
+            input_sizes=(64, 64, 64, 32, 64, 64),  # fundus at 32: batches mix two input sizes
+            min_cached_samples=8,  # 4 training images per set: 2 variants each
+            cache_dir=str(tmp_path / "cache"),
+            bf16=False,
+            num_workers=0,
+            **changes,
+        )
+
+    return make

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from espmedsam.checkpoints.native import load_model, save_model
+from espmedsam.checkpoints.native import load_model
 from espmedsam.config import apply_overrides
 from espmedsam.errors import ConfigError
 from espmedsam.models.registry import build_model, get_config
@@ -19,34 +19,8 @@ from espmedsam.train.validate import forward_group
 GROWN = ("controller.enabled=true", "controller.first_stage=3", "detail.enabled=true")
 
 
-def _prefix_config(tiny_config, tmp_path, init, **changes):
-    return dataclasses.replace(
-        tiny_config,
-        init=str(init),
-        model_overrides=GROWN,
-        frozen_prefix=3,
-        train_shared_suffix=False,
-        input_sizes=(64, 64, 64, 32, 64, 64),  # fundus at 32: batches mix two input sizes
-        min_cached_samples=8,  # 4 training images per set: 2 variants each
-        cache_dir=str(tmp_path / "cache"),
-        bf16=False,
-        num_workers=0,
-        **changes,
-    )
-
-
-@pytest.fixture
-def start(tmp_path):
-    """A tiny checkpoint without controllers, as the bundled weights were shipped."""
-    config = dataclasses.replace(
-        get_config("tiny"), controller=dataclasses.replace(get_config("tiny").controller, enabled=False)
-    )
-    torch.manual_seed(1)
-    return save_model(build_model(config), tmp_path / "start.safetensors")
-
-
-def test_cached_prefix_gives_the_uncached_loss(tiny_config, tmp_path, start):
-    config = _prefix_config(tiny_config, tmp_path, start)
+def test_cached_prefix_gives_the_uncached_loss(prefix_config, start):
+    config = prefix_config(start)
     model = build_network(config)
     with torch.no_grad():  # perturb the fresh parts so the check covers them
         for name, p in model.named_parameters():
@@ -76,8 +50,8 @@ def test_prefix_cache_is_keyed_by_the_prefix_alone():
     assert encoder_fingerprint(model, 2) != encoder_fingerprint(model, 3)
 
 
-def test_prefix_training_trains_controllers_and_decoder_only(tiny_config, tmp_path, start):
-    config = _prefix_config(tiny_config, tmp_path, start)
+def test_prefix_training_trains_controllers_and_decoder_only(prefix_config, start):
+    config = prefix_config(start)
     result = train(config)
     first = load_model(start)
     trained = load_model(result.last_path)
@@ -92,8 +66,8 @@ def test_prefix_training_trains_controllers_and_decoder_only(tiny_config, tmp_pa
     assert any(not torch.equal(after[k], fresh[k]) for k in grown if "detail_branch" in k)
 
 
-def test_initial_weights_are_the_given_ones_and_the_schedule_restarts(tiny_config, tmp_path, start):
-    config = _prefix_config(tiny_config, tmp_path, start, warmup_steps=3)
+def test_initial_weights_are_the_given_ones_and_the_schedule_restarts(prefix_config, start):
+    config = prefix_config(start, warmup_steps=3)
     model = build_network(config)
     loaded = load_model(start).state_dict()
     state = model.state_dict()
@@ -116,9 +90,9 @@ def test_model_overrides_may_only_add_parameters(start):
         with_layout(model, ("decoder.upscale_dims=[8, 8]",))
 
 
-def test_frozen_prefix_refuses_controllers_inside_it(tiny_config, tmp_path, start):
+def test_frozen_prefix_refuses_controllers_inside_it(prefix_config, start):
     config = dataclasses.replace(
-        _prefix_config(tiny_config, tmp_path, start),
+        prefix_config(start),
         model_overrides=("controller.enabled=true", "controller.first_stage=1"),
     )
     with pytest.raises(ConfigError, match="first_stage"):

@@ -58,3 +58,18 @@ def test_train_without_data_or_with_missing_init(tmp_path):
     missing = tmp_path / "missing.safetensors"
     result = _espmedsam("train", "--config", "six_datasets_256", "--init", str(missing))
     assert result.returncode == 4 and "missing.safetensors" in result.stderr
+
+
+def test_train_command_with_a_teacher_on_whole_images(tiny_config, tmp_path):
+    from espmedsam import build_model
+
+    teacher = save_model(build_model("tiny"), tmp_path / "teacher.safetensors")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_config.to_yaml())
+    out = tmp_path / "taught"
+    args = ["train", "--config", str(path), "--set", "epochs=1", "--set", f"out_dir={out}"]
+    result = runner.invoke(app, [*args, "--teacher", str(teacher)])
+    assert result.exit_code == 0, result.output
+    assert "teacher_weight: 10.0" in (out / "config.yaml").read_text()
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(r["teacher_loss"] > 0 for r in records if r.get("kind") == "train")

@@ -31,6 +31,10 @@ from espmedsam.cli.common import (
 )
 from espmedsam.errors import InputError
 
+# the teacher's mask KL is about a tenth of the label loss per pixel once a student is close: at 10 the
+# two weigh about the same
+DEFAULT_TEACHER_WEIGHT = 10.0
+
 
 @app.command()
 def train(
@@ -45,6 +49,20 @@ def train(
     device: Annotated[
         str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: the config's, auto).")
     ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            help="Also learn this checkpoint's masks (a path, or 'bundled'), so a pruned or otherwise "
+            "changed copy keeps close to it where the labels alone would let it drift.",
+        ),
+    ] = None,
+    teacher_weight: Annotated[
+        float,
+        typer.Option(
+            "--teacher-weight", min=0.0, help="Weight of the teacher's term (mask KL) beside the label loss."
+        ),
+    ] = DEFAULT_TEACHER_WEIGHT,
 ) -> None:
     """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
     import dataclasses
@@ -55,6 +73,8 @@ def train(
     cfg = load_train_config(config, overrides or [])
     cfg = dataclasses.replace(cfg, init=str(init)) if init else cfg
     cfg = dataclasses.replace(cfg, device=device) if device else cfg
+    if teacher:
+        cfg = dataclasses.replace(cfg, teacher=teacher, teacher_weight=teacher_weight)
     with _training_bar(cfg.total_steps) as show:
         result = run_training(cfg, resume=resume, progress=show)
     if is_main_process():  # under torchrun: one summary, rank 0's

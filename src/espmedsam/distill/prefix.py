@@ -32,6 +32,7 @@ from espmedsam.checkpoints.native import write_safetensors
 from espmedsam.config import ModelConfig
 from espmedsam.data.dataset import DatasetSource, SegmentationFolder
 from espmedsam.errors import InputError
+from espmedsam.losses import mask_divergence
 from espmedsam.models.espmedsam import ESPMedSAM
 from espmedsam.models.registry import build_model
 
@@ -140,14 +141,6 @@ def prefix_errors(
         teacher_masks = teacher.decode(embedding, modality, side, images).masks.float()
     student_masks = student.decode(student_embedding, modality, side, images).masks.float()
     return token_error, embedding_error, mask_divergence(student_masks, teacher_masks)
-
-
-def mask_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel KL(teacher || student) of two (B, 1, S, S) mask-logit maps: zero when they agree."""
-    target = torch.sigmoid(teacher_logits)
-    cross = F.binary_cross_entropy_with_logits(student_logits, target)
-    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target)
-    return cross - entropy
 
 
 def random_crops(samples: Sequence[PrefixSample], crop: int, rng: random.Random) -> torch.Tensor:

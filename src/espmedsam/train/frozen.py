@@ -127,7 +127,8 @@ def variant_input(
 class CachedEmbeddingSet(FolderEpochs, Dataset):
     """Folders x variants of cached embeddings; the variant of item ``i`` in an epoch is drawn from
     (seed, epoch, i) among its folder's ``variants``. Items: {"embedding", "mask", "valid", "modality",
-    "dataset"}; of a frozen prefix (``depth``), "features", "image" and "depth" instead of "embedding"."""
+    "dataset"}; of a frozen prefix (``depth``), "features", "image" and "depth" instead of "embedding";
+    with ``teacher_cache`` (another model's prefix on the same samples), also "teacher_features"."""
 
     def __init__(
         self,
@@ -146,6 +147,7 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
         self.folder_variants, self.seed, self.epoch = counts, seed, 0
         self._items = [(f, i) for f, folder in enumerate(self.folders) for i in range(len(folder))]
         self.digests = [sample_digest(*_pair(self.folders[f][i])) for f, i in self._items]
+        self.teacher_cache: EncoderCache | None = None  # set by ``pair_with_teacher``
 
     def __len__(self) -> int:
         return len(self._items)
@@ -159,12 +161,22 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         which, _ = self._items[index]
-        entry = self.cache.get(CacheKey(self.digests[index], self.sizes[which], self.variant_of(index)))
+        key = CacheKey(self.digests[index], self.sizes[which], self.variant_of(index))
+        entry = self.cache.get(key)
         modality = self.modalities.index(self.folders[which].modality)
         item = {**entry, "modality": torch.tensor(modality), "dataset": torch.tensor(which)}
         if self.depth is not None:
             item["depth"] = torch.tensor(self.depth)
+        if self.teacher_cache is not None:
+            item["teacher_features"] = self.teacher_cache.get(key)["features"]
         return item
+
+    def pair_with_teacher(self, teacher_set: CachedEmbeddingSet) -> None:
+        """Give each item the features of ``teacher_set`` (the same folders, sizes, variants and seed,
+        cached by another model's prefix) for the same sample, as "teacher_features"."""
+        if teacher_set.jobs() != self.jobs() or teacher_set.depth != self.depth:
+            raise ValueError("the teacher's cached set must hold the same samples at the same depth")
+        self.teacher_cache = teacher_set.cache
 
     def jobs(self) -> list[tuple[int, CacheKey]]:
         """(item index, cache key) of every entry the folders' variants need."""

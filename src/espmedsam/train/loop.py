@@ -45,7 +45,7 @@ from espmedsam.data.training_set import MixedModalityDataset
 from espmedsam.device import autocast
 from espmedsam.errors import ConfigError, DataError
 from espmedsam.files import remove_stale_temporaries, write_text
-from espmedsam.losses import MaskLoss, SegmentationLoss
+from espmedsam.losses import MaskLoss, SegmentationLoss, mask_divergence
 from espmedsam.modality_edits import train_only_modalities
 from espmedsam.models.registry import build_model, get_config
 from espmedsam.models.unet import UNetBaseline, UNetConfig
@@ -69,7 +69,15 @@ STATE_FILE, BEST_FILE, LAST_FILE = "state.pt", "best.safetensors", "last.safeten
 LOG_FILE, CURVES_FILE, CONFIG_FILE = "log.jsonl", "curves.png", "config.yaml"
 # config keys a resumed run may change without changing its trajectory
 RESUMABLE_CHANGES: tuple[str, ...] = ("time_budget_minutes", "num_workers", "checkpoint_every", "log_every")
-_LOGGED: tuple[str, ...] = ("loss", "dice_loss", "focal_loss", "patch_loss", "train_dice", "lr")
+_LOGGED: tuple[str, ...] = (
+    "loss",
+    "dice_loss",
+    "focal_loss",
+    "patch_loss",
+    "teacher_loss",
+    "train_dice",
+    "lr",
+)
 
 
 @dataclass(frozen=True)
@@ -268,11 +276,14 @@ def save_weights(model: nn.Module, path: Path) -> Path:
     return save_unet(model, path) if isinstance(model, UNetBaseline) else save_model(model, path)
 
 
-def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tuple[str, ...]]:
+def build_datasets(
+    config: TrainConfig, model: nn.Module, teacher: nn.Module | None = None
+) -> tuple[Any, Any, tuple[str, ...]]:
     """Training set, validation set (None without ``val_split``) and the dataset names.
 
     With ``frozen_encoder`` both are ``CachedEmbeddingSet``s of the model's embeddings at its per-modality
-    input sizes; otherwise image sets at ``image_size``, normalised as the model's config says.
+    input sizes; otherwise image sets at ``image_size``, normalised as the model's config says. With a
+    frozen prefix and a ``teacher``, the training items also carry the teacher's prefix features.
 
     Raises:
         ConfigError: no dataset folder in ``config.data``.
@@ -286,7 +297,7 @@ def build_datasets(config: TrainConfig, model: nn.Module) -> tuple[Any, Any, tup
     folders = [SegmentationFolder(s, config.train_split, cache=True) for s in sources]
     _require_images(folders)
     if config.frozen_encoder or config.frozen_prefix:
-        return _cached_datasets(config, model, folders, sources, names)
+        return _cached_datasets(config, model, folders, sources, names, teacher)
     mean, std = model.config.pixel_mean, model.config.pixel_std
     normalisation = getattr(model.config, "input_normalisation", "mean_std")  # the U-Net has none
     train_set = MixedModalityDataset(
@@ -329,19 +340,32 @@ def _require_images(folders: list[SegmentationFolder]) -> None:
 
 
 def _cached_datasets(
-    config: TrainConfig, model: nn.Module, folders: list[SegmentationFolder], sources: list, names: tuple
+    config: TrainConfig,
+    model: nn.Module,
+    folders: list[SegmentationFolder],
+    sources: list,
+    names: tuple,
+    teacher: nn.Module | None = None,
 ) -> tuple[CachedEmbeddingSet, CachedEmbeddingSet | None, tuple[str, ...]]:
     """Frozen-encoder (or frozen-prefix) training and validation sets, their missing entries computed
-    first."""
+    first; with ``teacher``, the training set paired with the teacher's prefix on the same samples."""
     depth = config.frozen_prefix or None
-    cache = EncoderCache(config.cache_dir or DEFAULT_CACHE, encoder_fingerprint(model, depth))
     sizes = [model.input_size(folder.modality) for folder in folders]
     modalities = model.config.modalities
     variants = [cached_variants(config, len(folder)) for folder in folders]
-    train_set = CachedEmbeddingSet(
-        cache, folders, sizes, variants, seed=config.seed, modalities=modalities, depth=depth
-    )
-    _fill(model, train_set, config, "embedding the training images")
+
+    def training_set(encoder: nn.Module, what: str) -> CachedEmbeddingSet:
+        cache = EncoderCache(config.cache_dir or DEFAULT_CACHE, encoder_fingerprint(encoder, depth))
+        dataset = CachedEmbeddingSet(
+            cache, folders, sizes, variants, seed=config.seed, modalities=modalities, depth=depth
+        )
+        _fill(encoder, dataset, config, what)
+        return dataset
+
+    train_set = training_set(model, "embedding the training images")
+    if teacher is not None:
+        train_set.pair_with_teacher(training_set(teacher, "embedding the training images for the teacher"))
+    cache = train_set.cache
     if not config.val_split:
         return train_set, None, names
     val_folders = [SegmentationFolder(s, config.val_split, cache=True) for s in sources]
@@ -367,6 +391,23 @@ def _fill(model: nn.Module, dataset: CachedEmbeddingSet, config: TrainConfig, wh
     build_cache(model, dataset, seed=config.seed, bf16=config.bf16, progress=report)
     for folder in dataset.folders:  # training reads the embeddings alone from now on
         folder.release_cache()
+
+
+def load_teacher(config: TrainConfig, student: nn.Module, device: torch.device) -> nn.Module | None:
+    """``config.teacher`` loaded, in eval mode and without gradients (None without one). It sees the
+    model's own inputs, so both must read images alike.
+
+    Raises:
+        ConfigError: a teacher of other modalities, or of another input normalisation, than the model's.
+    """
+    if not config.teacher:
+        return None
+    teacher = load_model(resolve_init(config.teacher)).to(device).eval().requires_grad_(False)
+    for field_name in ("modalities", "input_normalisation", "pixel_mean", "pixel_std"):
+        theirs, ours = getattr(teacher.config, field_name), getattr(student.config, field_name)
+        if theirs != ours:
+            raise ConfigError(f"teacher: its {field_name} ({theirs}) differs from the model's ({ours})")
+    return teacher
 
 
 class _Trainer:
@@ -395,7 +436,8 @@ class _Trainer:
             self.lineage = self.lineage[:-1]  # less this run's own record, which ``_save`` renews
         if distributed.is_distributed() and config.sync_batchnorm:
             sync_batchnorm(self.model)  # the model is the trainer's own: no need to swap back
-        self.train_set, self.val_set, self.names = build_datasets(config, self.model)
+        self.teacher = load_teacher(config, self.model, self.device)
+        self.train_set, self.val_set, self.names = build_datasets(config, self.model, self.teacher)
         self.sampler = BalancedSampler(
             self.train_set.dataset_sizes, config.steps_per_epoch * config.batch_size, config.seed
         )
@@ -420,7 +462,8 @@ class _Trainer:
             self._restore(state)
         else:
             self.counters.setup_s = time.monotonic() - setup_start
-        self.step_loss = _StepLoss(self.model, self.loss, self.device, config.bf16)
+        teaching = _Teaching(self.teacher, config.teacher_weight) if self.teacher is not None else None
+        self.step_loss = _StepLoss(self.model, self.loss, self.device, config.bf16, teaching)
         # the U-Net uses every parameter in every step; ESP-MedSAM trains the modalities of the step's share
         unused = config.arch != "unet"
         self.parallel = distributed.data_parallel(self.step_loss, self.device, unused_parameters=unused)
@@ -656,24 +699,54 @@ class _Trainer:
         )
 
 
+@dataclass(frozen=True)
+class _Teaching:
+    """The teacher whose masks the model also learns, and the weight of that term. Not a module, so DDP
+    neither wraps nor broadcasts the teacher."""
+
+    teacher: nn.Module
+    weight: float
+
+    def divergence(self, group: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """The mask divergence of the model's (B, 1, S, S) ``logits`` from the teacher's on ``group``."""
+        if "teacher_features" in group:
+            group = {**group, "features": group["teacher_features"]}
+        with torch.no_grad():
+            target = forward_group(self.teacher, group).masks.float()
+        return mask_divergence(logits.float(), target)
+
+
 class _StepLoss(nn.Module):
     """The model and the loss over a batch's same-size groups: the module DDP wraps, so that one forward
-    covers a rank's whole share. Per group: ``total``, ``dice``, ``focal``, ``patch`` (float32 scalars)
-    and the detached (B, 1, S, S) mask ``logits``."""
+    covers a rank's whole share. Per group: ``total``, ``dice``, ``focal``, ``patch``, ``teacher`` (float32
+    scalars) and the detached (B, 1, S, S) mask ``logits``."""
 
-    def __init__(self, model: nn.Module, loss: SegmentationLoss, device: torch.device, bf16: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: SegmentationLoss,
+        device: torch.device,
+        bf16: bool,
+        teaching: _Teaching | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.loss, self.device, self.bf16 = model, loss, device, bf16
+        self.teaching = teaching
 
     def forward(self, groups: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         outputs = []
         for group in groups:
             with autocast(self.device, self.bf16):
                 output = forward_group(self.model, group)
+                taught = self.teaching.divergence(group, output.masks) if self.teaching else None
             parts = self.loss(output.masks, group["mask"], output.patch_logits)
+            total = parts.total if taught is None else parts.total + self.teaching.weight * taught
             outputs.append(
-                {"total": parts.total, "dice": parts.dice, "focal": parts.focal, "patch": parts.patch}
-                | {"logits": output.masks.detach()}
+                {"total": total, "dice": parts.dice, "focal": parts.focal, "patch": parts.patch}
+                | {
+                    "teacher": taught if taught is not None else torch.zeros(()),
+                    "logits": output.masks.detach(),
+                }
             )
         return outputs
 
@@ -694,6 +767,7 @@ def _metric_sums(
             "dice_loss": out["dice"].item(),
             "focal_loss": out["focal"].item(),
             "patch_loss": out["patch"].item(),
+            "teacher_loss": out["teacher"].item(),
             "train_dice": _batch_dice(out["logits"], group["mask"]),
         }
         for key, value in values.items():

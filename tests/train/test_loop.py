@@ -37,6 +37,7 @@ def test_train_writes_checkpoints_log_and_config(tiny_config):
     train_records, val_records = _records(out, "train"), _records(out, "val")
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
     assert {"loss", "dice_loss", "focal_loss", "patch_loss", "lr", "images_per_s"} <= set(train_records[0])
+    assert "teacher_loss" not in train_records[0]  # no teacher, no teacher term
     assert [r["step"] for r in val_records] == [2, 4]
     if pytest.importorskip("matplotlib"):
         assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -74,7 +74,7 @@ def _figure(train: list[dict[str, Any]], val: list[dict[str, Any]]):
     FigureCanvasAgg(figure)  # the Agg canvas, without touching pyplot's global backend
     loss_axes, dice_axes = figure.subplots(1, 2)
     steps = [r["step"] for r in train]
-    for key in ("loss", "dice_loss", "focal_loss", "patch_loss"):
+    for key in ("loss", "dice_loss", "focal_loss", "patch_loss", "teacher_loss"):
         if train and key in train[0]:
             loss_axes.plot(steps, [r[key] for r in train], label=key, linewidth=1)
     loss_axes.set(xlabel="step", ylabel="training loss", title="loss")

@@ -560,7 +560,9 @@ class _Trainer:
         self._speed = window["images"] / max(window["seconds"], 1e-9)
         if counters.step % self.config.log_every and counters.step < self.config.total_steps and not flush:
             return
-        means = {k: window[k] / window["steps"] for k in _LOGGED}
+        # a run without a teacher logs no teacher term
+        logged = [k for k in _LOGGED if k != "teacher_loss" or self.teacher is not None]
+        means = {k: window[k] / window["steps"] for k in logged}
         record = {"kind": "train", "step": counters.step, "epoch": epoch, **means}
         if self.history is not None:
             self.history.append({**record, "images_per_s": self._speed, "elapsed_s": counters.elapsed_s})

@@ -16,8 +16,6 @@ from espmedsam.train.frozen import encoder_fingerprint
 from espmedsam.train.loop import build_datasets, build_network, with_layout
 from espmedsam.train.validate import forward_group
 
-GROWN = ("controller.enabled=true", "controller.first_stage=3", "detail.enabled=true")
-
 
 def test_cached_prefix_gives_the_uncached_loss(prefix_config, start):
     config = prefix_config(start)
@@ -37,8 +35,8 @@ def test_cached_prefix_gives_the_uncached_loss(prefix_config, start):
     assert torch.allclose(cached, whole, atol=5e-3)  # the cached features are float16
 
 
-def test_prefix_cache_is_keyed_by_the_prefix_alone():
-    model = build_model(apply_overrides(get_config("tiny"), list(GROWN)))
+def test_prefix_cache_is_keyed_by_the_prefix_alone(prefix_config, start):
+    model = build_model(apply_overrides(get_config("tiny"), list(prefix_config(start).model_overrides)))
     before = encoder_fingerprint(model, 3)
     with torch.no_grad():
         model.image_encoder.layers[3].blocks[0].mlp.fc1.weight.add_(1.0)  # after the prefix

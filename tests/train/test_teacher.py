@@ -9,21 +9,17 @@ import pytest
 import torch
 
 from espmedsam.checkpoints.native import load_model, save_model
-from espmedsam.config import TrainConfig
 from espmedsam.errors import ConfigError
 from espmedsam.losses import mask_divergence
 from espmedsam.train import train
 from espmedsam.train.loop import _Teaching, build_datasets, build_network, load_teacher
 from espmedsam.train.validate import forward_group
 
-GROWN = ("controller.enabled=true", "controller.first_stage=3", "detail.enabled=true")
-
 
 @pytest.fixture
-def teacher_file(tmp_path, start):
+def teacher_file(tmp_path, prefix_config, start):
     """The start with its controllers grown and its whole network moved: another prefix, other masks."""
-    config = TrainConfig(init=str(start), model_overrides=GROWN, model="tiny")
-    teacher = build_network(config)
+    teacher = build_network(prefix_config(start))
     torch.manual_seed(2)
     with torch.no_grad():
         for param in teacher.parameters():

@@ -73,3 +73,9 @@ def test_train_command_with_a_teacher_on_whole_images(tiny_config, tmp_path):
     assert "teacher_weight: 10.0" in (out / "config.yaml").read_text()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["teacher_loss"] > 0 for r in records if r.get("kind") == "train")
+
+
+def test_a_teacher_weight_without_a_teacher_is_refused():
+    result = _espmedsam("train", "--teacher-weight", "5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --teacher-weight weighs a teacher's term, so it needs --teacher"

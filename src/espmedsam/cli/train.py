@@ -58,11 +58,14 @@ def train(
         ),
     ] = None,
     teacher_weight: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--teacher-weight", min=0.0, help="Weight of the teacher's term (mask KL) beside the label loss."
+            "--teacher-weight",
+            min=0.0,
+            help="Weight of the teacher's term (mask KL) beside the label loss; with --teacher, "
+            f"{DEFAULT_TEACHER_WEIGHT:g} when not given.",
         ),
-    ] = DEFAULT_TEACHER_WEIGHT,
+    ] = None,
 ) -> None:
     """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
     import dataclasses
@@ -73,8 +76,11 @@ def train(
     cfg = load_train_config(config, overrides or [])
     cfg = dataclasses.replace(cfg, init=str(init)) if init else cfg
     cfg = dataclasses.replace(cfg, device=device) if device else cfg
+    if teacher_weight is not None and not teacher:
+        raise InputError("--teacher-weight weighs a teacher's term, so it needs --teacher")
     if teacher:
-        cfg = dataclasses.replace(cfg, teacher=teacher, teacher_weight=teacher_weight)
+        weight = DEFAULT_TEACHER_WEIGHT if teacher_weight is None else teacher_weight
+        cfg = dataclasses.replace(cfg, teacher=teacher, teacher_weight=weight)
     with _training_bar(cfg.total_steps) as show:
         result = run_training(cfg, resume=resume, progress=show)
     if is_main_process():  # under torchrun: one summary, rank 0's

@@ -94,6 +94,11 @@ class EncoderCache(EmbeddingCache):
             out["valid"] = torch.from_numpy(entry["valid"].astype(np.int64))
         return out
 
+    def features(self, key: CacheKey) -> torch.Tensor:
+        """The frozen prefix's (h, w, C) features of an entry alone, float32 (its image and mask unread)."""
+        with np.load(self.path(key)) as entry:
+            return torch.from_numpy(entry["features"].astype(np.float32))
+
     def put(self, key: CacheKey, entry: dict[str, torch.Tensor]) -> Path:  # type: ignore[override]
         buffer = io.BytesIO()
         arrays = {
@@ -168,7 +173,7 @@ class CachedEmbeddingSet(FolderEpochs, Dataset):
         if self.depth is not None:
             item["depth"] = torch.tensor(self.depth)
         if self.teacher_cache is not None:
-            item["teacher_features"] = self.teacher_cache.get(key)["features"]
+            item["teacher_features"] = self.teacher_cache.features(key)
         return item
 
     def pair_with_teacher(self, teacher_set: CachedEmbeddingSet) -> None:

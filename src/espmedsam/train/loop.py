@@ -560,9 +560,8 @@ class _Trainer:
         self._speed = window["images"] / max(window["seconds"], 1e-9)
         if counters.step % self.config.log_every and counters.step < self.config.total_steps and not flush:
             return
-        # a run without a teacher logs no teacher term
-        logged = [k for k in _LOGGED if k != "teacher_loss" or self.teacher is not None]
-        means = {k: window[k] / window["steps"] for k in logged}
+        # a part the run has not got (the teacher term, without a teacher) is not logged
+        means = {k: window[k] / window["steps"] for k in _LOGGED if k in window}
         record = {"kind": "train", "step": counters.step, "epoch": epoch, **means}
         if self.history is not None:
             self.history.append({**record, "images_per_s": self._speed, "elapsed_s": counters.elapsed_s})
@@ -720,8 +719,8 @@ class _Teaching:
 
 class _StepLoss(nn.Module):
     """The model and the loss over a batch's same-size groups: the module DDP wraps, so that one forward
-    covers a rank's whole share. Per group: ``total``, ``dice``, ``focal``, ``patch``, ``teacher`` (float32
-    scalars) and the detached (B, 1, S, S) mask ``logits``."""
+    covers a rank's whole share. Per group: ``total``, ``dice``, ``focal``, ``patch`` (float32 scalars),
+    with a teacher also ``teacher``, and the detached (B, 1, S, S) mask ``logits``."""
 
     def __init__(
         self,
@@ -742,14 +741,10 @@ class _StepLoss(nn.Module):
                 output = forward_group(self.model, group)
                 taught = self.teaching.divergence(group, output.masks) if self.teaching else None
             parts = self.loss(output.masks, group["mask"], output.patch_logits)
-            total = parts.total if taught is None else parts.total + self.teaching.weight * taught
-            outputs.append(
-                {"total": total, "dice": parts.dice, "focal": parts.focal, "patch": parts.patch}
-                | {
-                    "teacher": taught if taught is not None else torch.zeros(()),
-                    "logits": output.masks.detach(),
-                }
-            )
+            out = {"total": parts.total, "dice": parts.dice, "focal": parts.focal, "patch": parts.patch}
+            if taught is not None:
+                out |= {"total": parts.total + self.teaching.weight * taught, "teacher": taught}
+            outputs.append(out | {"logits": output.masks.detach()})
         return outputs
 
 
@@ -769,9 +764,10 @@ def _metric_sums(
             "dice_loss": out["dice"].item(),
             "focal_loss": out["focal"].item(),
             "patch_loss": out["patch"].item(),
-            "teacher_loss": out["teacher"].item(),
             "train_dice": _batch_dice(out["logits"], group["mask"]),
         }
+        if "teacher" in out:
+            values["teacher_loss"] = out["teacher"].item()
         for key, value in values.items():
             sums[key] = sums.get(key, 0.0) + weight * value
     if not distributed.is_distributed():

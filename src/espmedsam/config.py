@@ -360,6 +360,9 @@ class TrainConfig(SerialisableConfig):
     # to the teacher's where the labels alone would let it drift.
     teacher: str | None = None
     teacher_weight: float = 0.0
+    # > 0: each image's term weighted by its disagreement with the teacher to this power, so the images
+    # whose masks part ways (a lesion found by one, missed by the other) dominate (losses.mask_divergence)
+    teacher_focus: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHS)
@@ -393,6 +396,10 @@ class TrainConfig(SerialisableConfig):
     def _check_teacher(self) -> None:
         if self.teacher_weight < 0:
             raise ConfigError(f"teacher_weight must not be negative, got {self.teacher_weight}")
+        if self.teacher_focus < 0:
+            raise ConfigError(f"teacher_focus must not be negative, got {self.teacher_focus}")
+        if self.teacher_focus and not self.teacher:
+            raise ConfigError("teacher_focus weighs a teacher's term, so it needs teacher")
         if bool(self.teacher) != (self.teacher_weight > 0):
             raise ConfigError("teacher and teacher_weight come together: set both, or neither")
         if self.teacher and (self.arch != "espmedsam" or self.frozen_encoder):

@@ -109,12 +109,23 @@ class SegmentationLoss(nn.Module):
         return LossParts(total=total, dice=dice, focal=focal, patch=patch)
 
 
-def mask_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel KL(teacher || student) of two (B, 1, S, S) mask-logit maps: zero when they agree."""
+def mask_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, focus: float = 0.0
+) -> torch.Tensor:
+    """Per-pixel KL(teacher || student) of two (B, 1, S, S) mask-logit maps, averaged: zero when they agree.
+
+    With ``focus`` > 0 each image's mean KL is weighted by its share of the batch's disagreement raised to
+    ``focus`` (weights of mean 1, not differentiated), so the few images where the masks part ways, a
+    lesion found by one and missed by the other, outweigh the many that differ at their borders only.
+    """
     target = torch.sigmoid(teacher_logits)
-    cross = F.binary_cross_entropy_with_logits(student_logits, target)
-    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target)
-    return cross - entropy
+    cross = F.binary_cross_entropy_with_logits(student_logits, target, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target, reduction="none")
+    per_image = (cross - entropy).flatten(1).mean(1)
+    if focus <= 0:
+        return per_image.mean()
+    weights = per_image.detach().clamp_min(1e-12) ** focus
+    return (weights / weights.mean() * per_image).mean()
 
 
 def _check_pair(logits: torch.Tensor, targets: torch.Tensor, what: str, *, same_size: bool = True) -> None:

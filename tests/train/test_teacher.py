@@ -1,4 +1,4 @@
-"""Training with a teacher's masks as a second target (``teacher``, ``teacher_weight``)."""
+"""Training with a teacher's masks as a second target (``teacher``, ``teacher_weight``, ``teacher_focus``)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,37 @@ def test_teacher_and_its_weight_come_together(tiny_config):
         dataclasses.replace(tiny_config, teacher_weight=1.0)
     with pytest.raises(ConfigError, match="frozen_prefix"):
         dataclasses.replace(tiny_config, teacher="bundled", teacher_weight=1.0, frozen_encoder=True)
+
+
+def test_focus_leaves_agreeing_batches_alone_and_weighs_the_image_that_parts_ways():
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 1, 16, 16) * 3
+    border = teacher + 0.3 * torch.randn_like(teacher)  # every image off by a little
+    assert float(mask_divergence(border, teacher, focus=1.0)) == pytest.approx(
+        float(mask_divergence(border, teacher)), rel=0.1
+    )
+    student = border.clone().requires_grad_(True)
+    flipped = border.clone()
+    flipped[0] = -teacher[0]  # image 0: the student finds what the teacher misses, and the reverse
+    with torch.no_grad():
+        student.copy_(flipped)
+    plain = mask_divergence(student, teacher)
+    focused = mask_divergence(student, teacher, focus=1.0)
+    assert focused.item() > 1.5 * plain.item()
+    (grad_plain,) = torch.autograd.grad(plain, student)
+    (grad_focused,) = torch.autograd.grad(focused, student)
+    assert _first_image_share(grad_focused) > _first_image_share(grad_plain) > 0.5
+
+
+def _first_image_share(grad: torch.Tensor) -> float:
+    return float(grad[0].abs().sum() / grad.abs().sum())
+
+
+def test_teacher_focus_is_checked(tiny_config):
+    with pytest.raises(ConfigError, match="needs teacher"):
+        dataclasses.replace(tiny_config, teacher_focus=1.0)
+    with pytest.raises(ConfigError, match="negative"):
+        dataclasses.replace(tiny_config, teacher="bundled", teacher_weight=1.0, teacher_focus=-1.0)
 
 
 def test_a_teacher_of_other_modalities_is_refused(taught_config):

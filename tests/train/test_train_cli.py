@@ -68,9 +68,10 @@ def test_train_command_with_a_teacher_on_whole_images(tiny_config, tmp_path):
     path.write_text(tiny_config.to_yaml())
     out = tmp_path / "taught"
     args = ["train", "--config", str(path), "--set", "epochs=1", "--set", f"out_dir={out}"]
-    result = runner.invoke(app, [*args, "--teacher", str(teacher)])
+    result = runner.invoke(app, [*args, "--teacher", str(teacher), "--teacher-focus", "1"])
     assert result.exit_code == 0, result.output
-    assert "teacher_weight: 10.0" in (out / "config.yaml").read_text()
+    written = (out / "config.yaml").read_text()
+    assert "teacher_weight: 10.0" in written and "teacher_focus: 1.0" in written
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(r["teacher_loss"] > 0 for r in records if r.get("kind") == "train")
 
@@ -79,3 +80,9 @@ def test_a_teacher_weight_without_a_teacher_is_refused():
     result = _espmedsam("train", "--teacher-weight", "5")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: --teacher-weight weighs a teacher's term, so it needs --teacher"
+
+
+def test_a_teacher_focus_without_a_teacher_is_refused():
+    result = _espmedsam("train", "--teacher-focus", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: --teacher-focus weighs a teacher's term, so it needs --teacher"

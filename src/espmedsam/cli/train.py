@@ -66,6 +66,15 @@ def train(
             f"{DEFAULT_TEACHER_WEIGHT:g} when not given.",
         ),
     ] = None,
+    teacher_focus: Annotated[
+        float | None,
+        typer.Option(
+            "--teacher-focus",
+            min=0.0,
+            help="Weigh each image's teacher term by its disagreement to this power (e.g. 1), so the "
+            "images whose masks part ways from the teacher's dominate; 0, the default, weighs all alike.",
+        ),
+    ] = None,
 ) -> None:
     """Train on dataset folders: best/last checkpoints, state.pt, log.jsonl and curves.png in out_dir."""
     import dataclasses
@@ -81,6 +90,10 @@ def train(
     if teacher:
         weight = DEFAULT_TEACHER_WEIGHT if teacher_weight is None else teacher_weight
         cfg = dataclasses.replace(cfg, teacher=teacher, teacher_weight=weight)
+    if teacher_focus is not None:
+        if not cfg.teacher:
+            raise InputError("--teacher-focus weighs a teacher's term, so it needs --teacher")
+        cfg = dataclasses.replace(cfg, teacher_focus=teacher_focus)
     with _training_bar(cfg.total_steps) as show:
         result = run_training(cfg, resume=resume, progress=show)
     if is_main_process():  # under torchrun: one summary, rank 0's

@@ -462,7 +462,11 @@ class _Trainer:
             self._restore(state)
         else:
             self.counters.setup_s = time.monotonic() - setup_start
-        teaching = _Teaching(self.teacher, config.teacher_weight) if self.teacher is not None else None
+        teaching = (
+            _Teaching(self.teacher, config.teacher_weight, config.teacher_focus)
+            if self.teacher is not None
+            else None
+        )
         self.step_loss = _StepLoss(self.model, self.loss, self.device, config.bf16, teaching)
         # the U-Net uses every parameter in every step; ESP-MedSAM trains the modalities of the step's share
         unused = config.arch != "unet"
@@ -707,6 +711,7 @@ class _Teaching:
 
     teacher: nn.Module
     weight: float
+    focus: float = 0.0
 
     def divergence(self, group: dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
         """The mask divergence of the model's (B, 1, S, S) ``logits`` from the teacher's on ``group``."""
@@ -714,7 +719,7 @@ class _Teaching:
             group = {**group, "features": group["teacher_features"]}
         with torch.no_grad():
             target = forward_group(self.teacher, group).masks.float()
-        return mask_divergence(logits.float(), target)
+        return mask_divergence(logits.float(), target, self.focus)
 
 
 class _StepLoss(nn.Module):

@@ -16,36 +16,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _data import EXTRA, IN_DOMAIN, split_images
+from _data import EXTRA, IN_DOMAIN
 from _report import report
 
 from espmedsam.checkpoints.native import load_model
-from espmedsam.data.io import read_image, read_mask
+from espmedsam.data.dataset import SegmentationFolder, parse_dataset_arg
 from espmedsam.metrics import dice
 from espmedsam.predict import Predictor
 from espmedsam.train.loop import resolve_init
 
 
-def _mask_path(image: Path) -> Path:
-    (found,) = (image.parent.parent / "masks").glob(f"{image.stem}.*")
-    return found
-
-
-def agreement_rows(reference: Predictor, candidate: Predictor, images: list[tuple[Path, str]]) -> list[dict]:
+def agreement_rows(
+    reference: Predictor, candidate: Predictor, folders: list[SegmentationFolder]
+) -> list[dict]:
     """Per image: the two masks' Dice with each other and each one's Dice with the label."""
     rows = []
-    for path, modality in images:
-        image, truth = read_image(path), read_mask(_mask_path(path))
-        ours, theirs = candidate.predict(image, modality), reference.predict(image, modality)
-        rows.append(
-            {
-                "set": path.parent.parent.name,
-                "image": path.stem,
-                "agreement": dice(ours, theirs),
-                "reference": dice(theirs, truth),
-                "candidate": dice(ours, truth),
-            }
-        )
+    for folder in folders:
+        for sample in folder:
+            ours = candidate.predict(sample.image, sample.modality)
+            theirs = reference.predict(sample.image, sample.modality)
+            rows.append(
+                {
+                    "set": folder.name,
+                    "image": sample.stem,
+                    "agreement": dice(ours, theirs),
+                    "reference": dice(theirs, sample.mask),
+                    "candidate": dice(ours, sample.mask),
+                }
+            )
     return rows
 
 
@@ -99,8 +97,9 @@ def main() -> None:
     predictors = [
         Predictor(load_model(resolve_init(name)), device="cpu") for name in (args.reference, args.candidate)
     ]
-    images = split_images(tuple(args.data or IN_DOMAIN + EXTRA + ("stare:fundus",)), args.split)
-    rows = agreement_rows(*predictors, images)
+    names = args.data or [*IN_DOMAIN, *EXTRA, "stare:fundus"]
+    folders = [SegmentationFolder(parse_dataset_arg(f"data/{name}"), args.split) for name in names]
+    rows = agreement_rows(*predictors, folders)
     title = f"{args.candidate} against {args.reference}, {args.split} split, bf16"
     report(f"{title}\n\n{summary_table(rows, args.below)}\n\n{worst_table(rows, args.worst)}", args.out)
 

@@ -150,16 +150,18 @@ def compile_graph(
     cache_dir: Path | None = None,
     name: str = "the graph",
     profile: bool = False,
+    hint: str = "LATENCY",
 ) -> Any:
     """``model`` (an ``openvino.Model``, or a path OpenVINO reads) reshaped to the static ``shapes`` (input
-    name -> shape) and compiled for the CPU in ``precision`` with the latency hint; with ``outputs``, only
-    the part from the inputs ``shapes`` names to those outputs (``cut_graph``); with ``profile``, each
-    infer request keeps per-node times (``PERF_COUNT``, read by ``get_profiling_info``).
+    name -> shape) and compiled for the CPU in ``precision`` with the performance ``hint`` (``LATENCY``:
+    one request at a time on all threads; ``THROUGHPUT``: streams that run requests side by side); with
+    ``outputs``, only the part from the inputs ``shapes`` names to those outputs (``cut_graph``); with
+    ``profile``, each infer request keeps per-node times (``PERF_COUNT``, read by ``get_profiling_info``).
 
     Raises:
         CheckpointError: OpenVINO cannot read or compile it (one line, naming ``name``).
     """
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint}
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
     if threads:

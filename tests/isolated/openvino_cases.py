@@ -78,6 +78,31 @@ def test_bf16_masks_agree_with_fp32_within_the_dice_tolerance(exported, model): 
     assert min(dice(m[0], r[0]) for m, r in zip(masks, reference, strict=True)) >= 0.98
 
 
+def test_a_graph_compiled_for_throughput_runs_side_by_side_with_the_same_masks(fp32, exported):  # noqa: F811
+    import openvino as ov
+
+    from espmedsam.checkpoints.onnx_export import INPUTS, OUTPUTS
+    from espmedsam.openvino_backend import compile_graph
+
+    images, ids = _inputs(1, seed=3)
+    shapes = {INPUTS[0]: [1, 3, SIZE, SIZE], INPUTS[1]: [1]}
+    graph = compile_graph(
+        ov.Core(), exported[0], shapes, "f32", outputs=[OUTPUTS[0]], threads=2, hint="THROUGHPUT"
+    )
+    assert str(graph.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
+    queue = ov.AsyncInferQueue(graph, 2)
+    results = {}
+    queue.set_callback(
+        lambda request, index: results.setdefault(index, request.get_output_tensor(0).data.copy())
+    )
+    for index in range(2):
+        queue.start_async({INPUTS[0]: images.numpy(), INPUTS[1]: ids.numpy()}, index)
+    queue.wait_all()
+    expected = fp32.segment(images.numpy(), ids.numpy())
+    assert sorted(results) == [0, 1]
+    assert all(np.abs(results[index] - expected).max() <= 1e-4 for index in results)
+
+
 def test_classifier_equals_onnxruntime(fp32, exported):  # noqa: F811
     images, _ = _inputs(2)
     expected = OnnxBackend(exported[0], threads=1).classify(images.numpy())

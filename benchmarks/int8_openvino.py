@@ -25,7 +25,7 @@ from _report import cpu_description, median_seconds, report
 from espmedsam.checkpoints.onnx_export import INPUTS, OUTPUTS
 from espmedsam.data.io import read_image, read_mask
 from espmedsam.metrics import dice
-from espmedsam.openvino_backend import DEVICE, OpenVinoBackend, cut_graph
+from espmedsam.openvino_backend import OpenVinoBackend, compile_graph, cut_graph
 from espmedsam.predict import Predictor
 
 
@@ -69,11 +69,11 @@ def quantized(backend: OpenVinoBackend, side: int, modality_id: int, calibration
     return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
 
 
-def compiled(backend: OpenVinoBackend, model: object) -> object:
-    config = {"INFERENCE_PRECISION_HINT": backend.precision, "PERFORMANCE_HINT": "LATENCY"}
-    if backend.threads:
-        config["INFERENCE_NUM_THREADS"] = backend.threads
-    return backend._core.compile_model(model, DEVICE, config)
+def compiled(backend: OpenVinoBackend, model: object, side: int) -> object:
+    """The quantized graph compiled as the backend compiles its own (precision, latency hint, threads)."""
+    shapes = {INPUTS[0]: [1, 3, side, side]}
+    precision, threads = backend.precision, backend.threads
+    return compile_graph(backend._core, model, shapes, precision, threads=threads, name="the int8 graph")
 
 
 def feed_of(graph: object, x: np.ndarray, modality_id: int) -> dict:
@@ -129,7 +129,7 @@ def main() -> None:
         quantize_s = time.perf_counter() - start
         graphs = {
             "bf16": backend._compiled("segment", (1, 3, size, size)),
-            "int8": compiled(backend, int8_model),
+            "int8": compiled(backend, int8_model, size),
         }
         x = inputs_of(predictor, val[:1], modality, size)[0][0]
         feeds = {k: feed_of(g, x, index) for k, g in graphs.items()}
